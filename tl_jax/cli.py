@@ -1,0 +1,120 @@
+"""The ``tl-jax`` command line (also ``python -m tl_jax.train``).
+
+    tl-jax train --config experiments/mnist_to_digits.py:stage=source --workdir runs/src
+    tl-jax train --config experiments/mnist_to_digits.py:stage=target,shots=10 --workdir runs/ft \\
+        --config.init_from=runs/src --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
+    tl-jax report runs/demo
+
+Errors a user can fix (config keys, paths, rules, data) are printed as one line
+``tl-jax: error: ...`` with exit status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def _train_parser(prog: str = "tl-jax train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train (or resume) one run into --workdir.",
+                                epilog="Any --config.KEY=VALUE overrides a config key (JSON values: null, lists).")
+    p.add_argument("--config", required=True, help="experiments/FILE.py[:key=value,...]")
+    p.add_argument("--workdir", required=True, help="output dir (config.json, metrics.jsonl, summary.json, checkpoints/)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run with another config in --workdir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config.a.b=v`` (or ``--config.a.b v``) overrides from other args."""
+    rest, overrides = [], []
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body and i + 1 < len(argv):
+                body = f"{body}={argv[i + 1]}"
+                next(it, None)
+            overrides.append(body)
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def resolve_config(spec: str, overrides: Sequence[str]):
+    from tl_jax import config as config_lib
+
+    config = config_lib.load_config(spec)
+    return config_lib.apply_overrides(config, overrides)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    rest, overrides = split_overrides(argv)
+    args = _train_parser().parse_args(rest)
+    config = resolve_config(args.config, overrides)
+    if args.print_config:
+        print(config)
+        return 0
+    from tl_jax.train.loop import train
+
+    summary = train(config, args.workdir, overwrite=args.overwrite)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(summary.items())))
+    return 0
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="tl-jax report", description="Collect summary.json files into tables/plots.")
+    p.add_argument("root", help="a study dir with one sub-workdir per run")
+    p.add_argument("--group", default="method,shots", help="comma-separated run-name fields to group by")
+    args = p.parse_args(argv)
+    from tl_jax.report import write_report
+
+    print(write_report(args.root, group_by=args.group.split(",")))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: tl-jax {{{','.join(COMMANDS)}}} ...  (tl-jax COMMAND --help)", file=sys.stderr)
+        return 2
+    return run_command(COMMANDS[argv[0]], argv[1:], prog=f"tl-jax {argv[0]}")
+
+
+def run_command(fn, argv: Sequence[str], prog: str = "tl-jax") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    _quiet_libraries()
+    try:
+        return fn(argv)
+    except USER_ERRORS as e:
+        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

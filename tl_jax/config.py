@@ -1,0 +1,213 @@
+"""Configs: ml_collections files with ``get_config(arg)``, a locked schema, overrides.
+
+An experiment file ``experiments/X.py`` defines ``get_config(arg: str | None)``
+and starts from :func:`base_config`, so every key a run can have is declared
+here with its type; the returned config is locked, so ``--config.trian.steps``
+is an error, not a silently new key.
+
+Command line::
+
+    tl-jax train --config experiments/X.py:stage=target,shots=10 \\
+        --config.optimizer.learning_rate=3e-4 \\
+        --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
+
+Override values are parsed as JSON (``null``, lists, numbers), then as a Python
+literal, else kept as a string; the schema's type is then enforced.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+
+FREE_GROUPS = frozenset({"model.kwargs"})  # groups whose keys are not fixed by the schema
+
+
+class ConfigError(ValueError):
+    """A config file, argument or override that cannot be used."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key of a training run, with defaults and types (the schema)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = dict(name="cnn", num_classes=10, dropout_rate=0.0, kwargs={})
+    c.data = dict(
+        name="mnist5k", data_dir=config_dict.placeholder(str), train_split="train", test_split="test",
+        shots=config_dict.placeholder(int), shots_seed=0, data_seed=config_dict.placeholder(int),
+        train_pp=[{"op": "rescale", "in_max": 255.0}], eval_pp=[{"op": "rescale", "in_max": 255.0}],
+        batch_size=64, eval_batch_size=250)
+    c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
+                       warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
+    # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
+    c.param_rules = [[".*", 1.0]]
+    c.init_from = ""  # workdir or checkpoint dir of a pretrained run; '' = from scratch
+    c.dont_load = ["head/.*"]  # params kept at their fresh init when loading init_from
+    c.loss = dict(label_smoothing=0.0)
+    c.train = dict(steps=500, log_every=50, eval_every=0, checkpoint_every=250, keep_checkpoints=2,
+                   best_metric="test/accuracy", nan_policy="error", progress=True)
+    c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
+    c.lock()
+    return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """``'stage=target,shots=10'`` -> ConfigDict typed like ``defaults``; unknown keys are errors."""
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if "=" not in item:
+            raise ConfigError(f"config argument {item!r} must look like key=value (known: {sorted(defaults)})")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                value: Any = {"true": True, "false": False, "1": True, "0": False}[raw.lower()]
+            elif default is None:
+                value = _parse_value(raw)
+            else:
+                value = type(default)(raw)
+        except (KeyError, ValueError):
+            raise ConfigError(f"config argument {key}={raw!r}: expected {type(default).__name__}") from None
+        out[key] = value
+    return out
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path/to/file.py[:arg]`` by calling its ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: no such file {path!r}")
+    mod_spec = importlib.util.spec_from_file_location(f"tl_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config: {path} has a syntax error at line {e.lineno}: {e.msg}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} defines no get_config(arg)")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: {path}: get_config must return an ml_collections.ConfigDict")
+    config.lock()
+    return config
+
+
+def _parse_value(raw: str) -> Any:
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError):
+            continue
+    return raw
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(_all_keys(v, prefix + k + "."))
+    return keys
+
+
+def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """``config.a.b = value`` with schema errors turned into one clear line."""
+    *parents, leaf = dotted.split(".")
+    group = ".".join(parents)
+    if group in FREE_GROUPS:  # model-specific kwargs: any key, checked by the model
+        node = config
+        for part in parents:
+            node = node[part]
+        with node.unlocked():
+            node[leaf] = value
+        return
+    if dotted in FREE_GROUPS:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config.{dotted} must be a dict, got {value!r}")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        return
+    node = config
+    for i, part in enumerate(parents + [leaf]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            close = difflib.get_close_matches(dotted, _all_keys(config), n=3)
+            hint = f"; did you mean {', '.join('config.' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key config.{dotted}{hint}")
+        if i < len(parents):
+            node = node[part]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config.{dotted} is a group; set its fields (config.{dotted}.KEY=...)")
+        for k, v in value.items():
+            set_value(config, f"{dotted}.{k}", v)
+        return
+    if isinstance(current, (list, tuple)) and isinstance(value, tuple):
+        value = list(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    try:
+        with node.ignore_type() if (current is None and not _is_placeholder(node, leaf)) else _nullcontext():
+            node[leaf] = value
+    except TypeError:
+        expected = _field_type(node, leaf)
+        raise ConfigError(f"config.{dotted}: expected {expected}, got {value!r} ({type(value).__name__})") from None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _is_placeholder(node: ml_collections.ConfigDict, leaf: str) -> bool:
+    field = node._fields.get(leaf)  # noqa: SLF001 (ml_collections keeps FieldReferences here)
+    return isinstance(field, config_dict.FieldReference)
+
+
+def _field_type(node: ml_collections.ConfigDict, leaf: str) -> str:
+    field = node._fields.get(leaf)  # noqa: SLF001
+    if isinstance(field, config_dict.FieldReference):
+        return f"{field.get_type().__name__} or None"
+    return type(field).__name__
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``['a.b=value', ...]`` (the part after ``--config.``) to a locked config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override --config.{item} needs a value: --config.{item}=VALUE")
+        key, raw = item.split("=", 1)
+        set_value(config, key, _parse_value(raw))
+    return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+    """Rebuild a locked config from :func:`to_dict` output (e.g. a workdir's config.json)."""
+    config = base_config()
+    for k, v in d.items():
+        set_value(config, k, v)
+    return config

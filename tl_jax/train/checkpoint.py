@@ -1,0 +1,115 @@
+"""Orbax checkpoints of a run: train state + data-iterator position, saved together.
+
+One checkpoint step holds two items written atomically by one
+``CheckpointManager.save``:
+
+* ``state``: the :class:`~tl_jax.train.state.TrainState` (step, params, batch
+  stats, optimizer state, rng), restored into an abstract target so optax
+  states come back as their NamedTuples and arrays with their shardings;
+* ``data``: the grain iterator state (JSON), so a resumed run sees exactly the
+  batches it would have seen.
+
+Retention keeps the newest ``keep`` steps AND the best step by
+``best_metric`` (orbax's ``best_fn`` + ``max_to_keep`` alone can delete the
+step just saved: see FIELD-NOTES), so a resume never goes back.
+
+A damaged newest checkpoint is reported by name and the next older one is
+tried (:meth:`Checkpoints.restore_latest`).
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+class Checkpoints:
+    """A run's ``checkpoints/`` directory."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, best_metric: str | None = None,
+                 best_mode: str = "max", async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(1, keep))]
+        if best_metric:
+            policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "max", n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: PyTree, data_state: dict, metrics: dict | None = None) -> None:
+        """Start an (async) save of ``state`` and ``data_state`` at ``step``."""
+        metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data_state)),
+                          metrics=metrics)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target: PyTree) -> tuple[PyTree, dict]:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def restore_latest(self, target: PyTree) -> tuple[int, PyTree, dict] | None:
+        """Newest restorable step; a damaged one is named in a warning and skipped."""
+        for step in reversed(self.all_steps()):
+            try:
+                state, data = self.restore(step, target)
+                return step, state, data
+            except Exception as e:  # noqa: BLE001  (TensorStore raises bare Exception)
+                msg = f"checkpoint {self.directory / str(step)} is damaged ({type(e).__name__}: {str(e)[:200]}); " \
+                      f"trying an older one"
+                warnings.warn(msg, stacklevel=2)
+                log.warning(msg)
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def resolve_init_dir(path: str) -> pathlib.Path:
+    """``init_from`` may be a workdir, its ``checkpoints/`` dir, or one step dir."""
+    p = pathlib.Path(path).expanduser().absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"config.init_from: {path!r} does not exist")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / "state").is_dir():
+        return p
+    steps = sorted((int(d.name) for d in p.iterdir() if d.is_dir() and d.name.isdigit()), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"config.init_from: {path!r} holds no checkpoint (expected a workdir, its "
+                                f"checkpoints/ dir, or a step dir)")
+    return p / str(steps[0])
+
+
+def load_variables(path: str) -> dict:
+    """``{'params': ..., 'batch_stats': ...}`` (numpy) from a tl_jax checkpoint or workdir."""
+    step_dir = resolve_init_dir(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(step_dir / "state")
+    variables = {"params": restored["params"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
+    return jax.tree.map(np.asarray, variables)

@@ -1,0 +1,231 @@
+"""``train(config, workdir)``: build a run from its config and train it.
+
+The pieces, in order: workdir check -> data (tfds split, shots, grain) -> model
+init (+ ``merge_params`` from ``init_from``) -> freezing rules -> optimizer ->
+resume from the newest good checkpoint -> the loop (jit-compiled pure step,
+prefetched sharded batches, metrics fetched every ``log_every`` steps,
+periodic full-test-split eval, checkpoints) -> ``summary.json``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tl_jax import config as config_lib
+from tl_jax.data import build_preprocess, eval_batches, load_split, sample_shots, train_dataset
+from tl_jax.models import get_model, norm_paths
+from tl_jax.parallel import mesh as mesh_lib
+from tl_jax.train import compile_cache
+from tl_jax.train.checkpoint import Checkpoints, load_variables
+from tl_jax.train.optim import make_group_tx
+from tl_jax.train.prefetch import Prefetcher
+from tl_jax.train.state import TrainState
+from tl_jax.train.step import classification_loss, make_eval_step, make_train_step
+from tl_jax.train.workdir import Workdir
+from tl_jax.transfer import param_rules as rules_lib
+from tl_jax.transfer.merge import merge_params
+
+log = logging.getLogger("tl_jax")
+PyTree = Any
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient (``nan_policy='error'``)."""
+
+
+def first_nonfinite_path(tree: PyTree) -> str | None:
+    for path, leaf in rules_lib.flatten_paths(jax.device_get(tree)).items():
+        if not np.all(np.isfinite(leaf)):
+            return path
+    return None
+
+
+def evaluate(eval_step, variables: PyTree, split, preprocess, batch_size: int, mesh) -> dict[str, float]:
+    """Accuracy and mean loss over the WHOLE split (last batch padded and masked)."""
+    sums = None
+    for batch in eval_batches(split, preprocess, batch_size=batch_size // jax.process_count(),
+                              process_index=jax.process_index(), process_count=jax.process_count()):
+        out = eval_step(variables, mesh_lib.shard_batch(batch, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    n = max(float(sums["count"]), 1.0)
+    return {"accuracy": float(sums["correct"]) / n, "loss": float(sums["loss_sum"]) / n, "count": int(sums["count"])}
+
+
+def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple, mesh):
+    """Model, optimizer and initial (replicated) train state, with ``init_from`` merged in."""
+    kwargs = dict(config.model.kwargs)
+    model = get_model(config.model.name, num_classes, dropout_rate=config.model.dropout_rate, **kwargs)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    if config.init_from:
+        loaded = load_variables(config.init_from)
+        params = merge_params(loaded["params"], params, config.dont_load, source=f"init_from {config.init_from}")
+        if batch_stats:
+            batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
+                                       source=f"init_from {config.init_from} (batch_stats)", check_rules=False)
+        log.info("loaded %s (kept fresh: %s)", config.init_from, list(config.dont_load))
+    rules = [list(r) for r in config.param_rules]
+    frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
+    if frozen_norms:
+        model = model.clone(frozen_norms=frozen_norms)
+    tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
+    log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
+    repl = mesh_lib.replicated(mesh)
+
+    def init_state(params, batch_stats):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                          opt_state=tx.init(params), rng=train_rng, skipped=jnp.zeros((), jnp.int32))
+
+    state = jax.jit(init_state, out_shardings=repl)(params, batch_stats)
+    return model, tx, state, rules
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
+    """Train (or resume) the run described by ``config`` in ``workdir``; returns the summary."""
+    t_start = time.time()
+    cfg_dict = config_lib.to_dict(config)
+    wd = Workdir(workdir)
+    is_main = jax.process_index() == 0
+    wd.check(cfg_dict, overwrite=overwrite)
+    compile_cache.enable(config.compile_cache_dir)
+    mesh = mesh_lib.make_mesh()
+    local_batch = mesh_lib.check_batch(config.data.batch_size, mesh)
+    mesh_lib.check_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
+
+    # Data.
+    dc = config.data
+    train_split = load_split(dc.name, dc.train_split, dc.data_dir)
+    test_split = load_split(dc.name, dc.test_split, dc.data_dir)
+    indices = None
+    if dc.shots is not None:
+        indices = sample_shots(train_split.labels(), dc.shots, dc.shots_seed, name=f"{dc.name}:{dc.train_split}")
+    train_pp = build_preprocess(list(dc.train_pp), where="config.data.train_pp")
+    eval_pp = build_preprocess(list(dc.eval_pp), where="config.data.eval_pp")
+    image_shape = train_pp(train_split.source[0], np.random.default_rng(0))["image"].shape
+    num_classes = config.model.num_classes or train_split.num_classes
+    if num_classes < train_split.num_classes:
+        raise ValueError(f"config.model.num_classes={num_classes} but {dc.name} has {train_split.num_classes} classes")
+    data_seed = config.seed if dc.data_seed is None else dc.data_seed
+    dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+    # Model, rules, optimizer, state.
+    model, tx, state, _ = build_model_and_state(config, num_classes, image_shape, mesh)
+    wd.prepare(cfg_dict, overwrite=overwrite, write=is_main)
+    ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
+    data_iter = iter(dataset)
+    resumed = ckpts.restore_latest(state)
+    if resumed is not None:
+        step0, state, data_state = resumed
+        data_iter.set_state(data_state)
+        if is_main:
+            wd.truncate_metrics(step0)
+        log.info("resumed from %s at step %d", wd.checkpoints / str(step0), step0)
+
+    loss_fn = classification_loss(model, label_smoothing=config.loss.label_smoothing)
+    return run_loop(config, wd, ckpts, mesh, state, data_iter, tx, loss_fn, model, test_split, eval_pp, t_start)
+
+
+def run_loop(config, wd: Workdir, ckpts: Checkpoints, mesh, state: TrainState, data_iter, tx, loss_fn, model,
+             test_split, eval_pp, t_start: float) -> dict:
+    """The step loop; returns the summary written to ``summary.json``."""
+    tc = config.train
+    is_main = jax.process_index() == 0
+    total = tc.steps
+    step = int(jax.device_get(state.step))
+    train_step = jax.jit(make_train_step(loss_fn, tx, nan_policy=tc.nan_policy), donate_argnums=0,
+                         out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)))
+    eval_step = jax.jit(make_eval_step(model))
+    prefetch = Prefetcher(data_iter, lambda b: mesh_lib.shard_batch(b, mesh), size=2)
+
+    def run_eval(step: int) -> dict:
+        res = evaluate(eval_step, state.variables(), test_split, eval_pp, config.data.eval_batch_size, mesh)
+        record = {"step": step, "test/accuracy": res["accuracy"], "test/loss": res["loss"]}
+        if is_main:
+            wd.log(record)
+        log.info("step %d: test/accuracy=%.4f test/loss=%.4f (%d examples)", step, res["accuracy"], res["loss"],
+                 res["count"])
+        return record
+
+    compile_s, compiled = 0.0, False
+    pending: list[tuple[int, dict]] = []
+    last_train: dict = {}
+    last_eval: dict | None = None
+    t_loop = time.time()
+    progress = _progress(step, total, tc.progress and is_main)
+    try:
+        while step < total:
+            data_state, batch = next(prefetch)
+            if not compiled:
+                compiled = True
+                t0 = time.time()
+                train_step = train_step.lower(state, batch).compile()
+                compile_s = time.time() - t0
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            progress.update(1)
+            if step % tc.log_every == 0 or step == total:
+                last_train = _flush(pending, wd, is_main, tc.nan_policy, state)
+                pending = []
+                progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
+            eval_now = (tc.eval_every and step % tc.eval_every == 0) or step == total
+            if eval_now:
+                last_eval = run_eval(step)
+            if step % tc.checkpoint_every == 0 or step == total:
+                ckpts.save(step, state, data_state, _best(last_eval, step, tc.best_metric))
+    finally:
+        progress.close()
+        prefetch.close()
+        ckpts.close()
+    if last_eval is None:  # resumed a finished run: evaluate the restored state
+        last_eval = run_eval(step)
+    summary = {"steps": step, "wall_s": time.time() - t_start, "train_s": time.time() - t_loop - compile_s,
+               "compile_s": compile_s, "skipped_steps": int(jax.device_get(state.skipped)),
+               **{k: v for k, v in last_train.items() if k != "step"},
+               **{k: v for k, v in last_eval.items() if k != "step"}}
+    if is_main:
+        wd.write_summary(summary)
+    return summary
+
+
+def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:
+    if last_eval is None or last_eval.get("step") != step or metric not in last_eval:
+        return None
+    return {metric: last_eval[metric]}
+
+
+def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState) -> dict:
+    """Fetch the pending per-step metrics (one host sync), check finiteness, log the mean."""
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, host):
+        if nan_policy == "error" and not m["train/finite"]:
+            where = first_nonfinite_path(state.params)
+            raise NonFiniteError(f"non-finite loss or gradient at step {step} (train/loss={float(m['train/loss'])}); "
+                                 f"first non-finite param: {where or 'none (the loss/grad was)'}; "
+                                 f"set config.train.nan_policy='skip' to skip such updates")
+    record = {"step": pending[-1][0]}
+    for key in host[-1]:
+        if key != "train/finite":
+            record[key] = float(np.mean([m[key] for m in host]))
+    record["train/skipped_steps"] = int(jax.device_get(state.skipped))
+    if is_main:
+        wd.log(record)
+    return record
+
+
+def _progress(initial: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=False)

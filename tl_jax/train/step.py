@@ -1,0 +1,109 @@
+"""The pure train and eval steps: ``(state, batch) -> (state, metrics)``.
+
+A *loss function* (an objective) has the signature::
+
+    loss_fn(params, batch_stats, batch, rng) -> (loss, (new_batch_stats, metrics))
+
+and :func:`make_train_step` closes over it and an optax transformation. The
+step is pure, so it runs under ``jax.jit`` (sharded over a mesh), ``jax.pmap``
+(with ``axis_name`` for ``lax.pmean``) or ``jax.vmap`` alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.train.state import TrainState
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+LossFn = Callable[[PyTree, PyTree, Batch, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
+
+
+def classification_loss(model: nn.Module, *, label_smoothing: float = 0.0) -> LossFn:
+    """Mean softmax cross-entropy ``L = -(1/B) Σ_b Σ_c y_bc log softmax(z_b)_c``.
+
+    ``batch``: ``image`` [B,H,W,C] float, ``label`` [B] int. Dropout draws from
+    ``rng``; BatchNorm statistics are updated (except in ``frozen_norms``).
+    """
+
+    def loss_fn(params, batch_stats, batch, rng):
+        variables = {"params": params}
+        mutable: list[str] | bool = False
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+            mutable = ["batch_stats"]
+        out = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng}, mutable=mutable)
+        logits, new_vars = out if mutable else (out, {"batch_stats": batch_stats})
+        loss = cross_entropy(logits, batch["label"], label_smoothing=label_smoothing).mean()
+        metrics = {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
+        return loss, (new_vars["batch_stats"], metrics)
+
+    return loss_fn
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_policy: str = "error",
+                    axis_name: str | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Build ``train_step(state, batch) -> (state, metrics)``.
+
+    ``nan_policy``: ``'skip'`` keeps the old state when the loss or any gradient
+    is non-finite and counts it in ``state.skipped``; ``'error'`` applies the
+    update and reports ``train/finite`` = 0 so the loop can stop and name the
+    step. ``axis_name``: set under ``jax.pmap`` to average grads, batch stats
+    and metrics over devices with ``lax.pmean``.
+    """
+    if nan_policy not in ("error", "skip"):
+        raise ValueError(f"config.train.nan_policy must be 'error' or 'skip', got {nan_policy!r}")
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+        if axis_name is not None:
+            grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & tree_all_finite(grads)
+        if axis_name is not None:
+            finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        if nan_policy == "skip":
+            kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        metrics = dict(metrics)
+        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/finite"] = finite.astype(jnp.float32)
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[PyTree, Batch], dict]:
+    """``eval_step(variables, batch) -> sums``: masked sums over the batch.
+
+    Returns ``loss_sum = Σ_b m_b CE_b``, ``correct = Σ_b m_b [argmax z_b = y_b]``
+    and ``count = Σ_b m_b``; the loop adds them over batches and divides once,
+    so a padded last batch counts exactly its real examples.
+    """
+
+    def eval_step(variables: PyTree, batch: Batch) -> dict:
+        logits = model.apply(variables, batch["image"], train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        return {"loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+                "correct": jnp.sum(accuracy(logits, batch["label"]) * mask),
+                "count": jnp.sum(mask)}
+
+    return eval_step

@@ -1,0 +1,175 @@
+"""Which params train, at which learning rate: one regex table, first match wins.
+
+A rule table is a list of ``(regex, multiplier)`` pairs over '/'-joined param
+paths (``backbone/conv1/kernel``)::
+
+    [("backbone/.*", None),   # None: frozen (no update, no optimizer state)
+     ("head/.*", 1.0)]        # trainable, learning rate x 1.0
+
+For a param ``p`` the first rule whose regex ``re.fullmatch``-es ``p`` decides.
+Every param must be matched by some rule, and every rule must match some param
+(otherwise it is dead, usually a typo); both are errors naming the path/rule.
+
+``build_optimizer`` turns the table into ONE optax transformation with
+``optax.partition``: frozen params get ``optax.set_to_zero()`` and so hold no
+optimizer state; a group with multiplier ``m`` gets ``make_tx(m)`` (the base
+optimizer with learning rate ``m * lr(step)``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+PyTree = Any
+Rule = tuple[str, float | None]
+FROZEN = "frozen"
+
+
+class ParamRuleError(ValueError):
+    """A rule table that does not cover the params exactly."""
+
+
+def path_str(path: tuple) -> str:
+    """'/'-joined key path of a pytree leaf (dict keys, attributes, indices)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def flatten_paths(tree: PyTree) -> dict[str, Any]:
+    """``{'a/b/kernel': leaf, ...}`` in the tree's leaf order."""
+    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def normalize_rules(rules: Sequence[Sequence[Any]], where: str = "config.param_rules") -> list[Rule]:
+    """Validate and compile-check a rule table; returns ``[(regex, mult|None)]``."""
+    out: list[Rule] = []
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence) or not rules:
+        raise ParamRuleError(f"{where} must be a non-empty list of [regex, multiplier|null] pairs, got {rules!r}")
+    for i, rule in enumerate(rules):
+        if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
+            raise ParamRuleError(f"{where}[{i}] must be a [regex, multiplier|null] pair, got {rule!r}")
+        pattern, mult = rule
+        if not isinstance(pattern, str):
+            raise ParamRuleError(f"{where}[{i}]: regex must be a string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ParamRuleError(f"{where}[{i}]: invalid regex {pattern!r}: {e}") from None
+        if mult is not None:
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult < 0:
+                raise ParamRuleError(
+                    f"{where}[{i}] ({pattern!r}): multiplier must be a finite number >= 0 or null (frozen), got {mult!r}")
+            mult = float(mult)
+        out.append((pattern, mult))
+    return out
+
+
+def match_rules(params: PyTree, rules: Sequence[Sequence[Any]], where: str = "config.param_rules") -> dict[str, float | None]:
+    """``{param_path: multiplier | None}`` by first match; errors on gaps and dead rules."""
+    table = normalize_rules(rules, where)
+    compiled = [re.compile(p) for p, _ in table]
+    used = [False] * len(table)
+    result: dict[str, float | None] = {}
+    unmatched = []
+    for path in flatten_paths(params):
+        for i, rx in enumerate(compiled):
+            if rx.fullmatch(path):
+                result[path] = table[i][1]
+                used[i] = True
+                break
+        else:
+            unmatched.append(path)
+    if unmatched:
+        raise ParamRuleError(
+            f"{where}: no rule matches param(s) {', '.join(unmatched)}; add a rule (e.g. ['.*', 1.0] last)")
+    dead = [f"[{i}] {table[i][0]!r}" for i in range(len(table)) if not used[i]]
+    if dead:
+        raise ParamRuleError(
+            f"{where}: rule(s) {', '.join(dead)} match no param (typo, or shadowed by an earlier rule); "
+            f"param paths look like {next(iter(result))!r}")
+    return result
+
+
+def group_label(mult: float | None) -> str:
+    return FROZEN if mult is None else f"lr_x{mult:g}"
+
+
+def label_tree(params: PyTree, rules: Sequence[Sequence[Any]], where: str = "config.param_rules") -> PyTree:
+    """Pytree of group labels ('frozen', 'lr_x1', 'lr_x0.1', ...) shaped like ``params``."""
+    mults = match_rules(params, rules, where)
+    labels = [group_label(m) for m in mults.values()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
+
+
+def trainable_mask(params: PyTree, rules: Sequence[Sequence[Any]]) -> PyTree:
+    """Bool pytree: True where the param trains (multiplier not None)."""
+    return jax.tree.map(lambda label: label != FROZEN, label_tree(params, rules))
+
+
+def frozen_module_paths(params: PyTree, rules: Sequence[Sequence[Any]], modules: Sequence[str]) -> tuple[str, ...]:
+    """The given module paths (e.g. BatchNorm layers) whose params are ALL frozen."""
+    mults = match_rules(params, rules)
+    out = []
+    for mod in modules:
+        owned = [m for p, m in mults.items() if p.startswith(mod + "/")]
+        if owned and all(m is None for m in owned):
+            out.append(mod)
+    return tuple(out)
+
+
+def build_optimizer(params: PyTree, rules: Sequence[Sequence[Any]],
+                    make_tx: Callable[[float], optax.GradientTransformation]) -> optax.GradientTransformation:
+    """One ``optax.partition`` over the rule groups; frozen -> ``set_to_zero``.
+
+    ``make_tx(m)`` builds the optimizer for a group whose learning rate is
+    multiplied by ``m``. A multiplier of 0.0 is allowed (trainable with zero lr,
+    still holding state); use ``None`` to freeze.
+    """
+    mults = match_rules(params, rules)
+    transforms: dict[str, optax.GradientTransformation] = {}
+    for m in mults.values():
+        label = group_label(m)
+        if label not in transforms:
+            transforms[label] = optax.set_to_zero() if m is None else make_tx(m)
+    return optax.partition(transforms, label_tree(params, rules))
+
+
+def summary_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
+    """Markdown table: one row per rule group with its #tensors and #params."""
+    mults = match_rules(params, rules)
+    leaves = flatten_paths(params)
+    rows: dict[str, list[int]] = {}
+    for path, m in mults.items():
+        label = group_label(m)
+        r = rows.setdefault(label, [0, 0])
+        r[0] += 1
+        r[1] += int(np.prod(np.shape(leaves[path])))
+    total = sum(r[1] for r in rows.values()) or 1
+    lines = ["| group | tensors | params | share |", "|---|---:|---:|---:|"]
+    for label, (n, size) in rows.items():
+        lines.append(f"| {label} | {n} | {size:,} | {100 * size / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def param_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
+    """One line per param: path, shape, group (for logs)."""
+    mults = match_rules(params, rules)
+    leaves = flatten_paths(params)
+    width = max(len(p) for p in leaves)
+    return "\n".join(f"{p:<{width}}  {str(tuple(np.shape(leaves[p]))):<20} {group_label(m)}"
+                     for p, m in mults.items())
