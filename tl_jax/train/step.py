@@ -84,7 +84,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
             kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
         metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/finite"] = finite.astype(jnp.float32)
         return new, metrics
 

@@ -1,0 +1,112 @@
+"""The pure train step and the masked eval: real numbers, tiny models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tl_jax.data import build_preprocess, load_split
+from tl_jax.models import get_model
+from tl_jax.parallel import mesh as mesh_lib
+from tl_jax.train.loop import evaluate
+from tl_jax.train.state import TrainState
+from tl_jax.train.step import classification_loss, make_eval_step, make_train_step
+from tl_jax.transfer import param_rules as pr
+
+
+def make_state(model, tx, x, seed=0):
+    variables = model.init(jax.random.PRNGKey(seed), x, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=jax.random.PRNGKey(1), skipped=jnp.zeros((), jnp.int32))
+
+
+def fixed_batch(n=16, hw=12, c=1, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(n, hw, hw, c)).astype(np.float32),
+            "label": rng.integers(0, classes, size=n).astype(np.int32)}
+
+
+def test_loss_decreases_on_fixed_batch():
+    model = get_model("cnn", 4)
+    batch = fixed_batch()
+    tx = optax.adam(1e-3)
+    state = make_state(model, tx, batch["image"])
+    step = jax.jit(make_train_step(classification_loss(model), tx))
+    losses = []
+    for _ in range(15):
+        state, m = step(state, batch)
+        losses.append(float(m["train/loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == 15
+
+
+def test_frozen_params_bit_identical_and_stateless_with_batchnorm():
+    model = get_model("resnet18", 4, base_width=4, stem="cifar")
+    batch = fixed_batch(n=8, hw=8, c=3)
+    variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
+    rules = [["backbone/.*", None], [".*", 1.0]]
+    from tl_jax.models import norm_paths
+    frozen_norms = pr.frozen_module_paths(variables["params"], rules, norm_paths(variables["batch_stats"]))
+    assert len(frozen_norms) == len(norm_paths(variables["batch_stats"])) > 0
+    model = model.clone(frozen_norms=frozen_norms)
+    tx = pr.build_optimizer(variables["params"], rules, lambda m: optax.adam(1e-2 * m))
+    state = make_state(model, tx, batch["image"])
+    start = jax.device_get(state)
+    step = jax.jit(make_train_step(classification_loss(model), tx))
+    for _ in range(3):
+        state, _ = step(state, batch)
+    end = jax.device_get(state)
+    for path, leaf in pr.flatten_paths(start.params["backbone"]).items():
+        np.testing.assert_array_equal(pr.flatten_paths(end.params["backbone"])[path], leaf, err_msg=path)
+    for path, leaf in pr.flatten_paths(start.batch_stats).items():
+        np.testing.assert_array_equal(pr.flatten_paths(end.batch_stats)[path], leaf, err_msg=path)
+    assert not np.array_equal(end.params["head"]["kernel"], start.params["head"]["kernel"])
+    opt_paths = [pr.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(end.opt_state)[0]]
+    assert not any("backbone" in p for p in opt_paths), opt_paths
+
+
+def test_unfrozen_batchnorm_stats_move():
+    model = get_model("resnet18", 4, base_width=4, stem="cifar")
+    batch = fixed_batch(n=8, hw=8, c=3)
+    tx = optax.sgd(0.0)
+    state = make_state(model, tx, batch["image"])
+    new, _ = jax.jit(make_train_step(classification_loss(model), tx))(state, batch)
+    before = pr.flatten_paths(jax.device_get(state.batch_stats))
+    after = pr.flatten_paths(jax.device_get(new.batch_stats))
+    assert any(not np.array_equal(before[p], after[p]) for p in before)
+
+
+def test_skip_policy_keeps_state_on_nan():
+    model = get_model("cnn", 4)
+    batch = fixed_batch()
+    tx = optax.sgd(0.1)
+    state = make_state(model, tx, batch["image"])
+    bad = dict(batch, image=np.full_like(batch["image"], np.nan))
+    step = jax.jit(make_train_step(classification_loss(model), tx, nan_policy="skip"))
+    new, m = step(state, bad)
+    assert float(m["train/finite"]) == 0.0 and int(new.skipped) == 1 and int(new.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), jax.device_get(state.params))
+    new2, m2 = step(new, batch)
+    assert float(m2["train/finite"]) == 1.0 and int(new2.skipped) == 1
+
+
+def test_masked_eval_matches_numpy(tfds_data_dir):
+    """450 optdigits test digits with batch 100: the last batch is padded, never dropped."""
+    split = load_split("optdigits", "test", tfds_data_dir)
+    assert len(split.source) % 100 != 0
+    pp = build_preprocess([{"op": "rescale", "in_max": 16.0}])
+    model = get_model("cnn", 10)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    mesh = mesh_lib.make_mesh(1)
+    res = evaluate(jax.jit(make_eval_step(model)), variables, split, pp, 100, mesh)
+
+    images = np.stack([pp(split.source[i], None)["image"] for i in range(len(split.source))])
+    labels = split.labels()
+    logits = np.asarray(model.apply(variables, images), np.float64)
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    ce = -logp[np.arange(len(labels)), labels]
+    assert res["count"] == 450
+    np.testing.assert_allclose(res["loss"], ce.mean(), rtol=1e-5)
+    assert res["accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)), abs=1e-9)

@@ -1,0 +1,159 @@
+"""Input pipelines: infinite shuffled training batches (grain) and exact eval batches.
+
+Batches are dicts of numpy arrays: ``image`` float32 ``[B, H, W, C]``, ``label``
+int32 ``[B]`` (and ``mask`` float32 ``[B]`` for eval). ``B`` is the per-process
+batch size; sharding across processes is strided: process ``p`` of ``P`` owns
+examples ``p, p + P, p + 2P, ...`` of the (optionally shot-restricted) split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from tl_jax.data.preprocess import RANDOM_OPS, Preprocess
+from tl_jax.data.sources import DataSplit
+
+
+class _Subset:
+    """Random-access view ``source[indices[i]]`` (picklable, for grain)."""
+
+    def __init__(self, source: Any, indices: np.ndarray):
+        self._source = source
+        self._indices = indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[int(self._indices[index])]
+
+
+def _check_processes(process_index: int, process_count: int) -> None:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index} / {process_count}"
+        )
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"batch_size must be an int, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def train_dataset(
+    split: DataSplit,
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    seed: int,
+    indices: np.ndarray | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite training batches: subset -> shard -> shuffle -> repeat -> pp -> batch.
+
+    Args:
+      split: the data.
+      preprocess: applied per example (``random_map`` if ``preprocess.is_random``).
+      batch_size: per-process batch size ``B``; incomplete batches are never
+        produced (``drop_remainder``), and since repeat comes before batch a
+        shard smaller than ``B`` still gives full batches (examples repeat).
+      seed: shuffle order (reshuffled every epoch) and random-op draws depend
+        only on ``seed`` and the element position, so same seed -> same batches.
+      indices: restrict to these split indices first (e.g. ``sample_shots``).
+      process_index, process_count: strided shard ``indices[p::P]``.
+
+    Returns:
+      An infinite ``grain.MapDataset`` of ``{"image": f32 [B,H,W,C], "label":
+      i32 [B]}``. ``iter(ds)`` gives a grain ``DatasetIterator`` with
+      ``get_state()`` / ``set_state()`` (a small dict, ``{"next_index": k}``)
+      that resumes on the exact next batch. ``iter(ds)`` uses grain's default
+      ``ReadOptions`` (16 threads, 500-element prefetch buffer); for a few
+      batches or a busy CPU use ``ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=0))``. ``ds[i]`` is random access to batch ``i``.
+    """
+    _check_batch_size(batch_size)
+    _check_processes(process_index, process_count)
+    n = len(split)
+    if indices is None:
+        idx = np.arange(n, dtype=np.int64)
+    else:
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"indices out of range for {split.name}:{split.split} ({n} examples)")
+    idx = idx[process_index::process_count]
+    if idx.size == 0:
+        raise ValueError(
+            f"process {process_index}/{process_count} has no training examples of "
+            f"{split.name}:{split.split} ({n} examples, {0 if indices is None else len(indices)} "
+            "indices given)"
+        )
+    ds = grain.MapDataset.source(_Subset(split.source, idx)).seed(int(seed))
+    ds = ds.shuffle().repeat()
+    ds = ds.random_map(preprocess) if preprocess.is_random else ds.map(preprocess)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def num_eval_batches(n: int, batch_size: int, process_count: int = 1) -> int:
+    """Batches every process yields for ``n`` examples: ``ceil(ceil(n / P) / B)``."""
+    _check_batch_size(batch_size)
+    _check_processes(0, process_count)
+    return math.ceil(math.ceil(n / process_count) / batch_size)
+
+
+def eval_batches(
+    split: DataSplit,
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """The whole split once, in order, as masked fixed-size batches.
+
+    Process ``p`` owns examples ``p, p + P, ...`` (strided) in ascending order;
+    every process yields exactly ``num_eval_batches(len(split), B, P)`` batches
+    of ``{"image": f32 [B,H,W,C], "label": i32 [B], "mask": f32 [B]}``. Padding
+    rows (end of the last batch, or whole batches for a process with fewer
+    examples) are zeros with ``mask == 0``; real rows have ``mask == 1``. The
+    union over processes of the rows with ``mask == 1`` is the split, once.
+
+    Raises:
+      ValueError: if ``preprocess`` has random ops (eval must be deterministic).
+    """
+    _check_batch_size(batch_size)
+    _check_processes(process_index, process_count)
+    if preprocess.is_random:
+        raise ValueError(
+            f"{preprocess.where} is used for eval but has random ops "
+            f"{[o for o in preprocess.op_names if o in RANDOM_OPS]}; use deterministic "
+            "ops (e.g. center_crop instead of random_crop, no flip_lr)"
+        )
+    return _eval_iterator(split, preprocess, batch_size, process_index, process_count)
+
+
+def _eval_iterator(
+    split: DataSplit, preprocess: Preprocess, batch_size: int, p: int, num_p: int
+) -> Iterator[dict]:
+    n = len(split)
+    mine = np.arange(p, n, num_p)
+    template = preprocess(split.source[0])["image"]  # shape for all-padding batches
+    for b in range(num_eval_batches(n, batch_size, num_p)):
+        rows = mine[b * batch_size : (b + 1) * batch_size]
+        image = np.zeros((batch_size, *template.shape), np.float32)
+        label = np.zeros((batch_size,), np.int32)
+        mask = np.zeros((batch_size,), np.float32)
+        for j, i in enumerate(rows):
+            ex = preprocess(split.source[int(i)])
+            image[j], label[j] = ex["image"], ex["label"]
+        mask[: len(rows)] = 1.0
+        yield {"image": image, "label": label, "mask": mask}

@@ -1,0 +1,228 @@
+"""Random-access splits: embedded builders (prepared on demand) or the tfds catalogue.
+
+``load_split(name, split, data_dir)`` returns a ``DataSplit`` whose ``source`` is a
+random-access sequence of ``{"image": HxWxC array, "label": int}`` dicts (images
+as stored: uint8 for every image dataset here; 2-D images get a trailing
+channel axis). No TensorFlow is needed: data is read from ``array_record`` files.
+
+* Embedded names (``EMBEDDED``) are prepared into ``data_dir`` on first use. Two
+  processes preparing the same ``data_dir`` at once are serialised by an
+  exclusive ``fcntl`` lock on ``<data_dir>/.<name>.prepare.lock`` (POSIX only);
+  the second one then finds the data prepared. tfds itself writes into an
+  ``incomplete.*`` folder and renames it, so readers never see partial data.
+* Any other name is read with ``tfds.data_source(..., download=False)``: it must
+  already be prepared as ``array_record`` (``tfds build NAME
+  --file_format=array_record --data_dir=DIR`` on a machine with internet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import os
+import re
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tl_jax.data.builders import Mnist5k, Optdigits
+
+EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "mnist5k": Mnist5k,
+    "optdigits": Optdigits,
+}
+_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+
+
+class ExampleSource:
+    """Wraps a tfds data source: ``src[i] -> {"image": HxWxC, "label": int}``.
+
+    Indexes one element at a time (tfds sources' ``__getitems__`` is unusable
+    without TensorFlow); drops every other feature (``id``, ...).
+    """
+
+    def __init__(self, data_source: Any, image_key: str = "image", label_key: str = "label"):
+        self._source = data_source
+        self._len = len(data_source)
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not -self._len <= index < self._len:
+            raise IndexError(f"index {index} out of range for {self._len} examples")
+        example = self._source[index % self._len]
+        image = np.asarray(example[self.image_key])
+        if image.ndim == 2:
+            image = image[..., None]
+        return {"image": image, "label": int(example[self.label_key])}
+
+    def __repr__(self) -> str:
+        return f"ExampleSource(len={self._len}, source={type(self._source).__name__})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplit:
+    """One split of one dataset, with random access and metadata.
+
+    Attributes:
+      name: dataset name (``mnist5k``, ``cifar10``, ...).
+      split: tfds split spec (``train``, ``test``, ``train[:90%]``, ...).
+      source: ``len(source)``; ``source[i] -> {"image": uint8 HxWxC, "label": int}``.
+      num_classes: number of classes of the label feature.
+      image_shape: ``(H, W, C)`` of the stored images.
+    """
+
+    name: str
+    split: str
+    source: Any
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @functools.cached_property
+    def _labels(self) -> np.ndarray:
+        labels = np.fromiter(
+            (self.source[i]["label"] for i in range(len(self.source))),
+            dtype=np.int64,
+            count=len(self.source),
+        )
+        labels.flags.writeable = False
+        return labels
+
+    def labels(self) -> np.ndarray:
+        """All labels, int64 ``[len(self)]`` (read once, then cached; read-only)."""
+        return self._labels
+
+    def __repr__(self) -> str:
+        return (
+            f"DataSplit({self.name}:{self.split}, n={len(self)}, "
+            f"num_classes={self.num_classes}, image_shape={self.image_shape})"
+        )
+
+
+def _split_names(split: str) -> list[str]:
+    """Base split names of a tfds split spec: ``"train[:80%]+test"`` -> train, test."""
+    return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, name: str, split: str) -> None:
+    available = sorted(builder.info.splits.keys())
+    if not available:  # unknown splits (e.g. under tfds.testing.mock_data)
+        return
+    for base in _split_names(split):
+        if base not in available:
+            raise ValueError(
+                f"unknown split {split!r} for dataset {name!r}; available: {available}"
+            )
+
+
+def _check_format(builder: tfds.core.DatasetBuilder, name: str, data_dir: str | None) -> None:
+    fmt = builder.info.file_format
+    if fmt is not None and fmt.value not in _RANDOM_ACCESS_FORMATS:
+        raise ValueError(
+            f"dataset {name!r} in {builder.data_dir} is prepared as {fmt.value!r}, which has no "
+            f"random access; rebuild it with `tfds build {name} --file_format=array_record "
+            f"--data_dir={data_dir or '<data_dir>'}`"
+        )
+
+
+def prepare_embedded(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """Returns the prepared builder of embedded dataset ``name`` (prepares it once)."""
+    if name not in EMBEDDED:
+        raise ValueError(f"{name!r} is not an embedded dataset; embedded: {sorted(EMBEDDED)}")
+    cls = EMBEDDED[name]
+    builder = cls(data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    root = os.fspath(builder.data_dir_root)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{name}.prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        builder = cls(data_dir=data_dir)  # re-read: another process may have prepared it
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+            )
+    return cls(data_dir=data_dir)
+
+
+def _catalogue_builder(name: str, split: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"unknown dataset {name!r}: not embedded ({sorted(EMBEDDED)}) and not in the tfds "
+            "catalogue; check config.data.name"
+        ) from None
+    if builder.is_prepared():
+        _check_format(builder, name, data_dir)
+        _check_split(builder, name, split)
+    return builder
+
+
+def _not_prepared(name: str, data_dir: str | None) -> ValueError:
+    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    return ValueError(
+        f"dataset {name!r} is not prepared in {where}; on a machine with internet run "
+        f"`tfds build {name} --file_format=array_record --data_dir=DIR`, copy DIR here "
+        "and set config.data.data_dir=DIR"
+    )
+
+
+def load_split(name: str, split: str, data_dir: str | None = None) -> DataSplit:
+    """Opens ``name:split`` for random access (see module doc for where data comes from).
+
+    Raises:
+      ValueError: unknown dataset or split, catalogue dataset not prepared in
+        ``data_dir``, or prepared in a format without random access.
+    """
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split must be a non-empty string for dataset {name!r}, got {split!r}")
+    if name in EMBEDDED:
+        builder = prepare_embedded(name, data_dir)
+        _check_split(builder, name, split)
+        data_source = builder.as_data_source(split=split)
+    else:
+        builder = _catalogue_builder(name, split, data_dir)
+        try:
+            data_source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises NotImplementedError/FileNotFoundError/...
+            if builder.is_prepared():
+                raise
+            raise _not_prepared(name, data_dir) from e
+    return _make_split(name, split, builder, data_source)
+
+
+def _make_split(name: str, split: str, builder: Any, data_source: Any) -> DataSplit:
+    features = builder.info.features
+    keys = builder.info.supervised_keys
+    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    else:
+        image_key, label_key = "image", "label"
+    if image_key not in features or label_key not in features:
+        raise ValueError(
+            f"dataset {name!r} has no ({image_key!r}, {label_key!r}) features; it has "
+            f"{sorted(features.keys())}: only image classification datasets are supported"
+        )
+    num_classes = getattr(features[label_key], "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"dataset {name!r}: feature {label_key!r} is not a ClassLabel")
+    source = ExampleSource(data_source, image_key, label_key)
+    if len(source) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} is empty")
+    shape = tuple(features[image_key].shape)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3 or any(s is None for s in shape):  # variable size: first example
+        shape = tuple(source[0]["image"].shape)
+    return DataSplit(name, split, source, int(num_classes), tuple(int(s) for s in shape))

@@ -1,0 +1,137 @@
+"""Shared building blocks for the classifier models.
+
+Every model in :mod:`tl_jax.models` derives from :class:`Classifier`, which fixes
+the public contract:
+
+* two submodules created in ``setup()``: ``backbone`` (all feature layers) and
+  ``head`` (``nn.Dense(num_classes)``), so every param lives under
+  ``backbone/...`` or ``head/...``;
+* ``__call__(x, *, train=False, return_features=False)`` maps ``x`` float
+  ``[B, H, W, C]`` to float32 logits ``[B, num_classes]`` (optionally also the
+  float32 features ``[B, D]`` that were fed to the head);
+* ``embed(x, *, train=False)`` runs the backbone only;
+* dropout (rng stream ``'dropout'``) sits between backbone and head and is
+  active only when ``train=True``;
+* ``frozen_norms`` names BatchNorm layers (``'/'``-joined paths such as
+  ``'backbone/layer1_0/bn2'``) that stay in inference mode when ``train=True``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+BACKBONE = "backbone"
+
+
+def sub_paths(paths: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """Paths below ``prefix`` with ``prefix + '/'`` stripped.
+
+    Example: ``sub_paths(('layer1_0/bn1', 'bn1'), 'layer1_0') == ('bn1',)``.
+    """
+    head = prefix + "/"
+    return tuple(p[len(head):] for p in paths if p.startswith(head))
+
+
+def batch_norm(
+    name: str,
+    *,
+    train: bool,
+    frozen: tuple[str, ...],
+    dtype: Dtype,
+    zero_scale: bool = False,
+) -> nn.BatchNorm:
+    """A torchvision-compatible BatchNorm (momentum 0.9, eps 1e-5).
+
+    Runs with batch statistics only if ``train`` and ``name`` is not in
+    ``frozen`` (a frozen norm uses, and never updates, its running averages).
+    ``zero_scale`` initialises gamma to zero (zero-init residual trick).
+    Params (scale, bias) are float32; computation is in ``dtype``.
+    """
+    return nn.BatchNorm(
+        use_running_average=(not train) or (name in frozen),
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        name=name,
+    )
+
+
+class Classifier(nn.Module):
+    """Base class: ``backbone`` -> dropout -> ``head`` (Dense).
+
+    Subclasses implement :meth:`make_backbone` (returning a module whose
+    ``__call__(x, *, train)`` maps ``[B, H, W, C]`` to ``[B, D]`` and which
+    accepts the frozen norm paths relative to itself) and, if they have
+    BatchNorm layers, :meth:`norm_module_paths`.
+
+    Attributes:
+        num_classes: number of output logits.
+        dropout_rate: dropout probability applied to the features before the head.
+        frozen_norms: full module paths (``'backbone/...'``) of BatchNorm layers
+            kept in inference mode even when ``train=True``.
+        dtype: computation dtype (params are always float32). Logits and
+            returned features are cast to float32.
+    """
+
+    num_classes: int
+    dropout_rate: float = 0.0
+    frozen_norms: tuple[str, ...] = ()
+    dtype: Dtype = jnp.float32
+
+    def make_backbone(self, frozen: tuple[str, ...]) -> nn.Module:
+        """Build the backbone; ``frozen`` are norm paths relative to it."""
+        raise NotImplementedError
+
+    def norm_module_paths(self) -> tuple[str, ...]:
+        """All BatchNorm module paths of this model (static, no init needed)."""
+        return ()
+
+    def setup(self) -> None:
+        if isinstance(self.frozen_norms, str):
+            raise TypeError(
+                f"frozen_norms must be a tuple of paths, got the string {self.frozen_norms!r}"
+            )
+        frozen = tuple(self.frozen_norms)
+        known = set(self.norm_module_paths())
+        unknown = [p for p in frozen if p not in known]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: unknown BatchNorm path(s) in frozen_norms: "
+                f"{unknown}. Known norm paths: {sorted(known) or 'none (model has no BatchNorm)'}"
+            )
+        self.backbone = self.make_backbone(sub_paths(frozen, BACKBONE))
+        self.dropout = nn.Dropout(rate=self.dropout_rate)
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
+
+    def embed(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Backbone features: ``x`` [B, H, W, C] -> float32 ``[B, D]``."""
+        return self.backbone(x, train=train).astype(jnp.float32)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        return_features: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Classify ``x`` [B, H, W, C].
+
+        Returns:
+            float32 logits ``[B, num_classes]``, or ``(logits, features)`` with
+            float32 features ``[B, D]`` (the backbone output, before dropout)
+            when ``return_features``. With dropout off,
+            ``logits == features @ head.kernel + head.bias`` (up to ``dtype``).
+        """
+        feats = self.backbone(x, train=train)
+        logits = self.head(self.dropout(feats, deterministic=not train))
+        logits = logits.astype(jnp.float32)
+        if return_features:
+            return logits, feats.astype(jnp.float32)
+        return logits
