@@ -10,7 +10,13 @@ from tl_jax.models import get_model
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.train.loop import evaluate
 from tl_jax.train.state import TrainState
-from tl_jax.train.step import classification_loss, make_eval_step, make_train_step
+from tl_jax.config import base_config
+from tl_jax.objectives import Objective
+from tl_jax.train.step import make_eval_step, make_train_step
+
+
+def classification_loss(model):
+    return Objective(base_config(), model).loss
 from tl_jax.transfer import param_rules as pr
 
 
@@ -97,9 +103,10 @@ def test_masked_eval_matches_numpy(tfds_data_dir):
     assert len(split.source) % 100 != 0
     pp = build_preprocess([{"op": "rescale", "in_max": 16.0}])
     model = get_model("cnn", 10)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    state = make_state(model, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)))
+    variables = {"params": state.params}
     mesh = mesh_lib.make_mesh(1)
-    res = evaluate(jax.jit(make_eval_step(model)), variables, split, pp, 100, mesh)
+    res = evaluate(jax.jit(make_eval_step(Objective(base_config(), model))), state, split, pp, 100, mesh)
 
     images = np.stack([pp(split.source[i], None)["image"] for i in range(len(split.source))])
     labels = split.labels()

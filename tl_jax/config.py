@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # workdir or checkpoint dir of a pretrained run; '' = from scratch
     c.dont_load = ["head/.*"]  # params kept at their fresh init when loading init_from
     c.loss = dict(label_smoothing=0.0)
+    # The objective (tl_jax/objectives/): its name, and one config group per objective that has options.
+    from tl_jax.objectives import default_configs
+
+    c.objective = dict(name="classification", **default_configs())
     c.train = dict(steps=500, log_every=50, eval_every=0, checkpoint_every=250, keep_checkpoints=2,
                    best_metric="test/accuracy", nan_policy="error", progress=True)
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax

@@ -18,7 +18,9 @@ channel axis). No TensorFlow is needed: data is read from ``array_record`` files
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import fcntl
+import logging
 import functools
 import os
 import re
@@ -134,8 +136,27 @@ def _check_format(builder: tfds.core.DatasetBuilder, name: str, data_dir: str | 
         )
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """No progress bars or 'no dataset_info.json' warnings while preparing."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tfds.enable_progress_bar()
+        absl_logger.setLevel(level)
+
+
 def prepare_embedded(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder of embedded dataset ``name`` (prepares it once)."""
+    with _quiet_tfds():
+        return _prepare_embedded(name, data_dir)
+
+
+def _prepare_embedded(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     if name not in EMBEDDED:
         raise ValueError(f"{name!r} is not an embedded dataset; embedded: {sorted(EMBEDDED)}")
     cls = EMBEDDED[name]
@@ -148,6 +169,7 @@ def prepare_embedded(name: str, data_dir: str | None = None) -> tfds.core.Datase
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         builder = cls(data_dir=data_dir)  # re-read: another process may have prepared it
         if not builder.is_prepared():
+            logging.getLogger("tl_jax").info("preparing %s into %s (once)", name, builder.data_dir)
             builder.download_and_prepare(
                 file_format="array_record",
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False),

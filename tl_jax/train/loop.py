@@ -26,7 +26,8 @@ from tl_jax.train.checkpoint import Checkpoints, load_variables
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.prefetch import Prefetcher
 from tl_jax.train.state import TrainState
-from tl_jax.train.step import classification_loss, make_eval_step, make_train_step
+from tl_jax.objectives import build_objective
+from tl_jax.train.step import make_eval_step, make_train_step
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
 from tl_jax.transfer.merge import merge_params
@@ -46,26 +47,27 @@ def first_nonfinite_path(tree: PyTree) -> str | None:
     return None
 
 
-def evaluate(eval_step, variables: PyTree, split, preprocess, batch_size: int, mesh) -> dict[str, float]:
-    """Accuracy and mean loss over the WHOLE split (last batch padded and masked)."""
+def evaluate(eval_step, state: TrainState, split, preprocess, batch_size: int, mesh) -> dict[str, float]:
+    """``{metric: Σ sums / Σ count}`` over the WHOLE split (last batch padded and masked)."""
     sums = None
     for batch in eval_batches(split, preprocess, batch_size=batch_size // jax.process_count(),
                               process_index=jax.process_index(), process_count=jax.process_count()):
-        out = eval_step(variables, mesh_lib.shard_batch(batch, mesh))
+        out = eval_step(state, mesh_lib.shard_batch(batch, mesh))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     n = max(float(sums["count"]), 1.0)
-    return {"accuracy": float(sums["correct"]) / n, "loss": float(sums["loss_sum"]) / n, "count": int(sums["count"])}
+    return {**{k: float(v) / n for k, v in sums.items() if k != "count"}, "count": int(sums["count"])}
 
 
 def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple, mesh):
-    """Model, optimizer and initial (replicated) train state, with ``init_from`` merged in."""
+    """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
     kwargs = dict(config.model.kwargs)
     model = get_model(config.model.name, num_classes, dropout_rate=config.model.dropout_rate, **kwargs)
+    objective = build_objective(config, model)
     rng = jax.random.PRNGKey(config.seed)
-    init_rng, train_rng = jax.random.split(rng)
+    init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
+    variables = jax.jit(lambda r: objective.model.init(r, dummy, train=False))(init_rng)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     if config.init_from:
@@ -75,20 +77,26 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, i
             batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
                                        source=f"init_from {config.init_from} (batch_stats)", check_rules=False)
         log.info("loaded %s (kept fresh: %s)", config.init_from, list(config.dont_load))
-    rules = [list(r) for r in config.param_rules]
-    frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
+    extra, aux = objective.init_extra(extra_rng, params, batch_stats)
+    clash = sorted(set(extra) & set(params))
+    if clash:
+        raise ValueError(f"objective {objective.name!r} adds params {clash} that the model already has")
+    model_params = params
+    params = {**params, **extra}
+    rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
+    frozen_norms = rules_lib.frozen_module_paths(model_params, rules, norm_paths(batch_stats)) if batch_stats else ()
     if frozen_norms:
-        model = model.clone(frozen_norms=frozen_norms)
+        objective.model = objective.model.clone(frozen_norms=frozen_norms)
     tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
     log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
     repl = mesh_lib.replicated(mesh)
 
-    def init_state(params, batch_stats):
+    def init_state(params, batch_stats, aux):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                          opt_state=tx.init(params), rng=train_rng, skipped=jnp.zeros((), jnp.int32))
+                          opt_state=tx.init(params), rng=train_rng, skipped=jnp.zeros((), jnp.int32), aux=aux)
 
-    state = jax.jit(init_state, out_shardings=repl)(params, batch_stats)
-    return model, tx, state, rules
+    state = jax.jit(init_state, out_shardings=repl)(params, batch_stats, aux)
+    return objective, tx, state
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
@@ -121,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                             process_index=jax.process_index(), process_count=jax.process_count())
 
     # Model, rules, optimizer, state.
-    model, tx, state, _ = build_model_and_state(config, num_classes, image_shape, mesh)
+    objective, tx, state = build_model_and_state(config, num_classes, image_shape, mesh)
     wd.prepare(cfg_dict, overwrite=overwrite, write=is_main)
     ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
     data_iter = iter(dataset)
@@ -133,29 +141,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
             wd.truncate_metrics(step0)
         log.info("resumed from %s at step %d", wd.checkpoints / str(step0), step0)
 
-    loss_fn = classification_loss(model, label_smoothing=config.loss.label_smoothing)
-    return run_loop(config, wd, ckpts, mesh, state, data_iter, tx, loss_fn, model, test_split, eval_pp, t_start)
+    return run_loop(config, wd, ckpts, mesh, state, data_iter, tx, objective, test_split, eval_pp, t_start)
 
 
-def run_loop(config, wd: Workdir, ckpts: Checkpoints, mesh, state: TrainState, data_iter, tx, loss_fn, model,
+def run_loop(config, wd: Workdir, ckpts: Checkpoints, mesh, state: TrainState, data_iter, tx, objective,
              test_split, eval_pp, t_start: float) -> dict:
     """The step loop; returns the summary written to ``summary.json``."""
     tc = config.train
     is_main = jax.process_index() == 0
     total = tc.steps
     step = int(jax.device_get(state.step))
-    train_step = jax.jit(make_train_step(loss_fn, tx, nan_policy=tc.nan_policy), donate_argnums=0,
+    train_step = jax.jit(make_train_step(objective.loss, tx, nan_policy=tc.nan_policy), donate_argnums=0,
                          out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(model))
+    eval_step = jax.jit(make_eval_step(objective))
     prefetch = Prefetcher(data_iter, lambda b: mesh_lib.shard_batch(b, mesh), size=2)
 
     def run_eval(step: int) -> dict:
-        res = evaluate(eval_step, state.variables(), test_split, eval_pp, config.data.eval_batch_size, mesh)
-        record = {"step": step, "test/accuracy": res["accuracy"], "test/loss": res["loss"]}
+        res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, mesh)
+        count = res.pop("count")
+        record = {"step": step, **{f"test/{k}": v for k, v in res.items()}}
         if is_main:
             wd.log(record)
-        log.info("step %d: test/accuracy=%.4f test/loss=%.4f (%d examples)", step, res["accuracy"], res["loss"],
-                 res["count"])
+        log.info("step %d: %s (%d examples)", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                                              if k != "step"), count)
         return record
 
     compile_s, compiled = 0.0, False
@@ -228,4 +236,6 @@ def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: Tr
 def _progress(initial: int, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=False)
+    # disable=None: shown on a terminal only, so logs of `make demo > log` stay clean.
+    return tqdm(total=total, initial=initial, disable=True if not enabled else None, desc="train", unit="step",
+                leave=False)

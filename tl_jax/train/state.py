@@ -15,7 +15,9 @@ class TrainState:
     BatchNorm), ``opt_state`` (an ``optax.partition`` state: frozen groups hold
     none), ``rng`` (a base key; step ``t`` uses ``fold_in(rng, t)``, so the
     random stream depends only on the step and a resumed run repeats it) and
-    ``skipped`` (int32: updates skipped for non-finite loss/grads)."""
+    ``skipped`` (int32: updates skipped for non-finite loss/grads) and
+    ``aux`` (constants the objective reads, e.g. a frozen teacher or the
+    pretrained anchor of L2-SP: no gradient, no optimizer state)."""
 
     step: jax.Array
     params: PyTree
@@ -23,6 +25,7 @@ class TrainState:
     opt_state: PyTree
     rng: jax.Array
     skipped: jax.Array
+    aux: PyTree = struct.field(default_factory=dict)
 
     def variables(self) -> dict:
         """The flax variables dict for ``model.apply``."""

@@ -1,8 +1,9 @@
 """The pure train and eval steps: ``(state, batch) -> (state, metrics)``.
 
-A *loss function* (an objective) has the signature::
+A *loss function* (an objective's ``loss``, see :mod:`tl_jax.objectives`) has
+the signature::
 
-    loss_fn(params, batch_stats, batch, rng) -> (loss, (new_batch_stats, metrics))
+    loss_fn(params, batch_stats, aux, batch, rng, step) -> (loss, (new_batch_stats, metrics))
 
 and :func:`make_train_step` closes over it and an optax transformation. The
 step is pure, so it runs under ``jax.jit`` (sharded over a mesh), ``jax.pmap``
@@ -13,39 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.objectives.base import Objective
 from tl_jax.train.state import TrainState
 
 PyTree = Any
 Batch = dict[str, jax.Array]
-LossFn = Callable[[PyTree, PyTree, Batch, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
-
-
-def classification_loss(model: nn.Module, *, label_smoothing: float = 0.0) -> LossFn:
-    """Mean softmax cross-entropy ``L = -(1/B) Σ_b Σ_c y_bc log softmax(z_b)_c``.
-
-    ``batch``: ``image`` [B,H,W,C] float, ``label`` [B] int. Dropout draws from
-    ``rng``; BatchNorm statistics are updated (except in ``frozen_norms``).
-    """
-
-    def loss_fn(params, batch_stats, batch, rng):
-        variables = {"params": params}
-        mutable: list[str] | bool = False
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-            mutable = ["batch_stats"]
-        out = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng}, mutable=mutable)
-        logits, new_vars = out if mutable else (out, {"batch_stats": batch_stats})
-        loss = cross_entropy(logits, batch["label"], label_smoothing=label_smoothing).mean()
-        metrics = {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
-        return loss, (new_vars["batch_stats"], metrics)
-
-    return loss_fn
+LossFn = Callable[[PyTree, PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:
@@ -71,7 +49,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, state.aux, batch, rng,
+                                                        state.step)
         if axis_name is not None:
             grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -91,19 +70,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[PyTree, Batch], dict]:
-    """``eval_step(variables, batch) -> sums``: masked sums over the batch.
+def make_eval_step(objective: Objective) -> Callable[[TrainState, Batch], dict]:
+    """``eval_step(state, batch) -> sums``: the objective's masked sums over a batch.
 
-    Returns ``loss_sum = Σ_b m_b CE_b``, ``correct = Σ_b m_b [argmax z_b = y_b]``
-    and ``count = Σ_b m_b``; the loop adds them over batches and divides once,
-    so a padded last batch counts exactly its real examples.
+    For classification: ``loss = Σ_b m_b CE_b``, ``accuracy = Σ_b m_b [argmax z_b = y_b]``
+    and ``count = Σ_b m_b``; the loop adds them over batches and divides by the
+    count once, so a padded last batch counts exactly its real examples.
     """
 
-    def eval_step(variables: PyTree, batch: Batch) -> dict:
-        logits = model.apply(variables, batch["image"], train=False)
-        mask = batch["mask"].astype(jnp.float32)
-        return {"loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-                "correct": jnp.sum(accuracy(logits, batch["label"]) * mask),
-                "count": jnp.sum(mask)}
+    def eval_step(state: TrainState, batch: Batch) -> dict:
+        return objective.eval_sums(state.params, state.batch_stats, state.aux, batch)
 
     return eval_step
