@@ -91,6 +91,20 @@ class Objective:
         """The part of ``state.params`` that belongs to ``self.model``."""
         return {k: v for k, v in params.items() if k not in self.extra_keys}
 
+    # -- data -------------------------------------------------------------------------------
+    def train_dataset(self, standard: Any, *, batch_size: int, seed: int, process_index: int,
+                      process_count: int) -> Any:
+        """The grain dataset of train batches. ``standard`` is the one built from
+        ``config.data``; objectives with more streams (an unlabelled target domain,
+        a mixture of domains) return a dataset combining it with theirs. It must
+        be a grain ``MapDataset`` whose iterator has ``get_state``/``set_state``
+        (exact resume)."""
+        return standard
+
+    def eval_data(self, split: Any, preprocess: Any) -> tuple[Any, Any]:
+        """``(split, preprocess)`` evaluated for ``test/*`` metrics (default: config.data's test split)."""
+        return split, preprocess
+
     # -- the maths ----------------------------------------------------------------------------
     def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
              step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:

@@ -26,7 +26,7 @@ from tl_jax.train.checkpoint import Checkpoints, load_variables
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.prefetch import Prefetcher
 from tl_jax.train.state import TrainState
-from tl_jax.objectives import build_objective
+from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.train.step import make_eval_step, make_train_step
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
@@ -59,15 +59,15 @@ def evaluate(eval_step, state: TrainState, split, preprocess, batch_size: int, m
     return {**{k: float(v) / n for k, v in sums.items() if k != "count"}, "count": int(sums["count"])}
 
 
-def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple, mesh):
+def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh):
     """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
     kwargs = dict(config.model.kwargs)
     model = get_model(config.model.name, num_classes, dropout_rate=config.model.dropout_rate, **kwargs)
     objective = build_objective(config, model)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
-    dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(lambda r: objective.model.init(r, dummy, train=False))(init_rng)
+    args, kwargs = model_inputs(sample)
+    variables = jax.jit(lambda r: objective.model.init(r, *args, train=False, **kwargs))(init_rng)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     if config.init_from:
@@ -120,16 +120,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         indices = sample_shots(train_split.labels(), dc.shots, dc.shots_seed, name=f"{dc.name}:{dc.train_split}")
     train_pp = build_preprocess(list(dc.train_pp), where="config.data.train_pp")
     eval_pp = build_preprocess(list(dc.eval_pp), where="config.data.eval_pp")
-    image_shape = train_pp(train_split.source[0], np.random.default_rng(0))["image"].shape
+    example = train_pp(train_split.source[0], np.random.default_rng(0))
+    sample = {k: np.asarray(v)[None] for k, v in example.items()}  # a batch of one, for shapes
     num_classes = config.model.num_classes or train_split.num_classes
     if num_classes < train_split.num_classes:
         raise ValueError(f"config.model.num_classes={num_classes} but {dc.name} has {train_split.num_classes} classes")
     data_seed = config.seed if dc.data_seed is None else dc.data_seed
-    dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+    objective, tx, state = build_model_and_state(config, num_classes, sample, mesh)
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices, **shard)
+    dataset = objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed, **shard)
+    test_split, eval_pp = objective.eval_data(test_split, eval_pp)
 
-    # Model, rules, optimizer, state.
-    objective, tx, state = build_model_and_state(config, num_classes, image_shape, mesh)
     wd.prepare(cfg_dict, overwrite=overwrite, write=is_main)
     ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
     data_iter = iter(dataset)
