@@ -4,6 +4,8 @@
     tl-jax train --config experiments/mnist_to_digits.py:stage=target,shots=10 --workdir runs/ft \\
         --config.init_from=runs/src --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
     tl-jax report runs/demo
+    tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/byo_cli.py)
+    tl-jax weights convert --from FILE --mapping bert --model bert --out DIR
 
 Errors a user can fix (config keys, paths, rules, data) are printed as one line
 ``tl-jax: error: ...`` with exit status 2, without a traceback.
@@ -12,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+from tl_jax.byo_cli import cmd_data, cmd_weights  # `data prepare`, `weights convert` (light imports)
+
+# Errors a user can fix from the message alone: printed as one line, exit status 2.
+# TL_JAX_DEBUG=1 shows the full traceback instead.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, FloatingPointError)
 
 
 def _train_parser(prog: str = "tl-jax train") -> argparse.ArgumentParser:
@@ -59,6 +66,14 @@ def cmd_train(argv: Sequence[str]) -> int:
     if args.print_config:
         print(config)
         return 0
+    from tl_jax.parallel import distributed
+
+    # Multi-host: join before any JAX op; processes other than 0 log warnings only.
+    if distributed.initialize(config.parallel):
+        import jax
+
+        if jax.process_index() != 0:
+            logging.getLogger("tl_jax").setLevel(logging.WARNING)
     from tl_jax.train.loop import train
 
     summary = train(config, args.workdir, overwrite=args.overwrite)
@@ -77,7 +92,7 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "report": cmd_report}
+COMMANDS = {"train": cmd_train, "report": cmd_report, "data": cmd_data, "weights": cmd_weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,11 +104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(fn, argv: Sequence[str], prog: str = "tl-jax") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
     _quiet_libraries()
+    from tl_jax.train.preemption import Preempted
+
     try:
         return fn(argv)
+    except Preempted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
     except USER_ERRORS as e:
+        if os.environ.get("TL_JAX_DEBUG"):
+            raise
         msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2

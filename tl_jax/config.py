@@ -28,7 +28,8 @@ import ml_collections
 from ml_collections import config_dict
 
 
-FREE_GROUPS = frozenset({"model.kwargs"})  # groups whose keys are not fixed by the schema
+# groups whose keys are not fixed by the schema (model kwargs, checked by the model)
+FREE_GROUPS = frozenset({"model.kwargs", "objective.distill.teacher_kwargs"})
 
 
 class ConfigError(ValueError):
@@ -51,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_rules = [[".*", 1.0]]
     c.init_from = ""  # workdir or checkpoint dir of a pretrained run; '' = from scratch
     c.dont_load = ["head/.*"]  # params kept at their fresh init when loading init_from
-    c.loss = dict(label_smoothing=0.0)
+    # Regularisers of the trainable params (tl_jax/objectives/regularizers.py): weights, 0 = off.
+    c.loss = dict(label_smoothing=0.0, l1=0.0, l2=0.0, l2_sp=0.0)
     # The objective (tl_jax/objectives/): its name, and one config group per objective that has options.
     from tl_jax.objectives import default_configs
 
@@ -59,6 +61,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = dict(steps=500, log_every=50, eval_every=0, checkpoint_every=250, keep_checkpoints=2,
                    best_metric="test/accuracy", nan_policy="error", progress=True)
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
+    # Devices and hosts (tl_jax/parallel/, README "Multi-device and multi-host").
+    c.parallel = dict(
+        mode="jit",  # 'jit': one program sharded over the mesh | 'pmap': jax.pmap with lax.pmean
+        mesh={"data": -1, "model": 1},  # axis sizes, -1 = all remaining devices; 'model' > 1 shards big params
+        fsdp_min_size=2**18,  # with model > 1: state leaves of >= this many elements are sharded over 'model'
+        data_sharding="batch",  # 'batch': same batches for any process count | 'examples': strided per process
+        # Multi-host (not recorded in the workdir's config.json): 'auto' | true | false; unset values are read
+        # from $TL_JAX_COORDINATOR_ADDRESS / $JAX_COORDINATOR_ADDRESS, $TL_JAX_NUM_PROCESSES, $TL_JAX_PROCESS_ID
+        # or detected by jax (TPU pod, SLURM, Open MPI).
+        distributed=config_dict.FieldReference("auto", field_type=object),
+        coordinator_address=config_dict.placeholder(str), num_processes=config_dict.placeholder(int),
+        process_id=config_dict.placeholder(int), heartbeat_timeout_s=100, initialization_timeout_s=300)
     c.lock()
     return c
 
@@ -215,3 +229,43 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
     for k, v in d.items():
         set_value(config, k, v)
     return config
+
+
+_CHOICES = {
+    "train.nan_policy": ("error", "skip"),
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
+}
+_POSITIVE_INTS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "data.batch_size", "data.eval_batch_size")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Semantic checks run before a run touches the disk (one clear line each)."""
+    import math
+
+    for key, choices in _CHOICES.items():
+        if _get(config, key) not in choices:
+            raise ConfigError(f"config.{key} must be one of {choices}, got {_get(config, key)!r}")
+    for key in _POSITIVE_INTS:
+        value = _get(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{key} must be a positive integer, got {value!r}")
+    if config.train.eval_every < 0:
+        raise ConfigError(f"config.train.eval_every must be >= 0 (0 = at the end only), got {config.train.eval_every}")
+    lr = config.optimizer.learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"config.optimizer.learning_rate must be a finite number > 0, got {lr!r}")
+    if config.data.shots is not None and config.data.shots < 1:
+        raise ConfigError(f"config.data.shots must be >= 1 (or null for all examples), got {config.data.shots}")
+    if not 0.0 <= config.loss.label_smoothing < 1.0:
+        raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
+    if not 0.0 <= config.model.dropout_rate < 1.0:
+        raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")

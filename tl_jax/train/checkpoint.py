@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 import warnings
 from typing import Any
 
@@ -71,17 +72,27 @@ class Checkpoints:
         return out["state"], out["data"]
 
     def restore_latest(self, target: PyTree) -> tuple[int, PyTree, dict] | None:
-        """Newest restorable step; a damaged one is named in a warning and skipped."""
+        """Newest restorable step. A damaged step is named in a warning, moved
+        aside to ``damaged-<step>-<time>`` (kept for inspection, never deleted)
+        and the next older one is tried."""
         for step in reversed(self.all_steps()):
             try:
                 state, data = self.restore(step, target)
                 return step, state, data
             except Exception as e:  # noqa: BLE001  (TensorStore raises bare Exception)
-                msg = f"checkpoint {self.directory / str(step)} is damaged ({type(e).__name__}: {str(e)[:200]}); " \
-                      f"trying an older one"
+                bad = self.directory / str(step)
+                aside = self.directory / f"damaged-{step}-{int(time.time())}"
+                msg = (f"checkpoint {bad} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                       f"moved to {aside.name}; trying an older one")
                 warnings.warn(msg, stacklevel=2)
                 log.warning(msg)
+                if jax.process_index() == 0:
+                    bad.rename(aside)
+                self._reload()
         return None
+
+    def _reload(self) -> None:
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -2,13 +2,15 @@
 
 The pieces, in order: workdir check -> data (tfds split, shots, grain) -> model
 init (+ ``merge_params`` from ``init_from``) -> freezing rules -> optimizer ->
-resume from the newest good checkpoint -> the loop (jit-compiled pure step,
+resume from the newest good checkpoint -> the loop (pure step compiled by a
+``tl_jax.parallel`` strategy: sharded jit or pmap,
 prefetched sharded batches, metrics fetched every ``log_every`` steps,
 periodic full-test-split eval, checkpoints) -> ``summary.json``.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Any
 
@@ -20,13 +22,17 @@ import numpy as np
 from tl_jax import config as config_lib
 from tl_jax.data import build_preprocess, eval_batches, load_split, sample_shots, train_dataset
 from tl_jax.models import get_model, norm_paths
+from tl_jax.parallel import distributed, make_strategy
 from tl_jax.parallel import mesh as mesh_lib
+from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
 from tl_jax.train.checkpoint import Checkpoints, load_variables
 from tl_jax.train.optim import make_group_tx
+from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill
 from tl_jax.train.prefetch import Prefetcher
 from tl_jax.train.state import TrainState
 from tl_jax.objectives import build_objective, model_inputs
+from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.train.step import make_eval_step, make_train_step
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
@@ -47,12 +53,17 @@ def first_nonfinite_path(tree: PyTree) -> str | None:
     return None
 
 
-def evaluate(eval_step, state: TrainState, split, preprocess, batch_size: int, mesh) -> dict[str, float]:
-    """``{metric: Σ sums / Σ count}`` over the WHOLE split (last batch padded and masked)."""
+def evaluate(eval_step, state: TrainState, split, preprocess, batch_size: int, mesh, *,
+             put_batch=None) -> dict[str, float]:
+    """``{metric: Σ sums / Σ count}`` over the WHOLE split (last batch padded and masked).
+
+    ``put_batch`` places a process's batch on the devices (default: sharded over ``mesh``).
+    """
+    put_batch = put_batch or (lambda b: mesh_lib.shard_batch(b, mesh))
     sums = None
     for batch in eval_batches(split, preprocess, batch_size=batch_size // jax.process_count(),
                               process_index=jax.process_index(), process_count=jax.process_count()):
-        out = eval_step(state, mesh_lib.shard_batch(batch, mesh))
+        out = eval_step(state, put_batch(batch))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     n = max(float(sums["count"]), 1.0)
@@ -77,18 +88,19 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
             batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
                                        source=f"init_from {config.init_from} (batch_stats)", check_rules=False)
         log.info("loaded %s (kept fresh: %s)", config.init_from, list(config.dont_load))
+    params = objective.init_params(jax.random.fold_in(extra_rng, 1), params, batch_stats)
     extra, aux = objective.init_extra(extra_rng, params, batch_stats)
     clash = sorted(set(extra) & set(params))
     if clash:
         raise ValueError(f"objective {objective.name!r} adds params {clash} that the model already has")
-    model_params = params
     params = {**params, **extra}
     rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
-    frozen_norms = rules_lib.frozen_module_paths(model_params, rules, norm_paths(batch_stats)) if batch_stats else ()
+    frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
     if frozen_norms:
         objective.model = objective.model.clone(frozen_norms=frozen_norms)
     tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
     log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
+    objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
     repl = mesh_lib.replicated(mesh)
 
     def init_state(params, batch_stats, aux):
@@ -102,12 +114,15 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
     """Train (or resume) the run described by ``config`` in ``workdir``; returns the summary."""
     t_start = time.time()
-    cfg_dict = config_lib.to_dict(config)
+    config_lib.validate(config)
+    distributed.initialize(config.parallel)  # before any JAX op; no-op unless multi-host (the CLI did it)
+    cfg_dict = distributed.run_identity(config_lib.to_dict(config))
     wd = Workdir(workdir)
     is_main = jax.process_index() == 0
     wd.check(cfg_dict, overwrite=overwrite)
     compile_cache.enable(config.compile_cache_dir)
-    mesh = mesh_lib.make_mesh()
+    strategy = make_strategy(config)  # config.parallel: jit over a mesh, or pmap
+    mesh = strategy.mesh
     local_batch = mesh_lib.check_batch(config.data.batch_size, mesh)
     mesh_lib.check_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
 
@@ -127,39 +142,53 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         raise ValueError(f"config.model.num_classes={num_classes} but {dc.name} has {train_split.num_classes} classes")
     data_seed = config.seed if dc.data_seed is None else dc.data_seed
     objective, tx, state = build_model_and_state(config, num_classes, sample, mesh)
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices, **shard)
-    dataset = objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed, **shard)
+    state = strategy.init_state(state)  # FSDP-shard big leaves over the mesh's 'model' axis
+    # This process's rows of each global batch (config.parallel.data_sharding).
+    shard = process_sharding(config.parallel.data_sharding, len(train_split) if indices is None else len(indices))
+    dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices,
+                            **shard.kwargs)
+    dataset = shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed, **shard.kwargs))
     test_split, eval_pp = objective.eval_data(test_split, eval_pp)
 
-    wd.prepare(cfg_dict, overwrite=overwrite, write=is_main)
+    if is_main:
+        wd.prepare(cfg_dict, overwrite=overwrite)
+    distributed.barrier("tl_jax:workdir")  # the other processes check config.json once it is written
+    if not is_main:
+        wd.prepare(cfg_dict, overwrite=overwrite, write=False)
     ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
     data_iter = iter(dataset)
     resumed = ckpts.restore_latest(state)
+    pending, step0 = [], 0
     if resumed is not None:
         step0, state, data_state = resumed
-        data_iter.set_state(data_state)
-        if is_main:
-            wd.truncate_metrics(step0)
+        data_iter.set_state(data_state["iterator"])
+        pending = data_state.get("pending_metrics", [])
         log.info("resumed from %s at step %d", wd.checkpoints / str(step0), step0)
+    if is_main:  # events logged after the restored step (by a run that died) are logged again
+        wd.truncate_metrics(step0)
 
-    return run_loop(config, wd, ckpts, mesh, state, data_iter, tx, objective, test_split, eval_pp, t_start)
+    return run_loop(config, wd, ckpts, strategy, state, data_iter, tx, objective, test_split, eval_pp, t_start,
+                    pending=pending)
 
 
-def run_loop(config, wd: Workdir, ckpts: Checkpoints, mesh, state: TrainState, data_iter, tx, objective,
-             test_split, eval_pp, t_start: float) -> dict:
+def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainState, data_iter, tx, objective,
+             test_split, eval_pp, t_start: float, pending: list | None = None) -> dict:
     """The step loop; returns the summary written to ``summary.json``."""
     tc = config.train
     is_main = jax.process_index() == 0
     total = tc.steps
     step = int(jax.device_get(state.step))
-    train_step = jax.jit(make_train_step(objective.loss, tx, nan_policy=tc.nan_policy), donate_argnums=0,
-                         out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(objective))
-    prefetch = Prefetcher(data_iter, lambda b: mesh_lib.shard_batch(b, mesh), size=2)
+    strategy.prepare_objective(objective)  # tl_jax/parallel/: sharded jit or pmap
+    state = strategy.to_device(state)
+    train_step = strategy.train_step(make_train_step(objective.loss, tx, nan_policy=tc.nan_policy,
+                                                     axis_name=strategy.axis_name,
+                                                     value_and_grad=getattr(objective, "value_and_grad", None)))
+    eval_step = strategy.eval_step(make_eval_step(objective))
+    prefetch = Prefetcher(data_iter, strategy.put_batch, size=2)
 
     def run_eval(step: int) -> dict:
-        res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, mesh)
+        res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, strategy.mesh,
+                       put_batch=strategy.put_batch)
         count = res.pop("count")
         record = {"step": step, **{f"test/{k}": v for k, v in res.items()}}
         if is_main:
@@ -169,32 +198,46 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, mesh, state: TrainState, d
         return record
 
     compile_s, compiled = 0.0, False
-    pending: list[tuple[int, dict]] = []
+    pending = [tuple(p) for p in pending or []]  # (step, metrics) not yet logged
     last_train: dict = {}
     last_eval: dict | None = None
     t_loop = time.time()
     progress = _progress(step, total, tc.progress and is_main)
     try:
-        while step < total:
-            data_state, batch = next(prefetch)
-            if not compiled:
-                compiled = True
-                t0 = time.time()
-                train_step = train_step.lower(state, batch).compile()
-                compile_s = time.time() - t0
-            state, metrics = train_step(state, batch)
-            step += 1
-            pending.append((step, metrics))
-            progress.update(1)
-            if step % tc.log_every == 0 or step == total:
-                last_train = _flush(pending, wd, is_main, tc.nan_policy, state)
-                pending = []
-                progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
-            eval_now = (tc.eval_every and step % tc.eval_every == 0) or step == total
-            if eval_now:
-                last_eval = run_eval(step)
-            if step % tc.checkpoint_every == 0 or step == total:
-                ckpts.save(step, state, data_state, _best(last_eval, step, tc.best_metric))
+        with StopSignal() as stop:
+            while step < total:
+                data_state, batch = next(prefetch)
+                if not compiled:
+                    compiled = True
+                    t0 = time.time()
+                    train_step = strategy.compile(train_step, state, batch)
+                    compile_s = time.time() - t0
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                progress.update(1)
+                if step % tc.log_every == 0 or step == total:
+                    last_train = _flush(pending, wd, is_main, tc.nan_policy, state, strategy.fetch_state)
+                    pending = []
+                    progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
+                maybe_kill("kill_after_step", step)
+                if (tc.eval_every and step % tc.eval_every == 0) or step == total:
+                    last_eval = run_eval(step)
+                stopping = stop.should_stop(step)
+                if step % tc.checkpoint_every == 0 or step == total or stopping:
+                    # The not-yet-logged per-step metrics travel with the checkpoint, so a
+                    # resume from any step logs exactly the same windows.
+                    host_pending = [[s, {k: float(v) for k, v in m.items()}] for s, m in jax.device_get(pending)]
+                    ckpts.save(step, strategy.to_global(state),
+                               {"iterator": data_state, "pending_metrics": host_pending},
+                               _best(last_eval, step, tc.best_metric))
+                    maybe_kill("kill_during_save", step)
+                if stopping and step < total:
+                    ckpts.wait()
+                    name = signal.Signals(stop.signum).name if stop.signum else "preemption notice"
+                    raise Preempted(f"stopped by {name} after step {step}/{total}; checkpoint saved to "
+                                    f"{wd.checkpoints / str(step)}; rerun the same command to resume",
+                                    stop.signum or signal.SIGTERM)
     finally:
         progress.close()
         prefetch.close()
@@ -202,7 +245,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, mesh, state: TrainState, d
     if last_eval is None:  # resumed a finished run: evaluate the restored state
         last_eval = run_eval(step)
     summary = {"steps": step, "wall_s": time.time() - t_start, "train_s": time.time() - t_loop - compile_s,
-               "compile_s": compile_s, "skipped_steps": int(jax.device_get(state.skipped)),
+               "compile_s": compile_s, "skipped_steps": int(strategy.fetch_state(state.skipped)),
                **{k: v for k, v in last_train.items() if k != "step"},
                **{k: v for k, v in last_eval.items() if k != "step"}}
     if is_main:
@@ -216,7 +259,8 @@ def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:
     return {metric: last_eval[metric]}
 
 
-def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState) -> dict:
+def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState,
+           fetch_state=jax.device_get) -> dict:
     """Fetch the pending per-step metrics (one host sync), check finiteness, log the mean."""
     host = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, host):
@@ -228,8 +272,8 @@ def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: Tr
     record = {"step": pending[-1][0]}
     for key in host[-1]:
         if key != "train/finite":
-            record[key] = float(np.mean([m[key] for m in host]))
-    record["train/skipped_steps"] = int(jax.device_get(state.skipped))
+            record[key] = float(np.mean([np.float64(m[key]) for m in host]))
+    record["train/skipped_steps"] = int(fetch_state(state.skipped))
     if is_main:
         wd.log(record)
     return record

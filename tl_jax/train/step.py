@@ -32,8 +32,14 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_policy: str = "error",
-                    axis_name: str | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    axis_name: str | None = None, value_and_grad: Callable | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
+
+    ``value_and_grad``: optional replacement for ``jax.value_and_grad(loss_fn,
+    has_aux=True)`` with the same signature as ``loss_fn`` and the same output
+    ``((loss, (batch_stats, metrics)), grads)``, for objectives whose update is
+    not the gradient of a scalar (e.g. PCGrad: an objective's ``value_and_grad``).
 
     ``nan_policy``: ``'skip'`` keeps the old state when the loss or any gradient
     is non-finite and counts it in ``state.skipped``; ``'error'`` applies the
@@ -48,7 +54,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, state.aux, batch, rng,
                                                         state.step)
         if axis_name is not None:

@@ -33,8 +33,8 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
         out = []
         for k in sorted(set(old) | set(new)):
             key = f"{prefix}.{k}" if prefix else k
-            if k not in old:
-                out.append(f"{key}: (absent) -> {new[k]!r}")
+            if k not in old:  # a key added to the schema since that run: its default applies
+                continue
             elif k not in new:
                 out.append(f"{key}: {old[k]!r} -> (absent)")
             else:
@@ -99,9 +99,17 @@ class Workdir:
         """Drop logged events after ``step`` (a resume from ``step`` re-logs them)."""
         if not self.metrics_file.exists():
             return
-        keep = [line for line in self.metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_file.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.metrics_file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.metrics_file)
 
     def log(self, record: dict) -> None:
         with self.metrics_file.open("a") as f:
