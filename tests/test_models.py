@@ -203,7 +203,7 @@ def test_bf16_dtype():
 
 
 def test_get_model_registry_and_errors():
-    assert set(MODELS) == {"cnn", "resnet18", "resnet50"}
+    assert {"cnn", "resnet18", "resnet50", "vit", "bert"} <= set(MODELS)
     model = get_model("resnet18", 7, base_width=8, stem="cifar", frozen_norms=["backbone/bn1"])
     assert isinstance(model, ResNet) and model.num_classes == 7
     assert model.stage_sizes == (2, 2, 2, 2) and model.frozen_norms == ("backbone/bn1",)

@@ -3,7 +3,8 @@
     tl-jax train --config experiments/mnist_to_digits.py:stage=source --workdir runs/src
     tl-jax train --config experiments/mnist_to_digits.py:stage=target,shots=10 --workdir runs/ft \\
         --config.init_from=runs/src --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
-    tl-jax report runs/demo
+    tl-jax sweep --config experiments/freeze_depth.py --workdir runs/freeze [--jobs 2] [--vectorize auto]
+    tl-jax report runs/demo [--group method,shots] [--metric test/accuracy]
     tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/byo_cli.py)
     tl-jax weights convert --from FILE --mapping bert --model bert --out DIR
 
@@ -82,17 +83,47 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_report(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="tl-jax report", description="Collect summary.json files into tables/plots.")
+    p = argparse.ArgumentParser(prog="tl-jax report", description="Collect summary.json files into tables/plots "
+                                "(results.csv, results.md, results.png, curves.png).")
     p.add_argument("root", help="a study dir with one sub-workdir per run")
-    p.add_argument("--group", default="method,shots", help="comma-separated run-name fields to group by")
+    p.add_argument("--group", default=None, help="comma-separated point fields to group by "
+                   "(default: every field that varies, except seeds)")
+    p.add_argument("--metric", default="test/accuracy", help="summary.json key to tabulate (default test/accuracy)")
     args = p.parse_args(argv)
     from tl_jax.report import write_report
 
-    print(write_report(args.root, group_by=args.group.split(",")))
+    group = None if args.group is None else [g for g in args.group.split(",") if g]
+    print(write_report(args.root, group_by=group, metric=args.metric))
     return 0
 
 
-COMMANDS = {"train": cmd_train, "report": cmd_report, "data": cmd_data, "weights": cmd_weights}
+def cmd_sweep(argv: Sequence[str]) -> int:
+    rest, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="tl-jax sweep", description="Run every point of a config file's get_sweep "
+                                "into its own sub-workdir (skips finished points, resumes unfinished ones).",
+                                epilog="Any --config.KEY=VALUE overrides a config key of every point.")
+    p.add_argument("--config", required=True, help="experiments/FILE.py[:ARG]; ARG goes to get_sweep(ARG)")
+    p.add_argument("--workdir", required=True, help="the study dir: one sub-workdir per point, sweep.json, reports")
+    p.add_argument("--jobs", type=int, default=1, help="points run in up to N parallel processes (default 1)")
+    p.add_argument("--vectorize", default="auto", choices=("auto", "on", "off"),
+                   help="train points that differ only in traced numbers as one vmapped step: auto (default) "
+                        "times a few steps of each way and takes the faster")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    args = p.parse_args(rest)
+    from tl_jax.sweep.runner import run_sweep
+
+    run_sweep(args.config, args.workdir, jobs=args.jobs, vectorize=args.vectorize, overrides=overrides)
+    if not args.no_report:
+        from tl_jax.report import write_report
+
+        try:
+            print(write_report(args.workdir))
+        except (KeyError, FileNotFoundError) as e:
+            logging.getLogger("tl_jax").warning("no report: %s", e)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "data": cmd_data, "weights": cmd_weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
         name="mnist5k", data_dir=config_dict.placeholder(str), train_split="train", test_split="test",
         shots=config_dict.placeholder(int), shots_seed=0, data_seed=config_dict.placeholder(int),
         train_pp=[{"op": "rescale", "in_max": 255.0}], eval_pp=[{"op": "rescale", "in_max": 255.0}],
-        batch_size=64, eval_batch_size=250)
+        batch_size=64, eval_batch_size=250,
+        # Keep the deterministic prefix of train_pp (ops before the first random op) in memory
+        # (tl_jax/data/cache.py): 'auto' (when it fits in cache_max_mb) | true | false. Same batches.
+        cache=config_dict.FieldReference("auto", field_type=object), cache_max_mb=1024.0)
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
                        warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
     # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
@@ -59,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.objective = dict(name="classification", **default_configs())
     c.train = dict(steps=500, log_every=50, eval_every=0, checkpoint_every=250, keep_checkpoints=2,
-                   best_metric="test/accuracy", nan_policy="error", progress=True)
+                   best_metric="test/accuracy", nan_policy="error", progress=True,
+                   # Frozen backbone + deterministic train_pp: compute the backbone features once and train
+                   # the head on them (tl_jax/train/feature_cache.py): 'auto' (when eligible) | true | false.
+                   feature_cache=config_dict.FieldReference("auto", field_type=object))
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
     # Devices and hosts (tl_jax/parallel/, README "Multi-device and multi-host").
     c.parallel = dict(
@@ -269,3 +275,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
+    for key in ("data.cache", "train.feature_cache"):
+        if _get(config, key) not in ("auto", True, False) or isinstance(_get(config, key), int) and \
+                not isinstance(_get(config, key), bool):
+            raise ConfigError(f"config.{key} must be 'auto', true or false, got {_get(config, key)!r}")
+    if not config.data.cache_max_mb > 0:
+        raise ConfigError(f"config.data.cache_max_mb must be > 0, got {config.data.cache_max_mb}")

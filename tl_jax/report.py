@@ -1,10 +1,20 @@
-"""Collect a study's ``summary.json`` files into ``results.csv``, ``results.md`` and ``results.png``.
+"""Collect a study's runs into ``results.csv``, ``results.md``, ``results.png`` and ``curves.png``.
 
-Each sub-workdir with a ``summary.json`` and a ``point.json`` is one run. Runs
-are grouped by the ``group_by`` fields of their point (e.g. method, shots) and
-``metric`` is reported as mean ± std (population std, ddof=0) over the rest
-(the seeds). The Markdown table has one row per first group field and one
-column per second; the best mean per column is in bold.
+    tl-jax report runs/X [--group a,b] [--metric test/accuracy]
+
+Every ``summary.json`` below the study dir is one run (its sub-workdir name is
+``run``); its ``point.json`` (written by ``tl-jax sweep``) gives the swept
+fields. ``results.csv`` has one row per run: ``run``, the point's fields, every
+summary value. Runs are grouped by ``group`` fields (default: every point field
+that varies, except seeds: a field named ``seed`` or ending in ``seed``); the
+metric is reported as mean ± std over each group's runs (the seeds, or whatever
+else is not grouped; population std, ddof=0) with n. In the Markdown table the
+last group field spans the columns, the others the rows; the best mean per
+column is bold (highest, or lowest for a metric named like ``loss``/``error``).
+``results.png``: metric vs the last group field, one line per combination of
+the others, error bars = std. ``curves.png``: ``train/loss`` and the metric vs
+step from ``metrics.jsonl``, mean over each group's runs. Points with
+``_report: false`` (e.g. the pretraining run) are in the CSV only.
 """
 from __future__ import annotations
 
@@ -12,88 +22,234 @@ import csv
 import json
 import pathlib
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
+Stats = dict[tuple, tuple[float, float, int]]
+
+
+def is_seed_field(name: str) -> bool:
+    return name == "seed" or name.endswith(("seed", ".seed"))
+
+
+def _point_order(root: pathlib.Path) -> list[str]:
+    sweep = root / "sweep.json"
+    if sweep.exists():
+        try:
+            return list(json.loads(sweep.read_text()).get("points", {}))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return []
+
+
+def load_runs(root: str) -> list[dict]:
+    """``[{"run", "dir", "fields", "summary"}]`` for every ``summary.json`` below ``root``, sweep order first."""
+    base = pathlib.Path(root)
+    runs = []
+    for summary_file in sorted(base.rglob("summary.json")):
+        d = summary_file.parent
+        if "checkpoints" in d.relative_to(base).parts:
+            continue
+        point_file = d / "point.json"
+        fields = json.loads(point_file.read_text()) if point_file.exists() else {}
+        fields.pop("source", None)
+        runs.append({"run": str(d.relative_to(base)), "dir": d, "fields": fields,
+                     "summary": json.loads(summary_file.read_text())})
+    order = {name: i for i, name in enumerate(_point_order(base))}
+    return sorted(runs, key=lambda r: (order.get(r["run"], len(order)), r["run"]))
+
 
 def collect(root: str) -> list[dict]:
-    """One flat record per finished run: point fields + summary metrics + ``run``."""
-    rows = []
-    for summary_file in sorted(pathlib.Path(root).glob("*/summary.json")):
-        point_file = summary_file.parent / "point.json"
-        if not point_file.exists():
+    """One flat record per run: ``run`` + point fields + summary values (all runs)."""
+    return [{"run": r["run"], **{k: v for k, v in r["fields"].items() if k != "_report"}, **r["summary"]}
+            for r in load_runs(root)]
+
+
+def reportable(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if r["fields"].get("_report", True) is not False]
+
+
+def detect_group_fields(rows: list[dict], field_names: list[str]) -> list[str]:
+    """The fields among ``field_names`` present in every row with more than one value, seeds excluded."""
+    out = []
+    for f in field_names:
+        if is_seed_field(f) or not all(f in r for r in rows):
             continue
-        point = json.loads(point_file.read_text())
-        point.pop("source", None)
-        rows.append({"run": summary_file.parent.name, **point, **json.loads(summary_file.read_text())})
-    return rows
+        if len({json.dumps(r[f], sort_keys=True) for r in rows}) > 1:
+            out.append(f)
+    return out
 
 
-def aggregate(rows: list[dict], group_by: list[str], metric: str) -> dict[tuple, tuple[float, float, int]]:
-    """``{(group values): (mean, std, n)}`` of ``metric``."""
+def _key(v: Any) -> Any:
+    return tuple(_key(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def aggregate(rows: list[dict], group_by: list[str], metric: str) -> Stats:
+    """``{(group values): (mean, std, n)}`` of ``metric`` (rows lacking a group field or the metric are left out)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if metric in r and all(g in r for g in group_by):
-            groups[tuple(r[g] for g in group_by)].append(float(r[metric]))
+        if metric in r and all(g in r for g in group_by) and isinstance(r[metric], (int, float)):
+            groups[tuple(_key(r[g]) for g in group_by)].append(float(r[metric]))
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
 
 
-def markdown_table(stats: dict[tuple, tuple[float, float, int]], row_field: str, col_field: str,
-                   metric: str) -> str:
-    rows = sorted({k[0] for k in stats}, key=str)
-    cols = sorted({k[1] for k in stats}, key=lambda c: (isinstance(c, str), c))
-    best = {c: max((stats[(r, c)][0] for r in rows if (r, c) in stats), default=None) for c in cols}
-    lines = [f"| {row_field} \\ {col_field} | " + " | ".join(f"{col_field}={c}" for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+def ordered(values: list) -> list:
+    """Numbers ascending, anything else in first-seen order (numbers first)."""
+    seen = list(dict.fromkeys(values))
+    nums = sorted(v for v in seen if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return nums + [v for v in seen if v not in nums]
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(w in metric.rsplit("/", 1)[-1] for w in ("loss", "error", "_s"))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "-".join(_fmt(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(stats: Stats, group_by: list[str], metric: str) -> str:
+    """Rows: all but the last group field; columns: the last one's values; best per column in bold.
+
+    With one group field: one row per value and one column (the metric)."""
+    if len(group_by) < 2:  # one row per value (or one row 'all'), one column: the metric
+        stats = {((k[0] if group_by else "all"), ""): v for k, v in stats.items()}
+        group_by = [group_by[0] if group_by else "runs", ""]
+    row_fields, col_field = group_by[:-1], group_by[-1]
+    rows = ordered([k[:-1] for k in stats]) if row_fields else [()]
+    cols = ordered([k[-1] for k in stats])
+    pick = min if lower_is_better(metric) else max
+    best = {c: pick((stats[r + (c,)][0] for r in rows if r + (c,) in stats), default=None) for c in cols}
+    head = list(row_fields)
+    col_names = [f"{col_field}={_fmt(c)}" if col_field else metric for c in cols]
+    lines = ["| " + " | ".join(head) + " | " + " | ".join(col_names) + " |",
+             "|" + "---|" * len(head) + "---:|" * len(cols)]
     for r in rows:
         cells = []
         for c in cols:
-            if (r, c) not in stats:
+            if r + (c,) not in stats:
                 cells.append("–")
                 continue
-            mean, std, n = stats[(r, c)]
+            mean, std, n = stats[r + (c,)]
             cell = f"{mean:.3f} ± {std:.3f} (n={n})"
             cells.append(f"**{cell}**" if mean == best[c] else cell)
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    return f"{metric}, mean ± std over seeds:\n\n" + "\n".join(lines)
+        label = [_fmt(v) for v in r]
+        lines.append("| " + " | ".join(label) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def plot(stats: dict[tuple, tuple[float, float, int]], path: pathlib.Path, col_field: str, metric: str) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_results(stats: Stats, group_by: list[str], metric: str, path: pathlib.Path) -> None:
+    """Metric vs the last group field, one line per combination of the others, std error bars."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({k[0] for k in stats}, key=str):
-        xs = sorted(k[1] for k in stats if k[0] == method)
-        ys = [stats[(method, x)][0] for x in xs]
-        es = [stats[(method, x)][1] for x in xs]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=str(method))
-    if all(isinstance(k[1], (int, float)) and k[1] > 0 for k in stats):
+    xs_all = ordered([k[-1] for k in stats]) if group_by else [0]
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs_all)
+    pos = {x: (x if numeric else i) for i, x in enumerate(xs_all)}
+    lines = ordered([k[:-1] for k in stats]) if group_by else [()]
+    for line in lines:
+        xs = [x for x in xs_all if (line + (x,) if group_by else ()) in stats]
+        vals = [stats[line + (x,) if group_by else ()] for x in xs]
+        label = ", ".join(f"{f}={_fmt(v)}" for f, v in zip(group_by[:-1], line)) or metric
+        ax.errorbar([pos[x] for x in xs], [v[0] for v in vals], yerr=[v[1] for v in vals], marker="o", capsize=3,
+                    label=label)
+    if numeric and group_by and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
-    ax.set_xlabel(col_field)
-    ax.set_ylabel(metric)
+    if not numeric:
+        ax.set_xticks(list(pos.values()), [_fmt(x) for x in xs_all])
+    ax.set_xlabel(group_by[-1] if group_by else "")
+    ax.set_ylabel(f"{metric} (mean ± std)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(root: str, group_by: list[str], metric: str = "test/accuracy") -> str:
-    """Write results.csv/.md/.png into ``root``; returns the Markdown table."""
-    rows = collect(root)
-    if not rows:
-        raise FileNotFoundError(f"no finished runs (summary.json + point.json) under {root}")
+def _curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray] | None:
+    """Steps logged by every run and the ``[runs, steps]`` values of ``key``."""
+    series = []
+    for r in runs:
+        f = r["dir"] / "metrics.jsonl"
+        if not f.exists():
+            return None
+        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        series.append({m["step"]: m[key] for m in recs if isinstance(m.get(key), (int, float))})
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if len(steps) < 2:
+        return None
+    return steps, np.array([[s[t] for t in steps] for s in series], dtype=float)
+
+
+def plot_curves(runs: list[dict], group_by: list[str], metric: str, path: pathlib.Path) -> bool:
+    """``train/loss`` (and ``metric``, if logged twice or more) vs step, mean ± std band per group.
+
+    Returns False (and writes nothing) when no run logged a curve."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if all(g in r["fields"] for g in group_by):
+            groups[tuple(_key(r["fields"][g]) for g in group_by)].append(r)
+    panels = {}
+    for key in ("train/loss", metric):
+        curves = {g: c for g in ordered(list(groups)) if (c := _curve(groups[g], key)) is not None}
+        if curves:
+            panels[key] = curves
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, curves) in zip(axes[0], panels.items()):
+        for g, (steps, vals) in curves.items():
+            mean, std = vals.mean(0), vals.std(0)
+            ax.plot(steps, mean, label=", ".join(f"{f}={_fmt(v)}" for f, v in zip(group_by, g)) or "all")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{key} (mean ± std)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(root: str, group_by: list[str] | None = None, metric: str = "test/accuracy") -> str:
+    """Write results.csv/.md/.png and curves.png into ``root``; returns the Markdown table."""
     out = pathlib.Path(root)
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (summary.json) under {root}")
+    rows = collect(root)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
-    stats = aggregate(rows, group_by, metric)
-    table = markdown_table(stats, group_by[0], group_by[1], metric)
+        writer.writerows([{k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows])
+    runs = reportable(runs)
+    flat = [{**r["fields"], **r["summary"]} for r in runs]
+    point_fields = list(dict.fromkeys(k for r in runs for k in r["fields"] if k != "_report"))
+    if group_by is None:
+        group_by = detect_group_fields(flat, point_fields)
+    stats = aggregate(flat, group_by, metric)
+    if not stats:
+        known = sorted({k for r in flat for k in r})
+        raise KeyError(f"no run has {metric!r} and every group field {group_by}; fields and metrics: {known}")
+    repeats = [f for f in point_fields if f not in group_by and len({json.dumps(r.get(f), sort_keys=True)
+                                                                     for r in flat}) > 1] or ["runs"]
+    table = (f"{metric}, mean ± std over {', '.join(repeats)} (n runs per cell):\n\n"
+             + markdown_table(stats, group_by, metric))
     (out / "results.md").write_text(table + "\n")
-    plot(stats, out / "results.png", group_by[1], metric)
+    plot_results(stats, group_by, metric, out / "results.png")
+    plot_curves(runs, group_by, metric, out / "curves.png")
     return table

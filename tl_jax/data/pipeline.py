@@ -15,7 +15,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from tl_jax.data import cache as data_cache
 from tl_jax.data.preprocess import RANDOM_OPS, Preprocess
+from tl_jax.data.shuffle import train_chain
 from tl_jax.data.sources import DataSplit
 
 
@@ -56,6 +58,8 @@ def train_dataset(
     indices: np.ndarray | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    cache: Any = False,
+    cache_max_mb: float = 1024.0,
 ) -> grain.MapDataset:
     """Infinite training batches: subset -> shard -> shuffle -> repeat -> pp -> batch.
 
@@ -69,6 +73,10 @@ def train_dataset(
         only on ``seed`` and the element position, so same seed -> same batches.
       indices: restrict to these split indices first (e.g. ``sample_shots``).
       process_index, process_count: strided shard ``indices[p::P]``.
+      cache: ``config.data.cache`` (``'auto'`` | True | False): keep the output
+        of the deterministic ops before the first random op in memory (at
+        most ``cache_max_mb``) and run only the rest per example; same batches
+        and iterator states as uncached (:mod:`tl_jax.data.cache`).
 
     Returns:
       An infinite ``grain.MapDataset`` of ``{"image": f32 [B,H,W,C], "label":
@@ -97,10 +105,11 @@ def train_dataset(
             f"{split.name}:{split.split} ({n} examples, {0 if indices is None else len(indices)} "
             "indices given)"
         )
-    ds = grain.MapDataset.source(_Subset(split.source, idx)).seed(int(seed))
-    ds = ds.shuffle().repeat()
-    ds = ds.random_map(preprocess) if preprocess.is_random else ds.map(preprocess)
-    return ds.batch(batch_size, drop_remainder=True)
+    source: Any = _Subset(split.source, idx)
+    cached = data_cache.cached_chain(source, preprocess, mode=cache, max_bytes=int(cache_max_mb * 2**20))
+    if cached is not None:
+        source, preprocess = cached  # same chain below: same batches, same iterator states
+    return train_chain(source, preprocess, batch_size=batch_size, seed=seed)
 
 
 def num_eval_batches(n: int, batch_size: int, process_count: int = 1) -> int:
@@ -122,7 +131,9 @@ def eval_batches(
 
     Process ``p`` owns examples ``p, p + P, ...`` (strided) in ascending order;
     every process yields exactly ``num_eval_batches(len(split), B, P)`` batches
-    of ``{"image": f32 [B,H,W,C], "label": i32 [B], "mask": f32 [B]}``. Padding
+    of ``{"image": f32 [B,H,W,C], "label": i32 [B], "mask": f32 [B]}`` (plus
+    any other key the preprocess returns, e.g. ``domain`` i32 [B]; text splits
+    give ``input_ids`` / ``attention_mask`` i32 [B, L] instead of ``image``). Padding
     rows (end of the last batch, or whole batches for a process with fewer
     examples) are zeros with ``mask == 0``; real rows have ``mask == 1``. The
     union over processes of the rows with ``mask == 1`` is the split, once.
@@ -146,14 +157,19 @@ def _eval_iterator(
 ) -> Iterator[dict]:
     n = len(split)
     mine = np.arange(p, n, num_p)
-    template = preprocess(split.source[0])["image"]  # shape for all-padding batches
+    first = preprocess(split.source[0])  # shapes and dtypes for all-padding batches
+    # Every key the preprocess emits is batched: ``image`` (f32), or ``input_ids`` + ``attention_mask``
+    # (i32) for text, and extras such as a per-example ``domain`` id (0 in padding).
+    template = {k: np.asarray(v) for k, v in first.items() if k != "label"}
     for b in range(num_eval_batches(n, batch_size, num_p)):
         rows = mine[b * batch_size : (b + 1) * batch_size]
-        image = np.zeros((batch_size, *template.shape), np.float32)
         label = np.zeros((batch_size,), np.int32)
         mask = np.zeros((batch_size,), np.float32)
+        arrays = {k: np.zeros((batch_size, *v.shape), v.dtype) for k, v in template.items()}
         for j, i in enumerate(rows):
             ex = preprocess(split.source[int(i)])
-            image[j], label[j] = ex["image"], ex["label"]
+            label[j] = ex["label"]
+            for k in arrays:
+                arrays[k][j] = ex[k]
         mask[: len(rows)] = 1.0
-        yield {"image": image, "label": label, "mask": mask}
+        yield {**arrays, "label": label, "mask": mask}

@@ -137,14 +137,22 @@ def _center_crop(x: np.ndarray, rng, *, size: tuple[int, int]) -> np.ndarray:
 
 
 def _random_crop(x: np.ndarray, rng, *, size: tuple[int, int], pad: int) -> np.ndarray:
-    if pad:
-        x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
     h, w = size
-    if h > x.shape[0] or w > x.shape[1]:
-        _crop_at(x, 0, 0, h, w, "random_crop")  # raises
-    top = int(rng.integers(0, x.shape[0] - h + 1))
-    left = int(rng.integers(0, x.shape[1] - w + 1))
-    return x[top : top + h, left : left + w]
+    ih, iw = x.shape[0] + 2 * pad, x.shape[1] + 2 * pad  # the zero-padded image, never built
+    if h > ih or w > iw:
+        raise ValueError(f"random_crop: crop {h}x{w} is larger than image {ih}x{iw}")
+    top = int(rng.integers(0, ih - h + 1))
+    left = int(rng.integers(0, iw - w + 1))
+    if not pad:
+        return x[top : top + h, left : left + w]
+    # = np.pad(x, pad)[top : top + h, left : left + w], copying only the rows/cols of x inside the crop
+    out = np.zeros((h, w, x.shape[2]), x.dtype)
+    r0, c0 = top - pad, left - pad  # crop origin in x's coordinates
+    rows = slice(max(r0, 0), min(r0 + h, x.shape[0]))
+    cols = slice(max(c0, 0), min(c0 + w, x.shape[1]))
+    if rows.stop > rows.start and cols.stop > cols.start:
+        out[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] = x[rows, cols]
+    return out
 
 
 def _flip_lr(x: np.ndarray, rng, *, p: float) -> np.ndarray:
@@ -214,6 +222,9 @@ class _Op:
 class Preprocess:
     """Validated op chain. ``pp(example, rng)`` -> ``{"image": f32 HxWxC, "label": i32}``.
 
+    An example without ``image`` (token ids: ``input_ids``, ``attention_mask``)
+    passes through as int32 arrays; it accepts only the empty op list.
+
     ``example`` needs ``image`` (HxWxC or HxW, any numeric dtype) and ``label``.
     ``rng`` (``np.random.Generator``) is required iff ``is_random``; grain's
     ``random_map`` passes one per element. Picklable (module-level functions only).
@@ -234,6 +245,8 @@ class Preprocess:
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         if rng is None and self.is_random:
             raise ValueError(f"{self.where} has random ops {RANDOM_OPS}: pass an rng")
+        if "image" not in example:
+            return self._tokens(example)
         image = np.asarray(example["image"], dtype=np.float32)
         if image.ndim == 2:
             image = image[..., None]
@@ -248,6 +261,16 @@ class Preprocess:
             "image": np.ascontiguousarray(image, dtype=np.float32),
             "label": np.int32(example["label"]),
         }
+
+    def _tokens(self, example: dict) -> dict:
+        """Text examples: every non-label array as int32 (token ids, masks); ops are image-only."""
+        if self.ops:
+            raise ValueError(
+                f"{self.where}: ops {list(self.op_names)} need an 'image' but the examples hold "
+                f"{sorted(k for k in example if k != 'label')}; use an empty op list [] for token ids"
+            )
+        out = {k: np.asarray(v, dtype=np.int32) for k, v in example.items() if k != "label"}
+        return {**out, "label": np.int32(example["label"])}
 
     def output_shape(self, input_shape: Sequence[int]) -> Shape:
         """Image shape after the chain for an input ``(H, W, C)`` (or ``(H, W)``)."""

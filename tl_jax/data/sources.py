@@ -10,6 +10,10 @@ channel axis). No TensorFlow is needed: data is read from ``array_record`` files
   exclusive ``fcntl`` lock on ``<data_dir>/.<name>.prepare.lock`` (POSIX only);
   the second one then finds the data prepared. tfds itself writes into an
   ``incomplete.*`` folder and renames it, so readers never see partial data.
+* Names prepared by ``tl-jax data prepare`` (image folders, CSV text; see
+  :mod:`tl_jax.data.user_datasets`) are found in ``data_dir`` and read with
+  ``tfds.builder_from_directory``. Text examples are ``{"input_ids": int32 [L],
+  "attention_mask": int32 [L], "label": int}`` instead of image ones.
 * Any other name is read with ``tfds.data_source(..., download=False)``: it must
   already be prepared as ``array_record`` (``tfds build NAME
   --file_format=array_record --data_dir=DIR`` on a machine with internet).
@@ -30,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tl_jax.data.builders import Mnist5k, Optdigits
+from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
 
 EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "mnist5k": Mnist5k,
@@ -45,11 +50,13 @@ class ExampleSource:
     without TensorFlow); drops every other feature (``id``, ...).
     """
 
-    def __init__(self, data_source: Any, image_key: str = "image", label_key: str = "label"):
+    def __init__(self, data_source: Any, image_key: str = "image", label_key: str = "label",
+                 text_keys: tuple[str, ...] = ()):
         self._source = data_source
         self._len = len(data_source)
         self.image_key = image_key
         self.label_key = label_key
+        self.text_keys = text_keys  # token datasets: these keys instead of "image"
 
     def __len__(self) -> int:
         return self._len
@@ -59,6 +66,8 @@ class ExampleSource:
         if not -self._len <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} examples")
         example = self._source[index % self._len]
+        if self.text_keys:  # {"input_ids": int [L], "attention_mask": int [L], "label": int}
+            return {**{k: np.asarray(example[k]) for k in self.text_keys}, "label": int(example[self.label_key])}
         image = np.asarray(example[self.image_key])
         if image.ndim == 2:
             image = image[..., None]
@@ -77,7 +86,7 @@ class DataSplit:
       split: tfds split spec (``train``, ``test``, ``train[:90%]``, ...).
       source: ``len(source)``; ``source[i] -> {"image": uint8 HxWxC, "label": int}``.
       num_classes: number of classes of the label feature.
-      image_shape: ``(H, W, C)`` of the stored images.
+      image_shape: ``(H, W, C)`` of the stored images, or ``(L,)`` for token ids.
     """
 
     name: str
@@ -182,8 +191,9 @@ def _catalogue_builder(name: str, split: str, data_dir: str | None) -> tfds.core
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
-            f"unknown dataset {name!r}: not embedded ({sorted(EMBEDDED)}) and not in the tfds "
-            "catalogue; check config.data.name"
+            f"unknown dataset {name!r}: not embedded ({sorted(EMBEDDED)}), not prepared by `tl-jax data "
+            f"prepare` in {data_dir or 'the default data_dir'}, and not in the tfds catalogue; check "
+            "config.data.name and config.data.data_dir"
         ) from None
     if builder.is_prepared():
         _check_format(builder, name, data_dir)
@@ -213,6 +223,10 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> DataSplit:
         builder = prepare_embedded(name, data_dir)
         _check_split(builder, name, split)
         data_source = builder.as_data_source(split=split)
+    elif (user_dir := find_user_dataset(name, data_dir)) is not None:  # `tl-jax data prepare`
+        builder = read_user_builder(user_dir)
+        _check_split(builder, name, split)
+        data_source = builder.as_data_source(split=split)
     else:
         builder = _catalogue_builder(name, split, data_dir)
         try:
@@ -231,10 +245,12 @@ def _make_split(name: str, split: str, builder: Any, data_source: Any) -> DataSp
         image_key, label_key = keys
     else:
         image_key, label_key = "image", "label"
+    if "input_ids" in features and image_key not in features and label_key in features:
+        return _make_text_split(name, split, features, data_source, label_key)
     if image_key not in features or label_key not in features:
         raise ValueError(
             f"dataset {name!r} has no ({image_key!r}, {label_key!r}) features; it has "
-            f"{sorted(features.keys())}: only image classification datasets are supported"
+            f"{sorted(features.keys())}: only image (or token id) classification datasets are supported"
         )
     num_classes = getattr(features[label_key], "num_classes", None)
     if not num_classes:
@@ -248,3 +264,15 @@ def _make_split(name: str, split: str, builder: Any, data_source: Any) -> DataSp
     if len(shape) != 3 or any(s is None for s in shape):  # variable size: first example
         shape = tuple(source[0]["image"].shape)
     return DataSplit(name, split, source, int(num_classes), tuple(int(s) for s in shape))
+
+
+def _make_text_split(name: str, split: str, features: Any, data_source: Any, label_key: str) -> DataSplit:
+    """A token-id split: examples ``{"input_ids", "attention_mask", "label"}``; shape ``(L,)``."""
+    num_classes = getattr(features[label_key], "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"dataset {name!r}: feature {label_key!r} is not a ClassLabel")
+    keys = tuple(k for k in ("input_ids", "attention_mask") if k in features)
+    source = ExampleSource(data_source, label_key=label_key, text_keys=keys)
+    if len(source) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} is empty")
+    return DataSplit(name, split, source, int(num_classes), tuple(int(s) for s in features["input_ids"].shape))

@@ -1,9 +1,11 @@
 """Model zoo: ``get_model(name, num_classes, **kwargs)`` and tree helpers.
 
-Every model maps float ``[B, H, W, C]`` inputs to float32 logits
-``[B, num_classes]``; see :class:`tl_jax.models.layers.Classifier` for the
-shared contract (``backbone`` / ``head`` submodules, ``embed``,
-``return_features``, ``dropout_rate``, ``frozen_norms``, ``dtype``).
+Every image model (``cnn``, ``resnet*``, ``vit``) maps float ``[B, H, W, C]``
+inputs to float32 logits ``[B, num_classes]``; ``bert`` maps ``input_ids``
+``[B, L]`` and ``attention_mask=[B, L]``. See
+:class:`tl_jax.models.layers.Classifier` for the shared contract
+(``backbone`` / ``head`` submodules, ``embed``, ``return_features``,
+``dropout_rate``, ``frozen_norms``, ``dtype``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
+from tl_jax.models.bert import Bert, BertEncoder
 from tl_jax.models.cnn import CNN, CNNBackbone, cnn_param_count
 from tl_jax.models.layers import Classifier
 from tl_jax.models.resnet import (
@@ -24,11 +27,14 @@ from tl_jax.models.resnet import (
     ResNet50,
     ResNetBackbone,
 )
+from tl_jax.models.vit import ViT, ViTBackbone
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
     "resnet18": ResNet18,
     "resnet50": ResNet50,
+    "vit": ViT,
+    "bert": Bert,
 }
 
 _RESERVED = {"parent", "name", "num_classes"}
@@ -98,6 +104,8 @@ def has_batch_stats(variables: Mapping[str, Any]) -> bool:
 __all__ = [
     "MODELS",
     "BasicBlock",
+    "Bert",
+    "BertEncoder",
     "Bottleneck",
     "CNN",
     "CNNBackbone",
@@ -107,6 +115,8 @@ __all__ = [
     "ResNet34",
     "ResNet50",
     "ResNetBackbone",
+    "ViT",
+    "ViTBackbone",
     "accepted_kwargs",
     "cnn_param_count",
     "get_model",

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from tl_jax.models.layers import Classifier, Dtype
+from tl_jax.models.pooling import max_pool_2x2
 
 
 class CNNBackbone(nn.Module):
@@ -25,9 +26,9 @@ class CNNBackbone(nn.Module):
         del train  # no train-dependent layers
         x = x.astype(self.dtype)
         x = nn.Conv(32 * self.width, (3, 3), dtype=self.dtype, name="conv1")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))  # [B, H/2, W/2, 32w]
+        x = max_pool_2x2(nn.relu(x))  # [B, H/2, W/2, 32w]; = nn.max_pool, faster grads on CPU
         x = nn.Conv(64 * self.width, (3, 3), dtype=self.dtype, name="conv2")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))  # [B, H/4, W/4, 64w]
+        x = max_pool_2x2(nn.relu(x))  # [B, H/4, W/4, 64w]
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(512 * self.width, dtype=self.dtype, name="fc")(x)
         return nn.relu(x)  # [B, 512w]

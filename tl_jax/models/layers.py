@@ -44,12 +44,14 @@ def batch_norm(
     frozen: tuple[str, ...],
     dtype: Dtype,
     zero_scale: bool = False,
+    axis_name: str | None = None,
 ) -> nn.BatchNorm:
     """A torchvision-compatible BatchNorm (momentum 0.9, eps 1e-5).
 
     Runs with batch statistics only if ``train`` and ``name`` is not in
     ``frozen`` (a frozen norm uses, and never updates, its running averages).
     ``zero_scale`` initialises gamma to zero (zero-init residual trick).
+    ``axis_name``: a mapped axis (``jax.pmap``) to compute batch statistics over.
     Params (scale, bias) are float32; computation is in ``dtype``.
     """
     return nn.BatchNorm(
@@ -59,6 +61,7 @@ def batch_norm(
         dtype=dtype,
         param_dtype=jnp.float32,
         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        axis_name=axis_name,
         name=name,
     )
 
@@ -78,12 +81,16 @@ class Classifier(nn.Module):
             kept in inference mode even when ``train=True``.
         dtype: computation dtype (params are always float32). Logits and
             returned features are cast to float32.
+        norm_axis_name: under ``jax.pmap``, the axis name over which
+            BatchNorm layers compute batch statistics (set by
+            ``config.parallel.mode='pmap'``); ``None`` = this device's batch.
     """
 
     num_classes: int
     dropout_rate: float = 0.0
     frozen_norms: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
+    norm_axis_name: str | None = None
 
     def make_backbone(self, frozen: tuple[str, ...]) -> nn.Module:
         """Build the backbone; ``frozen`` are norm paths relative to it."""

@@ -59,10 +59,12 @@ class BasicBlock(nn.Module):
     zero_init_residual: bool = False
     frozen: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
+    norm_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        bn = functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype)
+        bn = functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype,
+                               axis_name=self.norm_axis_name)
         y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
         y = nn.relu(bn("bn1")(y))
         y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
@@ -85,10 +87,12 @@ class Bottleneck(nn.Module):
     zero_init_residual: bool = False
     frozen: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
+    norm_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        bn = functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype)
+        bn = functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype,
+                               axis_name=self.norm_axis_name)
         out = self.planes * self.expansion
         y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
         y = nn.relu(bn("bn1")(y))
@@ -128,6 +132,7 @@ class ResNetBackbone(nn.Module):
     zero_init_residual: bool = False
     frozen: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
+    norm_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -138,7 +143,9 @@ class ResNetBackbone(nn.Module):
             x = _conv(self.base_width, 3, 1, "conv1", self.dtype)(x)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
-        x = batch_norm("bn1", train=train, frozen=self.frozen, dtype=self.dtype)(x)
+        x = batch_norm(
+            "bn1", train=train, frozen=self.frozen, dtype=self.dtype, axis_name=self.norm_axis_name
+        )(x)
         x = nn.relu(x)
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -152,6 +159,7 @@ class ResNetBackbone(nn.Module):
                 zero_init_residual=self.zero_init_residual,
                 frozen=sub_paths(self.frozen, name),
                 dtype=self.dtype,
+                norm_axis_name=self.norm_axis_name,
                 name=name,
             )(x, train=train)
         return jnp.mean(x, axis=(1, 2))  # [B, 8 * base_width * expansion]
@@ -193,6 +201,7 @@ class ResNet(Classifier):
             zero_init_residual=self.zero_init_residual,
             frozen=frozen,
             dtype=self.dtype,
+            norm_axis_name=self.norm_axis_name,
         )
 
 

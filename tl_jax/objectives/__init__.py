@@ -4,5 +4,10 @@ Importing this package registers every objective; see :mod:`tl_jax.objectives.ba
 for the interface.
 """
 from tl_jax.objectives.base import Objective, apply_model, build_objective, default_configs, model_inputs, register
+from tl_jax.objectives import multitask  # noqa: F401,E402  (registers 'multitask')
+from tl_jax.objectives import multidomain  # noqa: F401,E402  (registers 'multidomain')
+from tl_jax.objectives import distill  # noqa: F401,E402  (registers 'distill')
+from tl_jax.objectives import residual  # noqa: F401,E402  (registers 'residual_output', 'residual_params')
+from tl_jax.objectives import domain_adaptation  # noqa: F401,E402  (registers 'dann', 'coral', 'mmd')
 
 __all__ = ["Objective", "apply_model", "build_objective", "default_configs", "model_inputs", "register"]

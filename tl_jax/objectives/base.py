@@ -18,6 +18,11 @@ one train loop. It may
 The loss signature, shared with :func:`tl_jax.train.step.make_train_step`::
 
     loss(params, batch_stats, aux, batch, rng, step) -> (L, (new_batch_stats, metrics))
+
+An objective whose update is not the gradient of one scalar (e.g. PCGrad) also
+defines ``value_and_grad`` with the same arguments, returning
+``((L, (new_batch_stats, metrics)), grads)`` like ``jax.value_and_grad(loss,
+has_aux=True)``; the train step then uses it instead.
 """
 from __future__ import annotations
 
@@ -32,6 +37,14 @@ from tl_jax.losses.classification import accuracy, cross_entropy
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+HPARAMS = "hparams"  # aux key of the traced hyperparameters of a vectorised sweep (tl_jax/sweep/vectorized.py)
+
+
+def hparam(aux: PyTree, key: str, default: Any) -> Any:
+    """Config value ``key`` (dotted, e.g. ``'loss.l2'``) as a traced input when a vectorised
+    sweep passes it in ``aux['hparams']``; otherwise ``default`` (the run's own constant)."""
+    hp = aux.get(HPARAMS) if isinstance(aux, dict) else None
+    return default if not hp or key not in hp else hp[key]
 
 
 def model_inputs(batch: Batch) -> tuple[tuple, dict]:
@@ -78,10 +91,21 @@ class Objective:
         self.model = model
         self.label_smoothing = float(config.loss.label_smoothing)
 
+    @classmethod
+    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """Config keys whose values this objective's loss reads with :func:`hparam`, so a
+        vectorised sweep may vary them as traced numbers (default: none)."""
+        return ()
+
     # -- construction -------------------------------------------------------------------------
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
         """``(extra_params, aux)``: trainable additions to params, and constants."""
         return {}, {}
+
+    def init_params(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> PyTree:
+        """The model's starting params, after ``init_from`` was merged in and
+        before ``init_extra`` (default: unchanged; e.g. a zero residual head)."""
+        return params
 
     def fixed_rules(self) -> list[list]:
         """Rules put before ``config.param_rules`` (first match wins)."""
@@ -135,6 +159,12 @@ def register(cls: type[Objective]) -> type[Objective]:
 def default_configs() -> dict[str, dict]:
     """``{name: defaults}`` of every registered objective that has a config group."""
     return {name: dict(cls.defaults) for name, cls in _REGISTRY.items() if cls.defaults}
+
+
+def traced_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The objective-specific config keys a vectorised sweep may trace (see ``Objective.traced_keys``)."""
+    cls = _REGISTRY.get(config.objective.name)
+    return cls.traced_keys(config) if cls is not None else ()
 
 
 def build_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objective:

@@ -9,6 +9,7 @@ periodic full-test-split eval, checkpoints) -> ``summary.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -111,8 +112,37 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
     return objective, tx, state
 
 
+@dataclasses.dataclass
+class Run:
+    """A run ready for :func:`run_loop`: built, its workdir prepared, resumed from its newest checkpoint."""
+
+    config: ml_collections.ConfigDict
+    wd: Workdir
+    ckpts: Checkpoints
+    strategy: Any
+    state: TrainState
+    data_iter: Any
+    tx: Any
+    objective: Any
+    test_split: Any
+    eval_pp: Any
+    t_start: float
+    pending: list
+    step0: int
+
+    def loop(self) -> dict:
+        """Run :func:`run_loop` on this run; returns the summary."""
+        return run_loop(self.config, self.wd, self.ckpts, self.strategy, self.state, self.data_iter, self.tx,
+                        self.objective, self.test_split, self.eval_pp, self.t_start, pending=self.pending)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
     """Train (or resume) the run described by ``config`` in ``workdir``; returns the summary."""
+    return prepare_run(config, workdir, overwrite=overwrite).loop()
+
+
+def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> Run:
+    """Everything of :func:`train` before the step loop (also used by vectorised sweeps)."""
     t_start = time.time()
     config_lib.validate(config)
     distributed.initialize(config.parallel)  # before any JAX op; no-op unless multi-host (the CLI did it)
@@ -167,8 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     if is_main:  # events logged after the restored step (by a run that died) are logged again
         wd.truncate_metrics(step0)
 
-    return run_loop(config, wd, ckpts, strategy, state, data_iter, tx, objective, test_split, eval_pp, t_start,
-                    pending=pending)
+    return Run(config, wd, ckpts, strategy, state, data_iter, tx, objective, test_split, eval_pp, t_start,
+               pending, step0)
 
 
 def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainState, data_iter, tx, objective,
@@ -203,8 +233,9 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     last_eval: dict | None = None
     t_loop = time.time()
     progress = _progress(step, total, tc.progress and is_main)
+    timer = compile_cache.CompileTimer()  # every compile in the loop (train and eval steps), for compile_s
     try:
-        with StopSignal() as stop:
+        with StopSignal() as stop, timer:
             while step < total:
                 data_state, batch = next(prefetch)
                 if not compiled:
@@ -243,7 +274,9 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
         prefetch.close()
         ckpts.close()
     if last_eval is None:  # resumed a finished run: evaluate the restored state
-        last_eval = run_eval(step)
+        with timer:
+            last_eval = run_eval(step)
+    compile_s = max(compile_s, timer.seconds)
     summary = {"steps": step, "wall_s": time.time() - t_start, "train_s": time.time() - t_loop - compile_s,
                "compile_s": compile_s, "skipped_steps": int(strategy.fetch_state(state.skipped)),
                **{k: v for k, v in last_train.items() if k != "step"},

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tl_jax.objectives.base import Objective
+from tl_jax.objectives.base import HPARAMS, Objective
 from tl_jax.train.state import TrainState
 
 PyTree = Any
@@ -46,20 +46,30 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     update and reports ``train/finite`` = 0 so the loop can stop and name the
     step. ``axis_name``: set under ``jax.pmap`` to average grads, batch stats
     and metrics over devices with ``lax.pmean``.
+
+    ``hparams`` (optional third argument; :mod:`tl_jax.sweep.vectorized` vmaps
+    over it): ``{"loss": {config_key: value}}`` is passed to the loss as
+    ``aux["hparams"]`` (see :func:`tl_jax.objectives.base.hparam`), and
+    ``{"update_scale": tree like params}`` multiplies each param's update (a
+    learning-rate factor). Without it the step is the plain one.
     """
     if nan_policy not in ("error", "skip"):
         raise ValueError(f"config.train.nan_policy must be 'error' or 'skip', got {nan_policy!r}")
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, hparams: dict | None = None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
+        aux = state.aux
+        if hparams and hparams.get("loss"):  # traced loss weights of a vectorised sweep, read via objectives.hparam
+            aux = {**aux, HPARAMS: hparams["loss"]}
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, state.aux, batch, rng,
-                                                        state.step)
+        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, aux, batch, rng, state.step)
         if axis_name is not None:
             grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if hparams and hparams.get("update_scale") is not None:  # per-param lr factors of a vectorised sweep
+            updates = jax.tree.map(lambda u, f: (u * f).astype(u.dtype), updates, hparams["update_scale"])
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & tree_all_finite(grads)
         if axis_name is not None:

@@ -1,0 +1,30 @@
+"""Sweeps over tests/configs/tiny.py for tests/test_sweep.py (a few steps per point)."""
+import importlib.util
+import pathlib
+
+from tl_jax import config as config_lib
+from tl_jax.sweep import zip_
+
+LRS = [1e-3, 3e-3, 2e-3]
+L2 = [1e-4, 1e-3, 3e-4]
+RULES = [[["backbone/.*", 0.5], [".*", 1.0]], [["backbone/.*", 0.1], [".*", 1.0]], [["backbone/.*", 2.0], [".*", 1.0]]]
+
+
+def _tiny():
+    path = pathlib.Path(__file__).with_name("tiny.py")
+    spec = importlib.util.spec_from_file_location("tl_jax_test_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    return _tiny().get_config(arg)
+
+
+def get_sweep(arg=None):
+    """``n`` points differing in learning rate, L2 weight, backbone lr multiplier and seed."""
+    a = config_lib.parse_arg(arg, steps=4, n=2)
+    return zip_(**{"config.optimizer.learning_rate": LRS[:a.n], "config.loss.l2": L2[:a.n],
+                   "config.param_rules": RULES[:a.n]}, seed=list(range(a.n)), steps=[a.steps] * a.n,
+                _name=[f"p{i}" for i in range(a.n)])

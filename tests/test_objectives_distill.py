@@ -1,0 +1,144 @@
+"""The 'distill' objective: Hinton's loss vs numpy, a frozen teacher in state.aux, end to end."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tl_jax import config as config_lib
+from tl_jax.models import get_model
+from tl_jax.objectives import build_objective
+from tl_jax.train.state import TrainState
+from tl_jax.train.step import make_train_step
+from tl_jax.transfer.param_rules import flatten_paths, path_str
+
+RNG = jax.random.PRNGKey(0)
+
+
+def make(**group):
+    c = config_lib.base_config()
+    c.objective.name = "distill"
+    c.objective.distill.teacher = "unused-in-unit-tests"
+    c.objective.distill.teacher_model = "cnn"
+    c.objective.distill.teacher_kwargs = {"width": 2}
+    for k, v in group.items():
+        c.objective.distill[k] = v
+    return build_objective(c, get_model("cnn", 10))
+
+
+def batch(n=8, seed=0):
+    r = np.random.default_rng(seed)
+    return {"image": r.normal(size=(n, 8, 8, 1)).astype(np.float32),
+            "label": r.integers(0, 10, size=n).astype(np.int32)}
+
+
+def setup(obj, b):
+    params = obj.model.init(RNG, b["image"])["params"]
+    teacher = obj.teacher_model.init(jax.random.PRNGKey(1), b["image"])
+    return params, {"teacher": teacher}
+
+
+def np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("alpha, temp", [(0.5, 4.0), (0.0, 2.0), (1.0, 1.0)])
+def test_loss_is_hinton_formula(alpha, temp):
+    obj = make(alpha=alpha, temperature=temp)
+    b = batch()
+    params, aux = setup(obj, b)
+    loss, (_, m) = obj.loss(params, {}, aux, b, RNG, jnp.int32(0))
+    s = obj.model.apply({"params": params}, b["image"])
+    t = obj.teacher_model.apply(aux["teacher"], b["image"])
+    ce = -np_log_softmax(s)[np.arange(8), b["label"]]
+    logp, logq = np_log_softmax(np.asarray(t) / temp), np_log_softmax(np.asarray(s) / temp)
+    kl = (np.exp(logp) * (logp - logq)).sum(-1)
+    want = np.mean(alpha * ce + (1 - alpha) * temp ** 2 * kl)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m["train/ce"], ce.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["train/kd"], temp ** 2 * kl.mean(), rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_frozen_bit_identical_and_without_optimizer_state():
+    obj = make()
+    b = batch()
+    params, aux = setup(obj, b)
+    aux = jax.device_get(aux)
+    tx = optax.adam(1e-2)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+                       rng=RNG, skipped=jnp.zeros((), jnp.int32), aux=aux)
+    step = jax.jit(make_train_step(obj.loss, tx))
+    for _ in range(3):
+        state, _ = step(state, b)
+    end = jax.device_get(state)
+    for path, leaf in flatten_paths(aux["teacher"]["params"]).items():
+        np.testing.assert_array_equal(flatten_paths(end.aux["teacher"]["params"])[path], leaf, err_msg=path)
+    assert not np.array_equal(end.params["head"]["kernel"], params["head"]["kernel"])
+    opt_leaves = jax.tree.leaves(end.opt_state)
+    n_student = len(jax.tree.leaves(params))
+    assert sum(x.size for x in opt_leaves if np.ndim(x)) == 2 * sum(x.size for x in jax.tree.leaves(params))
+    assert len([x for x in opt_leaves if np.ndim(x)]) == 2 * n_student  # adam mu, nu: student params only
+
+
+@pytest.mark.parametrize("group, match", [
+    ({"alpha": 1.5}, r"distill\.alpha must be a number in \[0, 1\]"),
+    ({"temperature": 0.0}, r"distill\.temperature must be a finite number > 0"),
+    ({"teacher": ""}, r"distill\.teacher is empty"),
+    ({"teacher_model": "vgg"}, r"distill\.teacher_model/teacher_kwargs: unknown model 'vgg'"),
+    ({"teacher_kwargs": {"depth": 3}}, r"distill\.teacher_model/teacher_kwargs: model 'cnn' got unknown"),
+])
+def test_bad_config_is_one_clear_error(group, match):
+    with pytest.raises(ValueError, match=match):
+        make(**group)
+
+
+def test_label_smoothing_and_missing_teacher_config_are_refused(tmp_path):
+    c = config_lib.base_config()
+    c.objective.name = "distill"
+    c.objective.distill.teacher = str(tmp_path)
+    with pytest.raises(ValueError, match=r"distill\.teacher=.*no config\.json found"):
+        build_objective(c, get_model("cnn", 10))
+    c.objective.distill.teacher_model = "cnn"
+    c.loss.label_smoothing = 0.1
+    with pytest.raises(ValueError, match=r"config\.loss\.label_smoothing=0\.1 is not used by objective 'distill'"):
+        build_objective(c, get_model("cnn", 10))
+
+
+@pytest.mark.slow
+def test_train_end_to_end_with_teacher_from_workdir(tmp_path, tfds_data_dir):
+    from orbax import checkpoint as ocp
+
+    from tl_jax.train.checkpoint import load_variables, resolve_init_dir
+    from tl_jax.train.loop import train
+
+    def tiny():
+        c = config_lib.load_config("tests/configs/tiny.py:steps=4")
+        c.data.data_dir = tfds_data_dir
+        return c
+
+    teacher_cfg = tiny()
+    teacher_cfg.model.kwargs = {"width": 2}
+    t_sum = train(teacher_cfg, str(tmp_path / "teacher"))
+    c = tiny()
+    c.objective.name = "distill"
+    c.objective.distill.teacher = str(tmp_path / "teacher")  # architecture read from its config.json
+    wd = str(tmp_path / "student")
+    s = train(c, wd)
+    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert s["test/teacher_accuracy"] == pytest.approx(t_sum["test/accuracy"], abs=1e-6)
+    assert {"train/ce", "train/kd", "train/teacher_accuracy", "test/accuracy"} <= set(s)
+    assert [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl"))
+            if "train/kd" in line] == [2, 4]
+    with ocp.StandardCheckpointer() as ckptr:
+        saved = ckptr.restore(resolve_init_dir(wd) / "state")
+    teacher = load_variables(str(tmp_path / "teacher"))
+    for path, leaf in flatten_paths(teacher["params"]).items():
+        np.testing.assert_array_equal(flatten_paths(saved["aux"]["teacher"]["params"])[path], leaf, err_msg=path)
+    opt_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved["opt_state"])[0]]
+    assert opt_paths and not any("teacher" in p for p in opt_paths)
+    assert saved["params"]["backbone"]["fc"]["kernel"].shape[-1] == 512  # the student (width 1), not 1024

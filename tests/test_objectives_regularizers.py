@@ -1,0 +1,144 @@
+"""config.loss regularisers (L1, L2, L2-SP on trainable params) for any objective; head dropout."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tl_jax import config as config_lib
+from tl_jax.models import get_model
+from tl_jax.objectives import Objective, apply_model
+from tl_jax.objectives.regularizers import ANCHOR_KEY, Regularized, add_regularizers
+from tl_jax.train.state import TrainState
+from tl_jax.train.step import make_train_step
+from tl_jax.transfer.param_rules import flatten_paths
+
+RULES = [["backbone/conv.*", None], [".*", 1.0]]  # conv layers frozen, fc + head trainable
+
+
+def setup(seed=0, dropout=0.0, **loss):
+    config = config_lib.base_config()
+    for k, v in loss.items():
+        config.loss[k] = v
+    model = get_model("cnn", 4, dropout_rate=dropout)
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(6, 8, 8, 1)), jnp.float32)
+    params = model.init(jax.random.PRNGKey(seed), x)["params"]
+    batch = {"image": x, "label": jnp.arange(6, dtype=jnp.int32) % 4}
+    return config, model, params, batch
+
+
+def perturb(params, scale=0.1, seed=1):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_l2_sp_gradient_pulls_toward_anchor_on_trainable_only():
+    lam = 0.3
+    config, model, theta0, batch = setup(l2_sp=lam)
+    obj, aux = add_regularizers(Objective(config, model), config, theta0, RULES, {})
+    assert isinstance(obj, Regularized) and set(aux) == {ANCHOR_KEY}
+    assert sorted(flatten_paths(aux[ANCHOR_KEY])) == ["backbone/fc/bias", "backbone/fc/kernel", "head/bias",
+                                                      "head/kernel"]
+    theta = perturb(theta0)
+    value, grads = jax.value_and_grad(lambda p: obj.penalty(p, aux)[0])(theta)
+    t, t0, g = flatten_paths(theta), flatten_paths(theta0), flatten_paths(grads)
+    trainable = [p for p in t if not p.startswith("backbone/conv")]
+    want = sum(lam * np.sum((np.asarray(t[p], np.float64) - np.asarray(t0[p])) ** 2) for p in trainable)
+    np.testing.assert_allclose(float(value), want, rtol=1e-5)
+    for path in t:
+        expected = 2 * lam * (np.asarray(t[path]) - np.asarray(t0[path])) if path in trainable else 0.0
+        np.testing.assert_allclose(np.asarray(g[path]), np.broadcast_to(expected, t[path].shape), rtol=1e-5,
+                                   atol=1e-7, err_msg=path)
+    # At the anchor the L2-SP term and its gradient vanish.
+    assert float(obj.penalty(theta0, aux)[0]) == 0.0
+
+
+def test_l1_l2_gradients_and_logged_terms():
+    config, model, params, batch = setup(l1=0.01, l2=0.02)
+    obj, aux = add_regularizers(Objective(config, model), config, params, RULES, {})
+    assert aux == {}  # no anchor without L2-SP
+    params = perturb(params)  # no exact zeros (|x| has no derivative there)
+    grads = jax.grad(lambda p: obj.penalty(p, aux)[0])(params)
+    for path, g in flatten_paths(grads).items():
+        p = np.asarray(flatten_paths(params)[path])
+        expected = 0.01 * np.sign(p) + 2 * 0.02 * p if not path.startswith("backbone/conv") else 0 * p
+        np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-7, err_msg=path)
+    loss, (_, metrics) = obj.loss(params, {}, aux, batch, jax.random.PRNGKey(0), jnp.int32(0))
+    base, _ = Objective(config, model).loss(params, {}, {}, batch, jax.random.PRNGKey(0), jnp.int32(0))
+    np.testing.assert_allclose(float(metrics["train/objective_loss"]), float(base), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(base + metrics["train/reg/l1"] + metrics["train/reg/l2"]),
+                               rtol=1e-6)
+    assert float(metrics["train/loss"]) == float(loss)
+
+
+def test_zero_weights_leave_objective_unchanged_and_bad_weights_are_named():
+    config, model, params, _ = setup()
+    obj = Objective(config, model)
+    assert add_regularizers(obj, config, params, RULES, {"x": 1}) == (obj, {"x": 1})
+    config, model, params, _ = setup(l2=-1.0)
+    with pytest.raises(ValueError, match=r"config.loss.l2 must be a finite number >= 0"):
+        add_regularizers(Objective(config, model), config, params, RULES, {})
+    config, model, params, _ = setup(l2_sp=0.1)
+    with pytest.raises(ValueError, match="freezes every param"):
+        add_regularizers(Objective(config, model), config, params, [[".*", None]], {})
+
+
+def test_wrapper_forwards_attributes():
+    config, model, params, _ = setup(l2=0.1)
+    inner = Objective(config, model)
+    obj, _ = add_regularizers(inner, config, params, RULES, {})
+    assert obj.name == "classification" and obj.model is model
+    obj.model = model.clone(dropout_rate=0.5)  # the loop sets e.g. frozen_norms this way
+    assert inner.model.dropout_rate == 0.5
+
+
+def test_dropout_is_active_in_training_and_uses_its_own_rng_stream():
+    config, model, params, batch = setup(dropout=0.5)
+    obj = Objective(config, model)
+    r1, r2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    z1, _ = apply_model(model, params, {}, batch, train=True, rng=r1)
+    z2, _ = apply_model(model, params, {}, batch, train=True, rng=r2)
+    assert not np.allclose(z1, z2)  # active in training, drawn from the rng
+    np.testing.assert_array_equal(z1, model.apply({"params": params}, batch["image"], train=True,
+                                                  rngs={"dropout": r1}))  # the 'dropout' stream
+    z_eval, _ = apply_model(model, params, {}, batch, train=False)
+    np.testing.assert_array_equal(z_eval, model.apply({"params": params}, batch["image"]))  # off in eval
+    # The train step draws a fresh dropout key per step: fold_in(state.rng, step).
+    tx = optax.sgd(0.0)
+    step = jax.jit(make_train_step(obj.loss, tx))
+    state = TrainState(step=jnp.int32(0), params=params, batch_stats={}, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0), skipped=jnp.int32(0))
+    s1, m1 = step(state, batch)
+    _, m2 = step(s1, batch)  # same params (lr 0), next step -> other dropout mask
+    assert float(m1["train/loss"]) != float(m2["train/loss"])
+    _, m1_again = step(state, batch)
+    assert float(m1["train/loss"]) == float(m1_again["train/loss"])
+    no_drop = Objective(config, model.clone(dropout_rate=0.0))
+    step0 = jax.jit(make_train_step(no_drop.loss, tx))
+    s1, m1 = step0(state, batch)
+    assert float(m1["train/loss"]) == float(step0(s1, batch)[1]["train/loss"])
+
+
+@pytest.mark.slow
+def test_train_with_l2_sp_writes_terms_and_contract(tmp_path, tfds_data_dir):
+    from tl_jax.train.loop import train
+
+    def tiny(**ov):
+        c = config_lib.load_config("tests/configs/tiny.py:steps=4")
+        c.data.data_dir = tfds_data_dir
+        return config_lib.apply_overrides(c, [f"{k}={json.dumps(v)}" for k, v in ov.items()])
+
+    src = str(tmp_path / "src")
+    train(tiny(), src)
+    wd = str(tmp_path / "ft")
+    summary = train(tiny(init_from=src, param_rules=RULES, **{"loss.l2_sp": 0.01, "loss.l2": 1e-4}), wd)
+    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert summary["steps"] == 4 and "test/accuracy" in summary
+    logged = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    train_rows = [m for m in logged if "train/loss" in m]
+    assert all({"train/reg/l2_sp", "train/reg/l2", "train/objective_loss"} <= set(m) for m in train_rows)
+    assert train_rows[0]["train/reg/l2_sp"] >= 0.0

@@ -1,0 +1,127 @@
+"""Knowledge distillation objective: a frozen teacher's soft targets train the student.
+
+Config group ``config.objective.distill`` (``config.objective.name='distill'``):
+
+* ``teacher``: the teacher's workdir, its ``checkpoints/`` dir or one step dir
+  (loaded with :func:`tl_jax.train.checkpoint.load_variables`);
+* ``teacher_model`` / ``teacher_kwargs``: the teacher's architecture (e.g. ``'cnn'`` and
+  ``{'width': 4}``); ``''`` reads ``model.name``/``model.kwargs`` from the teacher's
+  ``config.json`` (found in the given dir or up to two levels above it);
+* ``alpha`` α ∈ [0, 1] and ``temperature`` T > 0 of Hinton's loss (mean over the batch of)
+
+  ``L_i = α·CE(y_i, s_i) + (1 − α)·T²·KL(softmax(t_i/T) ‖ softmax(s_i/T))``
+
+  (:func:`~tl_jax.losses.distill.distillation_loss`; s, t: student/teacher logits [B, C]).
+
+The teacher's variables live in ``state.aux['teacher']`` (``{'params', 'batch_stats'?}``):
+constants of the jitted step (no gradient, no optimizer state, saved with the
+checkpoint), and its forward pass (inference mode: BatchNorm running statistics,
+no dropout) runs inside the same jitted step. Logged: ``train/loss``, ``train/ce``,
+``train/kd``, ``train/accuracy``, ``train/teacher_accuracy``; test: the student's
+``accuracy``/``loss`` and ``teacher_accuracy``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.losses.distill import distillation_loss
+from tl_jax.models import get_model
+from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
+
+KEY = "config.objective.distill"
+
+
+def teacher_model_config(path: str) -> dict:
+    """``model`` group of the ``config.json`` next to checkpoint ``path`` (workdir, checkpoints/ or step dir)."""
+    p = pathlib.Path(path).expanduser().absolute()
+    for d in (p, p.parent, p.parent.parent):
+        if (d / "config.json").is_file():
+            return json.loads((d / "config.json").read_text())["model"]
+    raise ValueError(f"{KEY}.teacher={path!r}: no config.json found there or above it; set "
+                     f"{KEY}.teacher_model (and {KEY}.teacher_kwargs) to the teacher's architecture")
+
+
+@register
+class DistillObjective(Objective):
+    """Hinton distillation from a frozen teacher loaded from a checkpoint (see module doc)."""
+
+    name: ClassVar[str] = "distill"
+    defaults: ClassVar[dict] = {"teacher": "", "teacher_model": "", "teacher_kwargs": {}, "alpha": 0.5,
+                                "temperature": 4.0}
+
+    def __init__(self, config: ml_collections.ConfigDict, model: Any):
+        super().__init__(config, model)
+        c = config.objective.distill
+        if not c.teacher:
+            raise ValueError(f"{KEY}.teacher is empty: name the teacher's workdir or checkpoint")
+        alpha, temp = c.alpha, c.temperature
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"{KEY}.alpha must be a number in [0, 1], got {alpha!r}")
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp > 0):
+            raise ValueError(f"{KEY}.temperature must be a finite number > 0, got {temp!r}")
+        if self.label_smoothing:
+            raise ValueError(f"config.loss.label_smoothing={self.label_smoothing} is not used by objective "
+                             f"'distill' (the teacher gives the soft targets); set it to 0")
+        self.teacher_path = str(c.teacher)
+        self.alpha, self.temperature = float(alpha), float(temp)
+        if c.teacher_model:
+            name, kwargs, classes = c.teacher_model, dict(c.teacher_kwargs), model.num_classes
+        else:
+            if dict(c.teacher_kwargs):
+                raise ValueError(f"{KEY}.teacher_kwargs is set but {KEY}.teacher_model is empty; set both, or "
+                                 f"neither to read them from the teacher's config.json")
+            mc = teacher_model_config(self.teacher_path)
+            name, kwargs, classes = mc["name"], dict(mc.get("kwargs") or {}), mc.get("num_classes") or model.num_classes
+        if classes != model.num_classes:
+            raise ValueError(f"{KEY}.teacher has {classes} classes but the student has {model.num_classes} "
+                             f"(config.model.num_classes): their logits must match")
+        try:
+            self.teacher_model = get_model(name, classes, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"{KEY}.teacher_model/teacher_kwargs: {e}") from None
+
+    def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
+        """No trainable additions; ``aux = {'teacher': {'params', 'batch_stats'?}}`` from the checkpoint."""
+        from tl_jax.train.checkpoint import load_variables  # lazy: tl_jax.train imports the objectives
+
+        teacher = load_variables(self.teacher_path)
+        kernel = teacher["params"].get("head", {}).get("kernel")
+        if kernel is not None and kernel.shape[-1] != self.model.num_classes:
+            raise ValueError(f"{KEY}.teacher={self.teacher_path!r} has a {kernel.shape[-1]}-class head but the "
+                             f"student has {self.model.num_classes} classes")
+        return {}, {"teacher": jax.tree.map(np.asarray, teacher)}
+
+    # -- the maths ----------------------------------------------------------------------------
+    def teacher_logits(self, aux: PyTree, batch: Batch) -> jax.Array:
+        """Teacher logits ``[B, C]`` in inference mode, gradient-stopped."""
+        t = aux["teacher"]
+        logits, _ = apply_model(self.teacher_model, t["params"], t.get("batch_stats", {}), batch, train=False)
+        return jax.lax.stop_gradient(logits)
+
+    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+        student, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
+                                           rng=rng)
+        teacher = self.teacher_logits(aux, batch)
+        per_example, parts = distillation_loss(student, teacher, batch["label"], alpha=self.alpha,
+                                               temperature=self.temperature)
+        loss = per_example.mean()
+        metrics = {"train/loss": loss, "train/ce": parts["ce"].mean(), "train/kd": parts["kd"].mean(),
+                   "train/accuracy": accuracy(student, batch["label"]).mean(),
+                   "train/teacher_accuracy": accuracy(teacher, batch["label"]).mean()}
+        return loss, (batch_stats, metrics)
+
+    def eval_sums(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch) -> dict[str, jax.Array]:
+        sums = super().eval_sums(params, batch_stats, aux, batch)
+        mask = batch["mask"].astype(jnp.float32)
+        sums["teacher_accuracy"] = jnp.sum(accuracy(self.teacher_logits(aux, batch), batch["label"]) * mask)
+        return sums

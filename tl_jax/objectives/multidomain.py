@@ -1,0 +1,264 @@
+"""Weighted multi-domain objective: one model trained on a mixture of tfds domains.
+
+Domain 0 is ``config.data`` (name, splits, train/eval preprocessing, shots); the
+others are listed in ``config.objective.multidomain.domains`` as dicts with keys
+``name`` (required), ``train_split``/``test_split`` (default train/test),
+``train_pp``/``eval_pp`` (default: config.data's), ``shots``/``shots_seed``
+(default: all examples). E.g. mnist5k + optdigits mapped onto the 28x28 frame::
+
+    c.objective.name = "multidomain"
+    c.objective.multidomain.domains = [{"name": "optdigits", "train_pp": DIGITS_PP, "eval_pp": DIGITS_PP}]
+    c.objective.multidomain.proportions = [0.5, 0.5]   # of each train batch
+    c.objective.multidomain.weights = [1.0, 2.0]       # λ_d
+
+**Batches.** Each domain is its own grain chain (shard -> shuffle -> repeat ->
+its preprocessing, adding ``domain`` = d), and ``grain.MapDataset.mix`` interleaves
+them deterministically with the configured ``proportions`` before batching, so
+every batch holds ≈ p_d·B examples of domain d and the pipeline stays one
+``MapDataset`` (exact resume). A domain with proportion 0 is not trained on but
+still evaluated (a "train on the others alone" baseline).
+
+**Loss** (:func:`~tl_jax.losses.multidomain.multi_domain_loss`, per-example CE L_i):
+
+* ``'domain_mean'``: ``L = Σ_d λ_d · mean_{i∈d} L_i`` (a domain absent from the batch adds 0);
+* ``'global_mean'``: ``L = Σ_d λ_d Σ_{i∈d} L_i / B``.
+
+**Eval** runs over the concatenation of every domain's test split; ``test/accuracy/<d>``
+and ``test/loss/<d>`` are per domain, ``test/accuracy``/``test/loss`` their
+unweighted mean over domains (macro average).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots
+from tl_jax.data.pipeline import _Subset
+from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.losses.multidomain import NORMALIZATIONS, multi_domain_loss
+from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
+from tl_jax.objectives.multitask import number_list
+
+KEY = "config.objective.multidomain"
+DOMAIN_KEYS = ("name", "train_split", "test_split", "train_pp", "eval_pp", "shots", "shots_seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """One domain of the mixture (domain 0 comes from ``config.data``)."""
+
+    name: str
+    train_split: str
+    test_split: str
+    train_pp: list
+    eval_pp: list
+    shots: int | None
+    shots_seed: int
+    where: str  # config key for error messages
+
+
+class WithDomain:
+    """Preprocess one domain's example and tag it: ``{"image", "label", "domain": i32 d}`` (picklable)."""
+
+    def __init__(self, preprocess: Any, domain: int):
+        self.preprocess = preprocess
+        self.domain = domain
+
+    @property
+    def is_random(self) -> bool:
+        return self.preprocess.is_random
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
+        return {**self.preprocess(example, rng), "domain": np.int32(self.domain)}
+
+
+class DomainPreprocess:
+    """Eval preprocessing of a concatenated split: dispatch on ``example["domain"]``."""
+
+    def __init__(self, preprocesses: list):
+        self.preprocesses = preprocesses
+        self.where = " / ".join(p.where for p in preprocesses)
+
+    @property
+    def is_random(self) -> bool:
+        return any(p.is_random for p in self.preprocesses)
+
+    @property
+    def op_names(self) -> tuple[str, ...]:
+        return tuple(name for p in self.preprocesses for name in p.op_names)
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
+        d = int(example["domain"])
+        return {**self.preprocesses[d](example, rng), "domain": np.int32(d)}
+
+
+class ConcatSource:
+    """``sources[0] + sources[1] + ...`` with random access; examples gain ``domain``."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        d = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        if not 0 <= d < len(self.sources):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return {**self.sources[d][index - int(self.offsets[d])], "domain": d}
+
+
+def _spec_dict(spec: Any, where: str) -> dict:
+    if hasattr(spec, "to_dict"):
+        spec = spec.to_dict()
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a dict with keys {DOMAIN_KEYS}, got {spec!r}")
+    unknown = sorted(set(spec) - set(DOMAIN_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; known: {list(DOMAIN_KEYS)}")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise ValueError(f"{where}.name must name a dataset (e.g. 'optdigits'), got {spec.get('name')!r}")
+    return spec
+
+
+@register
+class MultiDomainObjective(Objective):
+    """Cross-entropy over mixed-domain batches, weighted per domain (see module doc)."""
+
+    name: ClassVar[str] = "multidomain"
+    defaults: ClassVar[dict] = {"domains": [], "proportions": [], "weights": [], "normalization": "domain_mean"}
+
+    def __init__(self, config: ml_collections.ConfigDict, model: Any):
+        super().__init__(config, model)
+        c, dc = config.objective.multidomain, config.data
+        self.data_dir = dc.data_dir
+        domains = [Domain(dc.name, dc.train_split, dc.test_split, list(dc.train_pp), list(dc.eval_pp), dc.shots,
+                          dc.shots_seed, "config.data")]
+        for i, raw in enumerate(c.domains):
+            where = f"{KEY}.domains[{i}]"
+            spec = _spec_dict(raw, where)
+            domains.append(Domain(spec["name"], spec.get("train_split", "train"), spec.get("test_split", "test"),
+                                  list(spec.get("train_pp", dc.train_pp)), list(spec.get("eval_pp", dc.eval_pp)),
+                                  spec.get("shots"), int(spec.get("shots_seed", 0)), where))
+        names = [d.name for d in domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{KEY}.domains: domain names must differ from each other and from "
+                             f"config.data.name, got {names}")
+        if c.normalization not in NORMALIZATIONS:
+            raise ValueError(f"{KEY}.normalization must be one of {NORMALIZATIONS}, got {c.normalization!r}")
+        self.domains = domains
+        self.names = names
+        self.normalization = c.normalization
+        self.weights = np.asarray(number_list(c.weights, f"{KEY}.weights", len(domains), default=1.0), np.float32)
+        self.proportions = number_list(c.proportions, f"{KEY}.proportions", len(domains), default=1.0)
+        self.train_pps = [build_preprocess(d.train_pp, where=f"{d.where}.train_pp") for d in domains]
+        self.eval_pps = [build_preprocess(d.eval_pp, where=f"{d.where}.eval_pp") for d in domains]
+        self.eval_counts: np.ndarray | None = None  # [D] test examples per domain (set by eval_data)
+
+    # -- data -------------------------------------------------------------------------------
+    def _split(self, d: int, which: str) -> DataSplit:
+        dom = self.domains[d]
+        split = load_split(dom.name, dom.train_split if which == "train" else dom.test_split, self.data_dir)
+        if split.num_classes > self.model.num_classes:
+            raise ValueError(f"{dom.where}: {dom.name} has {split.num_classes} classes but the model has "
+                             f"{self.model.num_classes} (config.model.num_classes)")
+        return split
+
+    def _check_shapes(self, splits: list[DataSplit], pps: list, which: str) -> None:
+        shapes = [pp(s.source[0], np.random.default_rng(0))["image"].shape for s, pp in zip(splits, pps)]
+        for dom, shape in zip(self.domains, shapes):
+            if shape != shapes[0]:
+                raise ValueError(f"{dom.where}.{which}_pp gives {dom.name} images of shape {shape} but "
+                                 f"{self.domains[0].name} gives {shapes[0]}: map every domain to one shape")
+
+    def train_dataset(self, standard: Any, *, batch_size: int, seed: int, process_index: int,
+                      process_count: int) -> grain.MapDataset:
+        """Mixed batches ``{"image", "label", "domain": i32 [B]}`` (``standard`` is not used)."""
+        splits = [self._split(d, "train") for d in range(len(self.domains))]
+        self._check_shapes(splits, self.train_pps, "train")
+        parts, props = [], []
+        for d, (dom, split, pp) in enumerate(zip(self.domains, splits, self.train_pps)):
+            if self.proportions[d] == 0:
+                continue
+            idx = np.arange(len(split), dtype=np.int64)
+            if dom.shots is not None:
+                idx = sample_shots(split.labels(), dom.shots, dom.shots_seed, name=f"{dom.name}:{dom.train_split}")
+            idx = idx[process_index::process_count]
+            if idx.size == 0:
+                raise ValueError(f"{dom.where}: process {process_index}/{process_count} has no {dom.name} examples")
+            domain_seed = int(np.random.SeedSequence([int(seed), d]).generate_state(1)[0])
+            ds = grain.MapDataset.source(_Subset(split.source, idx)).seed(domain_seed).shuffle().repeat()
+            fn = WithDomain(pp, d)
+            parts.append(ds.random_map(fn) if fn.is_random else ds.map(fn))
+            props.append(self.proportions[d])
+        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=props)
+        return mixed.batch(batch_size, drop_remainder=True)
+
+    def eval_data(self, split: Any, preprocess: Any) -> tuple[DataSplit, DomainPreprocess]:
+        """Every domain's test split, concatenated (domain 0 = ``split``), with per-domain preprocessing."""
+        splits = [split] + [self._split(d, "test") for d in range(1, len(self.domains))]
+        pps = [preprocess] + self.eval_pps[1:]
+        self._check_shapes(splits, pps, "eval")
+        self.eval_counts = np.asarray([len(s) for s in splits], np.float64)
+        source = ConcatSource([s.source for s in splits])
+        image_shape = tuple(pps[0](split.source[0])["image"].shape)
+        return (DataSplit("+".join(self.names), "+".join(d.test_split for d in self.domains), source,
+                          max(s.num_classes for s in splits), image_shape), DomainPreprocess(pps))
+
+    # -- the maths ----------------------------------------------------------------------------
+    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+        logits, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
+                                          rng=rng)
+        ce = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)    # [B]
+        total, per_domain = multi_domain_loss(ce, batch["domain"], self.weights, normalization=self.normalization)
+        correct = accuracy(logits, batch["label"])                                          # [B]
+        onehot = jax.nn.one_hot(batch["domain"], len(self.domains), dtype=jnp.float32)      # [B, D]
+        n_d = onehot.sum(0)
+        acc_d = (onehot.T @ correct) / jnp.maximum(n_d, 1.0)
+        metrics = {"train/loss": total, "train/accuracy": correct.mean()}
+        for d, name in enumerate(self.names):
+            metrics[f"train/loss/{name}"] = per_domain[d]
+            metrics[f"train/accuracy/{name}"] = acc_d[d]
+            metrics[f"train/share/{name}"] = n_d[d] / ce.shape[0]
+        return total, (batch_stats, metrics)
+
+    def eval_sums(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch) -> dict[str, jax.Array]:
+        """Sums the loop divides by the total count N = Σ_d N_d (N_d: test examples of domain d).
+
+        To make that division give per-domain means, example i of domain d enters
+        ``accuracy/<d>`` with weight N/N_d: Σ_{i∈d} (N/N_d) a_i / N = mean_{i∈d} a_i. The
+        macro mean over D domains uses weight N/(D·N_d). Same for ``loss``.
+        """
+        if self.eval_counts is None:
+            raise RuntimeError("MultiDomainObjective.eval_sums before eval_data: the per-domain test sizes "
+                               "are unknown")
+        logits, _ = apply_model(self.model, self.model_params(params), batch_stats, batch, train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        num = len(self.domains)
+        scale = jnp.asarray(self.eval_counts.sum() / np.maximum(self.eval_counts, 1.0), jnp.float32)   # [D]
+        w = jax.nn.one_hot(batch["domain"], num, dtype=jnp.float32) * (mask[:, None] * scale[None, :])  # [B, D]
+        correct = accuracy(logits, batch["label"])
+        ce = cross_entropy(logits, batch["label"])
+        acc_d, loss_d = w.T @ correct, w.T @ ce                                                # [D]
+        sums = {"count": jnp.sum(mask), "accuracy": acc_d.sum() / num, "loss": loss_d.sum() / num}
+        for d, name in enumerate(self.names):
+            sums[f"accuracy/{name}"] = acc_d[d]
+            sums[f"loss/{name}"] = loss_d[d]
+        return sums
+
+
+def domain_share(dataset: grain.MapDataset, num_domains: int, batches: int) -> np.ndarray:
+    """Fraction of examples of each domain in the first ``batches`` batches (for checks)."""
+    counts = np.zeros(num_domains)
+    for b in range(batches):
+        counts += np.bincount(np.asarray(dataset[b]["domain"]), minlength=num_domains)
+    return counts / counts.sum()

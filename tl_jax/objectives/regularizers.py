@@ -1,0 +1,145 @@
+"""Regularisers while fine-tuning: L1, L2 and L2-SP on the trainable params, for ANY objective.
+
+Weights come from ``config.loss`` (all default 0 = off)::
+
+    L_total = L_objective + λ₁·Σ_ℓ Σ_j |θ_ℓj| + λ₂·Σ_ℓ Σ_j θ_ℓj² + λ_sp·Σ_ℓ Σ_j (θ_ℓj − θ₀_ℓj)²
+              (λ₁ = config.loss.l1, λ₂ = config.loss.l2, λ_sp = config.loss.l2_sp)
+
+* the sums run over the *trainable* leaves ℓ only: the params whose
+  ``config.param_rules`` (after the objective's ``fixed_rules``) group is not
+  ``frozen``, objective extras included (a discriminator, a LoRA delta, ...);
+  frozen params get no term (and no gradient: they are left out);
+* θ₀ (L2-SP, Li, Grandvalet & Davoine 2018) is the starting point of the run:
+  the pretrained value for params loaded from ``config.init_from``, the fresh
+  initialisation for the others (a new head, a zero residual delta). It is held
+  in ``state.aux['reg_anchor']`` (trainable leaves only, a constant: no gradient,
+  no optimizer state, saved in checkpoints so a resumed run keeps its anchor);
+* no ½ factor: ∂/∂θ = λ₁·sign(θ) + 2λ₂·θ + 2λ_sp·(θ − θ₀).
+
+Logged per step: ``train/reg/<term>`` = the weighted term (λ·R, what it adds to
+the loss), ``train/objective_loss`` = the objective's own loss, and
+``train/loss`` = the total that is differentiated.
+
+:func:`add_regularizers` is applied by the train loop (``build_model_and_state``)
+to every objective; with all weights 0 it returns the objective unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tl_jax.losses.regularizers import l1, l2, l2_sp
+from tl_jax.objectives.base import hparam
+from tl_jax.transfer import param_rules as rules_lib
+
+PyTree = Any
+TERMS = ("l1", "l2", "l2_sp")
+ANCHOR_KEY = "reg_anchor"
+
+
+def regularizer_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """``{term: λ}`` for the terms with λ > 0; ValueError naming ``config.loss.<term>`` otherwise."""
+    out = {}
+    for term in TERMS:
+        value = config.loss.get(term, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"config.loss.{term} must be a finite number >= 0, got {value!r}")
+        if value > 0:
+            out[term] = float(value)
+    return out
+
+
+def trainable_paths(params: PyTree, rules: list) -> list[tuple]:
+    """Key tuples (``('backbone', 'conv1', 'kernel')``) of the trainable leaves, in tree order."""
+    mask = rules_lib.trainable_mask(params, rules)
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    out = []
+    for key_path, trainable in flat:
+        if trainable:
+            out.append(tuple(k.key for k in key_path))
+    return out
+
+
+def subset(tree: PyTree, paths: list[tuple]) -> dict:
+    """Nested dict holding only the leaves at ``paths`` (same nesting as ``tree``)."""
+    out: dict = {}
+    for path in paths:
+        src, dst = tree, out
+        for k in path[:-1]:
+            src = src[k]
+            dst = dst.setdefault(k, {})
+        dst[path[-1]] = src[path[-1]]
+    return out
+
+
+class Regularized:
+    """An objective with ``config.loss`` regularisers added to its loss.
+
+    Everything but :meth:`loss` is the wrapped objective's (attribute reads and
+    writes are forwarded), so the loop treats it as the objective itself.
+    """
+
+    _OWN = ("inner", "weights", "paths")
+
+    def __init__(self, inner: Any, weights: dict[str, float], paths: list[tuple]):
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "weights", dict(weights))
+        object.__setattr__(self, "paths", list(paths))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def penalty(self, params: PyTree, aux: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(Σ_k λ_k R_k, {'train/reg/<k>': λ_k R_k})`` over the trainable leaves."""
+        theta = subset(params, self.paths)
+        w = {k: hparam(aux, f"loss.{k}", v) for k, v in self.weights.items()}  # traced in vectorised sweeps
+        terms = {}
+        if "l1" in w:
+            terms["l1"] = w["l1"] * l1(theta)
+        if "l2" in w:
+            terms["l2"] = w["l2"] * l2(theta)
+        if "l2_sp" in w:
+            terms["l2_sp"] = w["l2_sp"] * l2_sp(theta, aux[ANCHOR_KEY])
+        total = sum(terms.values(), jnp.zeros((), jnp.float32))
+        return total, {f"train/reg/{k}": v for k, v in terms.items()}
+
+    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: dict, rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+        loss, (batch_stats, metrics) = self.inner.loss(params, batch_stats, aux, batch, rng, step)
+        reg, reg_metrics = self.penalty(params, aux)
+        total = loss + reg
+        metrics = {**metrics, **reg_metrics, "train/objective_loss": loss, "train/loss": total}
+        return total, (batch_stats, metrics)
+
+
+def add_regularizers(objective: Any, config: ml_collections.ConfigDict, params: PyTree, rules: list,
+                     aux: dict) -> tuple[Any, dict]:
+    """Wrap ``objective`` with the ``config.loss`` regularisers; returns ``(objective, aux)``.
+
+    ``params`` are the run's starting params (model + extras, ``init_from``
+    merged in): for L2-SP their trainable leaves become ``aux['reg_anchor']``.
+    With every weight 0 the objective and aux come back unchanged.
+    """
+    weights = regularizer_weights(config)
+    if not weights:
+        return objective, aux
+    paths = trainable_paths(params, rules)
+    if not paths:
+        raise ValueError(f"config.loss.{'/'.join(weights)} > 0 but config.param_rules freezes every param")
+    if "l2_sp" in weights:
+        if ANCHOR_KEY in aux:
+            raise ValueError(f"objective {objective.name!r} already uses state.aux[{ANCHOR_KEY!r}]; "
+                             f"config.loss.l2_sp cannot add its anchor")
+        anchor = jax.tree.map(lambda x: jnp.array(x, copy=True), subset(params, paths))
+        aux = {**aux, ANCHOR_KEY: anchor}
+    return Regularized(objective, weights, paths), aux

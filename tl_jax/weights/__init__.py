@@ -1,0 +1,25 @@
+"""Import pretrained weights from other frameworks (safetensors, PyTorch, npz).
+
+Typical use::
+
+    from tl_jax.weights import convert_weights
+    convert_weights("model.safetensors", mapping="bert", model="bert", out="pretrained/minilm",
+                    ignore=[r"pooler\\..*"])
+    # then: config.model.name = "bert"; config.init_from = "pretrained/minilm"
+"""
+
+from tl_jax.weights.convert import Converted, WeightMappingError, convert_weights, map_tensors
+from tl_jax.weights.mappings import MAPPINGS, Mapping, Rule
+from tl_jax.weights.readers import FORMATS, read_tensors
+
+__all__ = [
+    "FORMATS",
+    "MAPPINGS",
+    "Converted",
+    "Mapping",
+    "Rule",
+    "WeightMappingError",
+    "convert_weights",
+    "map_tensors",
+    "read_tensors",
+]
