@@ -32,7 +32,9 @@ WORKER = "tests/parallel_worker.py"
 # -- helpers ------------------------------------------------------------------------------------------------
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TL_JAX_COORDINATOR", "JAX_COORDINATOR"))}
+    launch = ("TL_JAX_COORDINATOR", "JAX_COORDINATOR", "TL_JAX_NUM_PROCESSES", "TL_JAX_PROCESS_ID",
+              "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_", "OMPI_")  # no multi-host auto-detection here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launch)}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     return env
 
@@ -133,6 +135,21 @@ def test_fsdp_spec_shards_big_leaves_on_their_largest_divisible_dim():
     assert mesh_lib.fsdp_spec((999, 5), 2, 10) == P()  # nothing divisible
     assert mesh_lib.fsdp_spec((), 2, 0) == P()
     assert mesh_lib.fsdp_spec((64, 64), 1, 0) == P()  # model axis of 1
+
+
+def test_fsdp_shards_most_of_resnet50_at_the_default_threshold():
+    import jax
+    import jax.numpy as jnp
+
+    from tl_jax.models import get_model
+
+    model = get_model("resnet50", 1000)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))["params"]
+    leaves = [x.shape for x in jax.tree.leaves(shapes)]
+    min_size = config_lib.base_config().parallel.fsdp_min_size
+    sharded = [s for s in leaves if mesh_lib.fsdp_spec(s, 8, min_size) != mesh_lib.P()]
+    share = sum(np.prod(s) for s in sharded) / sum(np.prod(s) for s in leaves)
+    assert len(sharded) == 29 and share > 0.9  # the big convs and the head: 94% of 25.6M params
 
 
 def test_batch_sharding_gives_every_process_count_the_same_global_batches():

@@ -102,6 +102,8 @@ def test_vectorized_equals_sequential(swept):
             _close(a, b)
         sv, ss = (json.loads((d / "summary.json").read_text()) for d in (vec, seq))
         assert sv["vectorized_points"] == 2 and "vectorized_points" not in ss
+        for s in (sv, ss):  # compile time (train + eval steps) is reported apart from train time
+            assert s["compile_s"] > 0 and s["train_s"] > 0 and s["compile_s"] + s["train_s"] <= s["wall_s"]
         _close({k: v for k, v in sv.items() if not k.endswith("_s") and k != "vectorized_points"},
                {k: v for k, v in ss.items() if not k.endswith("_s")})
     assert json.loads((root / "on" / "p1" / "point.json").read_text())["config.optimizer.learning_rate"] == 3e-3

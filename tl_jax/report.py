@@ -214,6 +214,8 @@ def plot_curves(runs: list[dict], group_by: list[str], metric: str, path: pathli
             mean, std = vals.mean(0), vals.std(0)
             ax.plot(steps, mean, label=", ".join(f"{f}={_fmt(v)}" for f, v in zip(group_by, g)) or "all")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        if key.endswith("loss") and all(np.all(v > 0) for _, v in curves.values()):
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(f"{key} (mean ± std)")
         ax.grid(alpha=0.3)

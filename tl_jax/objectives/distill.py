@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.losses.classification import accuracy
 from tl_jax.losses.distill import distillation_loss
 from tl_jax.models import get_model
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register

@@ -114,6 +114,19 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def to_host(tree: PyTree) -> PyTree:
+    """Numpy copies of a pytree of (possibly sharded, multi-process) arrays; every process gets all of it."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
 def fsdp_spec(shape: Sequence[int], model_size: int, min_size: int) -> P:
     """``P()`` or a spec splitting the largest dimension divisible by ``model_size`` over ``model``.
 

@@ -125,8 +125,12 @@ class Sweep:
                                         for p in points}}
         self.done = 0
 
+    def save(self) -> None:
+        (self.root / "sweep.json").write_text(json.dumps(self.record, indent=2, default=str) + "\n")
+
     def run(self) -> dict:
         t0 = time.time()
+        self.save()  # the point order, for reports of an unfinished sweep
         for phase in sorted({p.phase for p in self.points}):
             members = [p for p in self.points if p.phase == phase]
             for p in members:
@@ -140,7 +144,7 @@ class Sweep:
             if todo:
                 self._run_phase(todo)
         self.record["wall_s"] = time.time() - t0
-        (self.root / "sweep.json").write_text(json.dumps(self.record, indent=2, default=str) + "\n")
+        self.save()
         return self.record
 
     def _run_phase(self, todo: list[SweepPoint]) -> None:
@@ -268,7 +272,7 @@ class Sweep:
                 proc.wait(timeout=120)
                 f.close()
         if failed:
-            (self.root / "sweep.json").write_text(json.dumps(self.record, indent=2, default=str) + "\n")
+            self.save()
             raise SweepError(f"{len(failed)} point(s) failed: {'; '.join(failed)}; logs in {logs}")
 
 

@@ -28,6 +28,7 @@ from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
 from tl_jax.train.checkpoint import Checkpoints, load_variables
+from tl_jax.train import feature_cache
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill
 from tl_jax.train.prefetch import Prefetcher
@@ -48,7 +49,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def first_nonfinite_path(tree: PyTree) -> str | None:
-    for path, leaf in rules_lib.flatten_paths(jax.device_get(tree)).items():
+    for path, leaf in rules_lib.flatten_paths(mesh_lib.to_host(tree)).items():  # FSDP-sharded leaves too
         if not np.all(np.isfinite(leaf)):
             return path
     return None
@@ -175,9 +176,15 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
     state = strategy.init_state(state)  # FSDP-shard big leaves over the mesh's 'model' axis
     # This process's rows of each global batch (config.parallel.data_sharding).
     shard = process_sharding(config.parallel.data_sharding, len(train_split) if indices is None else len(indices))
-    dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices,
-                            **shard.kwargs)
-    dataset = shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed, **shard.kwargs))
+    cached = feature_cache.maybe_enable(config, objective, state, train_split, train_pp, indices, shard, local_batch,
+                                        data_seed)  # config.train.feature_cache: a frozen backbone's features, once
+    if cached is not None:
+        objective, dataset = cached
+    else:
+        dataset = train_dataset(train_split, train_pp, batch_size=local_batch, seed=data_seed, indices=indices,
+                                cache=dc.cache, cache_max_mb=dc.cache_max_mb, **shard.kwargs)  # config.data.cache
+        dataset = shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed,
+                                                       **shard.kwargs))
     test_split, eval_pp = objective.eval_data(test_split, eval_pp)
 
     if is_main:
@@ -212,7 +219,8 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     state = strategy.to_device(state)
     train_step = strategy.train_step(make_train_step(objective.loss, tx, nan_policy=tc.nan_policy,
                                                      axis_name=strategy.axis_name,
-                                                     value_and_grad=getattr(objective, "value_and_grad", None)))
+                                                     value_and_grad=getattr(objective, "value_and_grad", None),
+                                                     trainable=_trainable(config, objective, state.params)))
     eval_step = strategy.eval_step(make_eval_step(objective))
     prefetch = Prefetcher(data_iter, strategy.put_batch, size=2)
 
@@ -284,6 +292,11 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     if is_main:
         wd.write_summary(summary)
     return summary
+
+
+def _trainable(config, objective, params) -> Any:
+    """Bool tree like ``params``: which leaves ``config.param_rules`` (after the objective's) train."""
+    return rules_lib.trainable_mask(params, objective.fixed_rules() + [list(r) for r in config.param_rules])
 
 
 def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:

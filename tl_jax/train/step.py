@@ -32,8 +32,8 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_policy: str = "error",
-                    axis_name: str | None = None, value_and_grad: Callable | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    axis_name: str | None = None, value_and_grad: Callable | None = None,
+                    trainable: PyTree | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     ``value_and_grad``: optional replacement for ``jax.value_and_grad(loss_fn,
@@ -45,7 +45,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     is non-finite and counts it in ``state.skipped``; ``'error'`` applies the
     update and reports ``train/finite`` = 0 so the loop can stop and name the
     step. ``axis_name``: set under ``jax.pmap`` to average grads, batch stats
-    and metrics over devices with ``lax.pmean``.
+    and metrics over devices with ``lax.pmean``. ``trainable``: a bool pytree
+    like the params (``param_rules.trainable_mask``); the gradients of the other
+    (frozen) leaves are replaced by zeros before anything reads them, so XLA
+    never computes them (a frozen backbone costs its forward pass only), and
+    ``train/grad_norm`` and the finiteness check cover the trained params.
 
     ``hparams`` (optional third argument; :mod:`tl_jax.sweep.vectorized` vmaps
     over it): ``{"loss": {config_key: value}}`` is passed to the loss as
@@ -65,6 +69,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, aux, batch, rng, state.step)
+        if trainable is not None:  # frozen leaves: zeros, so their gradients are dead code for XLA
+            grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
         if axis_name is not None:
             grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,132 @@
+"""Goal 1, no overhead: tl_jax's whole training loop vs a hand-written jit loop over the same arrays.
+
+The run is the demo's source stage (mnist5k, CNN, Adam, batch 64, random crops)
+with its logging cadence (metrics every 50 steps) and a checkpoint every 100
+steps. tl_jax's steps/s are read between its first and last metrics records
+(each one a host sync on the step it logs), so start-up, compilation and the
+final evaluation are outside the window; the hand-written loop is timed over
+the same number of steps, after the same number of warm-up steps, on batches
+already on the device. Rounds alternate the two loops.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+from benchmarks.common import ROOT
+
+DEMO = str(ROOT / "experiments" / "mnist_to_digits.py")
+LOG_EVERY = 50
+
+
+def demo_source_config(data_dir: str, steps: int, **overrides: Any):
+    """The demo's source stage with ``steps`` steps, a checkpoint every 100, no progress bar."""
+    from tl_jax import config as config_lib
+
+    config = config_lib.load_config(f"{DEMO}:stage=source")
+    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", f"train.steps={steps}",
+                                        f"train.log_every={LOG_EVERY}", "train.checkpoint_every=100",
+                                        "train.eval_every=0", "train.progress=false"])
+    for key, value in overrides.items():
+        config_lib.set_value(config, key, value)
+    return config
+
+
+def hand_written_loop(batches: list[dict], steps: int, warmup: int) -> float:
+    """The 30-line baseline: flax model, optax Adam, one jitted step, no metrics fetched. Steps/s."""
+    import jax
+    import optax
+
+    from tl_jax.models import get_model
+
+    model = get_model("cnn", 10)
+    params = model.init(jax.random.PRNGKey(0), batches[0]["image"][:1])["params"]
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, image, label):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, image, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params, )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    loss = None
+    for i in range(warmup):
+        b = batches[i % len(batches)]
+        params, opt_state, loss = step(params, opt_state, b["image"], b["label"])
+    jax.block_until_ready(loss)
+    t0 = time.perf_counter()
+    for i in range(warmup, steps):
+        b = batches[i % len(batches)]
+        params, opt_state, loss = step(params, opt_state, b["image"], b["label"])
+    jax.block_until_ready(loss)
+    return (steps - warmup) / (time.perf_counter() - t0)
+
+
+def tl_jax_loop(config: Any, workdir: str) -> float:
+    """Steps/s of ``tl_jax.train.loop.train`` between its first and last metrics records."""
+    from tl_jax.train import loop as loop_lib
+    from tl_jax.train.workdir import Workdir
+
+    stamps: list[tuple[float, int]] = []
+    original = Workdir.log
+
+    def log(self, record: dict) -> None:
+        if "train/loss" in record:
+            stamps.append((time.perf_counter(), int(record["step"])))
+        original(self, record)
+
+    Workdir.log = log
+    try:
+        loop_lib.train(config, workdir, overwrite=True)
+    finally:
+        Workdir.log = original
+    (t0, s0), (t1, s1) = stamps[0], stamps[-1]
+    return (s1 - s0) / (t1 - t0)
+
+
+def device_batches(config: Any, n: int) -> list[dict]:
+    """The first ``n`` batches the tl_jax pipeline yields for ``config``, on the device."""
+    import grain
+    import jax
+
+    from tl_jax.data import build_preprocess, load_split, train_dataset
+
+    dc = config.data
+    split = load_split(dc.name, dc.train_split, dc.data_dir)
+    ds = train_dataset(split, build_preprocess(list(dc.train_pp)), batch_size=dc.batch_size, seed=config.seed,
+                       cache=True)
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    return [jax.device_put(next(it)) for _ in range(n)]
+
+
+def run(data_dir: str, quick: bool = False) -> dict:
+    """Interleaved rounds of (hand-written, tl_jax, tl_jax without the data cache)."""
+    steps = 150 if quick else 250
+    rounds = 2 if quick else 3
+    root = pathlib.Path(tempfile.mkdtemp(prefix="tl_jax_bench_overhead_"))
+    config = demo_source_config(data_dir, steps)
+    batches = device_batches(config, 40)
+    best = {"hand_written": 0.0, "tl_jax": 0.0, "tl_jax_no_data_cache": 0.0}
+    for r in range(rounds):
+        best["hand_written"] = max(best["hand_written"], hand_written_loop(batches, steps, LOG_EVERY))
+        best["tl_jax"] = max(best["tl_jax"], tl_jax_loop(config, str(root / f"tl_{r}")))
+        nocache = demo_source_config(data_dir, steps, **{"data.cache": False})
+        best["tl_jax_no_data_cache"] = max(best["tl_jax_no_data_cache"], tl_jax_loop(nocache, str(root / f"nc_{r}")))
+    return {"steps_per_s": best, "steps": steps, "window": steps - LOG_EVERY, "rounds": rounds,
+            "ratio": best["tl_jax"] / best["hand_written"],
+            "ratio_no_data_cache": best["tl_jax_no_data_cache"] / best["hand_written"]}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(), quick=True), indent=1))

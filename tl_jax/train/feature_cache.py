@@ -1,0 +1,172 @@
+"""Train a head on backbone features computed once (``config.train.feature_cache``).
+
+A linear probe (``param_rules`` freezing ``backbone/.*``) with deterministic
+training preprocessing feeds the same images through the same frozen backbone
+every epoch. When that holds, :func:`maybe_enable` computes the backbone
+features of this process's training examples once, and the run trains on
+batches of ``{"features": [B, D], "label": [B]}`` with an objective whose loss
+runs only ``dropout -> head``:
+
+* same batches: the feature batches come from the same grain chain as the
+  image batches (:func:`tl_jax.data.cache.array_dataset`, same seed, same
+  order, same ``{"next_index": k}`` iterator state), so checkpoints and
+  resumes work unchanged;
+* same params: the frozen backbone's updates are zero either way, and the
+  head sees the same features (up to float rounding of a different XLA
+  program), so params and test metrics equal the uncached probe's to float
+  tolerance (``tests/test_feature_cache.py``);
+* evaluation still runs the whole model on the test images.
+
+Eligible (``'auto'`` turns it on, ``True`` raises with the reason otherwise):
+the plain ``classification`` objective without regularisers, a
+:class:`~tl_jax.models.layers.Classifier` model, every ``backbone/...`` param
+frozen, no random op in ``config.data.train_pp``, and backbone outputs that do
+not depend on train mode or rngs (frozen BatchNorm runs in inference mode; a
+backbone with active dropout is not cached). The features must fit in
+``config.data.cache_max_mb``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tl_jax.data import cache as data_cache
+from tl_jax.data.pipeline import _Subset
+from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.models.layers import Classifier
+from tl_jax.objectives.base import Objective
+from tl_jax.transfer import param_rules as rules_lib
+
+log = logging.getLogger("tl_jax")
+PyTree = Any
+FEATURES = "features"
+
+
+class CachedFeaturesObjective(Objective):
+    """Plain classification whose train batches hold backbone ``features`` instead of images."""
+
+    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: dict, rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+        logits = self.model.apply({"params": self.model_params(params)}, batch[FEATURES], rngs={"dropout": rng},
+                                  method=_head_logits)
+        loss = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing).mean()
+        metrics = {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
+        return loss, (batch_stats, metrics)
+
+
+def _head_logits(model: Classifier, features: jax.Array) -> jax.Array:
+    """What ``Classifier.__call__(x, train=True)`` does after the backbone."""
+    return model.head(model.dropout(features, deterministic=False)).astype(jnp.float32)
+
+
+def _backbone(model: Classifier, x: jax.Array, train: bool) -> jax.Array:
+    return model.backbone(x, train=train)
+
+
+def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params: PyTree, train_pp: Any) -> str | None:
+    """Why the run cannot train on cached features, or ``None`` when it can (static checks)."""
+    if type(objective) is not Objective:
+        return f"objective {getattr(objective, 'name', type(objective).__name__)!r} (or config.loss regularisers)"
+    if not isinstance(objective.model, Classifier):
+        return f"model {type(objective.model).__name__} is not a backbone/head Classifier"
+    if train_pp.is_random:
+        return f"config.data.train_pp has random ops {[o for o in train_pp.op_names]}"
+    rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
+    mults = rules_lib.match_rules(params, rules)
+    trainable_backbone = [p for p, m in mults.items() if p.startswith("backbone/") and m is not None]
+    if trainable_backbone:
+        return f"backbone params train ({trainable_backbone[0]}, ...)"
+    if not any(m is not None for p, m in mults.items() if not p.startswith("backbone/")):
+        return "no trainable head params"
+    return None
+
+
+def _embed_fn(model: Classifier, params: PyTree, batch_stats: PyTree):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+    @jax.jit
+    def embed(x: jax.Array, rng: jax.Array) -> jax.Array:
+        return model.apply(variables, x, False, method=_backbone, rngs={"dropout": rng})
+
+    @jax.jit
+    def embed_train(x: jax.Array, rng: jax.Array) -> jax.Array:
+        out = model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])
+        return out[0]
+
+    return embed, embed_train
+
+
+def compute_features(model: Classifier, params: PyTree, batch_stats: PyTree, images: np.ndarray,
+                     batch_size: int) -> np.ndarray:
+    """Backbone outputs of ``images`` ``[N, ...]`` in batches of ``batch_size`` (last one padded)."""
+    embed, _ = _embed_fn(model, params, batch_stats)
+    rng = jax.random.PRNGKey(0)
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(embed(chunk, rng))[:batch_size - pad])
+    return np.concatenate(out)
+
+
+def _deterministic(model: Classifier, params: PyTree, batch_stats: PyTree, sample: np.ndarray) -> bool:
+    """Backbone outputs equal in eval mode and in train mode under two rngs (frozen BN, no dropout)."""
+    embed, embed_train = _embed_fn(model, params, batch_stats)
+    ref = np.asarray(embed(sample, jax.random.PRNGKey(1)), np.float32)
+    for seed in (1, 2):
+        out = np.asarray(embed_train(sample, jax.random.PRNGKey(seed)), np.float32)
+        if not np.allclose(out, ref, rtol=1e-5, atol=1e-6):
+            return False
+    return True
+
+
+def maybe_enable(config: ml_collections.ConfigDict, objective: Any, state: Any, train_split: Any, train_pp: Any,
+                 indices: np.ndarray | None, shard: Any, batch_size: int, seed: int) -> tuple[Objective, Any] | None:
+    """``(objective, dataset)`` training the head on cached features, or ``None`` (train as usual).
+
+    ``indices``/``shard``/``batch_size``/``seed`` are those the loop gave
+    :func:`tl_jax.data.pipeline.train_dataset`, so the feature batches come in
+    the same order as the image batches would.
+    """
+    mode = config.train.feature_cache
+    data_cache.check_mode(mode, "config.train.feature_cache")
+    if mode is False:
+        return None
+    params = jax.device_get(state.params)
+    batch_stats = jax.device_get(state.batch_stats)
+    reason = ineligible_reason(config, objective, params, train_pp)
+    model = objective.model if reason is None else None
+    t0 = time.perf_counter()
+    images = None
+    if reason is None:
+        kw = shard.kwargs
+        idx = np.arange(len(train_split), dtype=np.int64) if indices is None else np.asarray(indices)
+        idx = idx[kw["process_index"]::kw["process_count"]]
+        max_bytes = int(config.data.cache_max_mb * 2**20)
+        images = data_cache.materialize(_Subset(train_split.source, idx), train_pp, max_bytes=max_bytes)
+        if images is None or "image" not in images.arrays:
+            reason = "the preprocessed training images do not fit config.data.cache_max_mb (or are not images)"
+        elif not _deterministic(model, objective.model_params(params), batch_stats,
+                                images.arrays["image"][:min(8, len(images))]):
+            reason = "the backbone's outputs depend on train mode or rngs (dropout, unfrozen BatchNorm)"
+    if reason is not None:
+        if mode is True:
+            raise ValueError(f"config.train.feature_cache=true but the run cannot use cached features: {reason}")
+        log.info("config.train.feature_cache: off (%s)", reason)
+        return None
+    features = compute_features(model, objective.model_params(params), batch_stats, images.arrays["image"],
+                                int(config.data.eval_batch_size))
+    arrays = {FEATURES: features, "label": np.asarray(images.arrays["label"], np.int32)}
+    dataset = shard.select(data_cache.array_dataset(arrays, batch_size=batch_size, seed=seed))
+    log.info("config.train.feature_cache: training the head on %d cached %s features (%.1f MiB, %.2f s)",
+             len(features), features.shape[1:], features.nbytes / 2**20, time.perf_counter() - t0)
+    cached = CachedFeaturesObjective(objective.config, objective.model)
+    return cached, dataset
