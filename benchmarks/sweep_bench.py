@@ -65,6 +65,7 @@ def run(data_dir: str | None = None) -> dict:
         "vectorized_compile_s": round(vec["compile_s"], 2), "sequential_compile_s": round(seq["compile_s"], 2),
         "vectorized_train_s": round(vec["train_s"], 2), "sequential_train_s": round(seq["train_s"], 2),
         "train_ratio_vectorized_over_sequential": round(vec["train_s"] / seq["train_s"], 3),
+        "loadavg_1min": round(os.getloadavg()[0], 1),
     }
 
 

@@ -13,7 +13,8 @@ method on optdigits with ``shots`` labelled digits per class, with the first
 Run the whole ablation (pretraining, 4 depths x 3 seeds, report)::
 
     tl-jax sweep --config experiments/freeze_depth.py --workdir runs/freeze_depth
-    tl-jax sweep --config experiments/freeze_depth.py:shots=1,seeds=2 --workdir runs/freeze_depth_1shot
+    tl-jax sweep --config experiments/freeze_depth.py:shots=1,source=runs/freeze_depth/source \
+        --workdir runs/freeze_depth_1shot --vectorize off
 
 or one point::
 
@@ -59,10 +60,13 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    """Pretraining (phase 0, not in the report), then depth x seed fine-tuning runs (phase 1)."""
-    a = config_lib.parse_arg(arg, seeds=3, shots=10, depths=";".join(DEPTHS))
-    target = {"stage": "target", "source": "{workdir}/source", "_phase": 1}
+    """Pretraining (phase 0, not in the report), then depth x seed fine-tuning runs (phase 1).
+
+    ``source=DIR``: fine-tune from an existing pretrained workdir instead (no pretraining point).
+    """
+    a = config_lib.parse_arg(arg, seeds=3, shots=10, depths=";".join(DEPTHS), source="")
+    target = {"stage": "target", "source": a.source or "{workdir}/source", "_phase": 1}
     if a.shots != 10:
         target["shots"] = a.shots
-    source = {"stage": "source", "_name": "source", "_report": False}
-    return [source] + product(product(target, depth=a.depths.split(";")), seeds(a.seeds))
+    source = [] if a.source else [{"stage": "source", "_name": "source", "_report": False}]
+    return source + product(product(target, depth=a.depths.split(";")), seeds(a.seeds))

@@ -25,6 +25,7 @@ from tl_jax import config as config_lib
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.pmap import PmapStrategy
 from tl_jax.parallel.strategy import JitStrategy, make_strategy
+from tl_jax.train import compile_cache
 from tl_jax.train.loop import build_model_and_state, train
 from tl_jax.train.step import make_train_step
 
@@ -122,6 +123,7 @@ def cmd_train(data_dir: str, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
+    compile_cache.enable()  # $TL_JAX_COMPILE_CACHE (set by conftest.py): reruns skip compiling
     assert jax.device_count() == 8, jax.devices()
     result = cmd_steps() if sys.argv[1] == "steps" else cmd_train(sys.argv[2], sys.argv[3])
     print("RESULT " + json.dumps(result))
