@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from tl_jax.tree_paths import path_str  # noqa: F401 (used by the loss modules)
+
 
 def is_concrete(x: Any) -> bool:
     """True when ``x`` holds concrete values (not a JAX tracer)."""
@@ -69,17 +71,3 @@ def check_same_keys(name: str, got: Any, ref_name: str, ref: Any) -> None:
             parts.append(f"extra {extra}")
         raise ValueError(f"{name} keys must match {ref_name} keys: " + ", ".join(parts))
 
-
-def path_str(path: tuple) -> str:
-    """'/'-joined key path of a pytree leaf (dict keys, attributes, indices)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)

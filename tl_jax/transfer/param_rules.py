@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import optax
 
+from tl_jax.tree_paths import flatten_paths, path_str  # noqa: F401 (re-exported)
+
 PyTree = Any
 Rule = tuple[str, float | None]
 FROZEN = "frozen"
@@ -33,26 +35,6 @@ FROZEN = "frozen"
 
 class ParamRuleError(ValueError):
     """A rule table that does not cover the params exactly."""
-
-
-def path_str(path: tuple) -> str:
-    """'/'-joined key path of a pytree leaf (dict keys, attributes, indices)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def flatten_paths(tree: PyTree) -> dict[str, Any]:
-    """``{'a/b/kernel': leaf, ...}`` in the tree's leaf order."""
-    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def normalize_rules(rules: Sequence[Sequence[Any]], where: str = "config.param_rules") -> list[Rule]:
