@@ -97,9 +97,12 @@ class _ShapeMismatch(ValueError):
 
 
 class _Rows:
-    """Picklable ``(example, rng=None) -> example`` that returns the cached row unchanged."""
+    """The cached rows as they are: ``train_chain`` gathers whole batches of ``gather_arrays``."""
 
     is_random = False
+
+    def __init__(self, source: ArraySource):
+        self.gather_arrays = source.arrays
 
     def __call__(self, example: dict, rng: Any = None) -> dict:
         return example
@@ -174,7 +177,7 @@ def cached_chain(source: Any, preprocess: Preprocess, *, mode: Any, max_bytes: i
         return None
     if cached is None:
         return None
-    return cached, (suffix if suffix.ops else _Rows())
+    return cached, (suffix if suffix.ops else _Rows(cached))
 
 
 def array_dataset(arrays: dict[str, np.ndarray] | ArraySource, *, batch_size: int, seed: int,
@@ -186,4 +189,4 @@ def array_dataset(arrays: dict[str, np.ndarray] | ArraySource, *, batch_size: in
     of cached backbone features in the order of the image batches.
     """
     source = arrays if isinstance(arrays, ArraySource) else ArraySource(arrays)
-    return train_chain(source, preprocess or _Rows(), batch_size=batch_size, seed=seed)
+    return train_chain(source, preprocess or _Rows(source), batch_size=batch_size, seed=seed)

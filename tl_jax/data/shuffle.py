@@ -16,6 +16,8 @@ it keeps the plain ``{"next_index": k}`` state (exact resume).
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -81,6 +83,61 @@ def shuffle(ds: grain.MapDataset, seed: int) -> EpochShuffle:
     return EpochShuffle(ds, seed=seed)
 
 
+class _Root(grain.MapDataset):
+    """A random-access source as the root of a chain, without grain's per-read source monitoring."""
+
+    def __init__(self, source: Any):
+        super().__init__()
+        self._source = source
+        self._n = len(source)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __str__(self) -> str:
+        return f"Root({type(self._source).__name__})"
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._source[int(index) % self._n]
+
+
+class GatherBatches(grain.MapDataset):
+    """Batch ``k`` of ``train_chain(ArraySource, rows-as-they-are)`` by one fancy-index gather per key.
+
+    Equal to the per-example chain (same shuffle, same positions ``kB .. kB+B-1``
+    of the repeated stream, rows stacked in that order), several times cheaper.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, seed: int):
+        super().__init__()
+        self._arrays = arrays
+        self._n = len(next(iter(arrays.values())))
+        self._batch = int(batch_size)
+        self._order = EpochShuffle(grain.MapDataset.range(self._n), seed=seed)
+
+    def __len__(self) -> int:
+        return sys.maxsize // self._batch  # as grain's batch of an infinitely repeated dataset
+
+    def __str__(self) -> str:
+        return f"GatherBatches(batch_size={self._batch})"
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        positions = np.arange(int(index) * self._batch, (int(index) + 1) * self._batch)
+        epochs, within = np.divmod(positions, self._n)
+        rows = np.empty(self._batch, np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            rows[sel] = self._order.permutation(int(epoch))[within[sel]]
+        out = {k: v[rows] for k, v in self._arrays.items()}
+        if "label" in out:
+            out["label"] = out["label"].astype(np.int32, copy=False)
+        return out
+
+
 def train_chain(source: Any, preprocess: Any, *, batch_size: int, seed: int) -> grain.MapDataset:
     """The training chain ``source -> seed -> shuffle -> repeat -> (random_)map -> batch``.
 
@@ -88,9 +145,27 @@ def train_chain(source: Any, preprocess: Any, *, batch_size: int, seed: int) -> 
     (:mod:`tl_jax.data.cache`), so the same seed gives the same order of
     examples and the same per-example random draws, whatever the source.
     ``preprocess(example[, rng])`` runs per example (``random_map`` when its
-    ``is_random`` is true); batches drop the remainder.
+    ``is_random`` is true); batches drop the remainder. A ``preprocess`` with
+    ``gather_arrays`` (cached rows used as they are) gives the equal
+    :class:`GatherBatches` instead.
     """
-    ds = grain.MapDataset.source(source).seed(int(seed))
+    arrays = getattr(preprocess, "gather_arrays", None)
+    if arrays is not None:
+        return GatherBatches(arrays, batch_size=batch_size, seed=seed)
+    ds = _Root(source).seed(int(seed))
     ds = shuffle(ds, int(seed)).repeat()
     ds = ds.random_map(preprocess) if preprocess.is_random else ds.map(preprocess)
     return ds.batch(batch_size, drop_remainder=True)
+
+
+def read_threads() -> int:
+    """grain read threads for a training iterator: 0 (the loop's prefetch thread does the work) on
+    machines of <= 2 cores, where more threads only contend for the GIL and the cores; else cores - 2."""
+    return max(0, min(16, (os.cpu_count() or 1) - 2))
+
+
+def train_iterator(dataset: Any) -> Any:
+    """``iter(dataset)`` with :func:`read_threads` threads (a grain iterator with get/set_state)."""
+    if isinstance(dataset, grain.MapDataset):
+        return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads())))
+    return iter(dataset)

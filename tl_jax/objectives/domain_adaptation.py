@@ -49,7 +49,7 @@ import numpy as np
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.losses.domain_adaptation import (coral_loss, dann_lambda, domain_adversarial_loss, gradient_reversal,
                                              mmd_loss)
-from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
+from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, register
 
 LAYERS = ("features", "logits")
 
@@ -89,6 +89,10 @@ class UnsupervisedDA(Objective):
         if cfg.layer not in LAYERS:
             raise ValueError(f"{self.where}.layer must be one of {LAYERS}, got {cfg.layer!r}")
         self.total_steps = max(1, int(config.train.steps))
+
+    @classmethod
+    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return (f"objective.{cls.name}.weight",)
 
     # -- data ---------------------------------------------------------------------------------
     def _target_split(self, split: str):
@@ -143,22 +147,31 @@ class UnsupervisedDA(Objective):
         zs, fs, ft, batch_stats = self.forward(params, batch_stats, batch, rng)
         ce = cross_entropy(zs, batch["label"], label_smoothing=self.label_smoothing).mean()
         term, extra = self.adaptation(params, fs, ft, step)
-        total = ce + self.weight * term
+        total = ce + hparam(aux, f"objective.{self.name}.weight", self.weight) * term
         metrics = {"train/loss": total, "train/ce": ce, "train/accuracy": accuracy(zs, batch["label"]).mean(),
                    f"train/da/{self.name}": term, **extra}
         return total, (batch_stats, metrics)
 
 
 class DomainDiscriminator(nn.Module):
-    """MLP ``[B, D] -> [B]`` domain logits: (Dense(hidden) -> ReLU) × depth -> Dense(1)."""
+    """MLP ``[B, D] -> [B]`` domain logits: (Dense(hidden) [-> LayerNorm] -> ReLU) × depth -> Dense(1).
+
+    LayerNorm (per example, so no batch statistics to keep) plays the role of
+    the BatchNorm in TLlib's discriminator: the feature scale cannot be used to
+    fool it, which keeps the adversarial game stable.
+    """
 
     hidden: int = 256
     depth: int = 2
+    layer_norm: bool = True
 
     @nn.compact
     def __call__(self, f: jax.Array) -> jax.Array:
         for i in range(self.depth):
-            f = nn.relu(nn.Dense(self.hidden, name=f"fc{i}")(f))
+            f = nn.Dense(self.hidden, name=f"fc{i}")(f)
+            if self.layer_norm:
+                f = nn.LayerNorm(name=f"ln{i}")(f)
+            f = nn.relu(f)
         return nn.Dense(1, name="out")(f)[:, 0]
 
 
@@ -167,7 +180,7 @@ class DANN(UnsupervisedDA):
     """Domain-adversarial training (Ganin & Lempitsky 2015); see the module docstring."""
 
     name: ClassVar[str] = "dann"
-    defaults: ClassVar[dict] = target_defaults(gamma=10.0, hidden=256, depth=2)
+    defaults: ClassVar[dict] = target_defaults(gamma=10.0, hidden=256, depth=2, layer_norm=True)
     extra_keys: ClassVar[tuple[str, ...]] = ("discriminator",)
 
     def __init__(self, config: ml_collections.ConfigDict, model):
@@ -176,7 +189,7 @@ class DANN(UnsupervisedDA):
         for key in ("hidden", "depth"):
             if isinstance(self.cfg[key], bool) or not isinstance(self.cfg[key], int) or self.cfg[key] < 1:
                 raise ValueError(f"{self.where}.{key} must be an int >= 1, got {self.cfg[key]!r}")
-        self.discriminator = DomainDiscriminator(self.cfg.hidden, self.cfg.depth)
+        self.discriminator = DomainDiscriminator(self.cfg.hidden, self.cfg.depth, bool(self.cfg.layer_norm))
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
         head = params.get("head", {}).get("kernel")

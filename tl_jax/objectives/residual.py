@@ -52,7 +52,7 @@ import numpy as np
 
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.losses.residual import apply_delta, init_lora, merge, residual_logits
-from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, model_inputs, register
+from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, model_inputs, register
 
 # Freezes every param outside the objective's own top-level keys ``delta`` and ``alpha``.
 SOURCE_RULE = r"(?!(?:delta|alpha)(?:/|$)).*"
@@ -127,8 +127,15 @@ class ResidualOutput(Objective):
         extra = {"alpha": jnp.asarray(self.alpha, jnp.float32)} if self.learn_alpha else {}
         return extra, {"source": source}
 
-    def alpha_of(self, params: PyTree) -> jax.Array | float:
-        return params["alpha"] if self.learn_alpha else self.alpha
+    @classmethod
+    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return () if config.objective[cls.name].learn_alpha else (f"objective.{cls.name}.alpha",)
+
+    def alpha_of(self, params: PyTree, aux: PyTree | None = None) -> jax.Array | float:
+        """The learned ``params['alpha']``, else the config's α (traced in a vectorised sweep)."""
+        if self.learn_alpha:
+            return params["alpha"]
+        return hparam(aux, f"objective.{self.name}.alpha", self.alpha) if aux is not None else self.alpha
 
     def logits(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, *, train: bool,
                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, PyTree]:
@@ -137,12 +144,12 @@ class ResidualOutput(Objective):
         z_src = jax.lax.stop_gradient(self.source_model.apply(aux["source"], *args, train=False, **kw))
         z_diff, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=train,
                                           rng=rng)
-        return residual_logits(z_src, z_diff, self.alpha_of(params)), z_src, z_diff, batch_stats
+        return residual_logits(z_src, z_diff, self.alpha_of(params, aux)), z_src, z_diff, batch_stats
 
     def loss(self, params, batch_stats, aux, batch, rng, step):
         z, z_src, z_diff, batch_stats = self.logits(params, batch_stats, aux, batch, train=True, rng=rng)
         loss, metrics = _classification(z, batch, self.label_smoothing)
-        metrics.update({"train/residual/alpha": jnp.asarray(self.alpha_of(params), jnp.float32),
+        metrics.update({"train/residual/alpha": jnp.asarray(self.alpha_of(params, aux), jnp.float32),
                         "train/residual/source_accuracy": accuracy(z_src, batch["label"]).mean(),
                         "train/residual/diff_abs": jnp.mean(jnp.abs(z_diff))})
         return loss, (batch_stats, metrics)
@@ -228,24 +235,31 @@ class ResidualParams(Objective):
             extra["alpha"] = jnp.asarray(self.alpha, jnp.float32)
         return extra, {}
 
-    def alpha_of(self, params: PyTree) -> jax.Array | float:
-        return params["alpha"] if self.learn_alpha else self.alpha
+    @classmethod
+    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return () if config.objective[cls.name].learn_alpha else (f"objective.{cls.name}.alpha",)
 
-    def adapted_params(self, params: PyTree) -> PyTree:
+    def alpha_of(self, params: PyTree, aux: PyTree | None = None) -> jax.Array | float:
+        """The learned ``params['alpha']``, else the config's α (traced in a vectorised sweep)."""
+        if self.learn_alpha:
+            return params["alpha"]
+        return hparam(aux, f"objective.{self.name}.alpha", self.alpha) if aux is not None else self.alpha
+
+    def adapted_params(self, params: PyTree, aux: PyTree | None = None) -> PyTree:
         """θ_source + α·Δ (differentiable in Δ and α only): what the model runs with."""
-        return apply_delta(self.model_params(params), params["delta"], self.alpha_of(params))
+        return apply_delta(self.model_params(params), params["delta"], self.alpha_of(params, aux))
 
     def loss(self, params, batch_stats, aux, batch, rng, step):
-        logits, batch_stats = apply_model(self.model, self.adapted_params(params), batch_stats, batch, train=True,
-                                          rng=rng)
+        logits, batch_stats = apply_model(self.model, self.adapted_params(params, aux), batch_stats, batch,
+                                          train=True, rng=rng)
         loss, metrics = _classification(logits, batch, self.label_smoothing)
         sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params["delta"]))
-        metrics.update({"train/residual/alpha": jnp.asarray(self.alpha_of(params), jnp.float32),
+        metrics.update({"train/residual/alpha": jnp.asarray(self.alpha_of(params, aux), jnp.float32),
                         "train/residual/delta_norm": jnp.sqrt(sq)})
         return loss, (batch_stats, metrics)
 
     def eval_sums(self, params, batch_stats, aux, batch):
-        logits, _ = apply_model(self.model, self.adapted_params(params), batch_stats, batch, train=False)
+        logits, _ = apply_model(self.model, self.adapted_params(params, aux), batch_stats, batch, train=False)
         return _eval_sums(logits, batch)
 
 

@@ -33,10 +33,10 @@ import numpy as np
 from tl_jax.data import eval_batches
 from tl_jax.sweep.plan import LR_KEY, RULES_KEY, flat_config, loss_keys, swept_keys
 from tl_jax.train import compile_cache
-from tl_jax.train.loop import NonFiniteError, Run, _flush
+from tl_jax.train.loop import NonFiniteError, Run, _flush, pure_train_step
 from tl_jax.train.preemption import Preempted, StopSignal
 from tl_jax.train.prefetch import Prefetcher
-from tl_jax.train.step import make_eval_step, make_train_step
+from tl_jax.train.step import make_eval_step
 from tl_jax.transfer import param_rules as rules_lib
 
 log = logging.getLogger("tl_jax")
@@ -150,9 +150,7 @@ class VectorizedGroup:
         self.maps = [label_map(r, t) for r in runs]
         self.hparams = _stack([point_hparams(r, t, keys) for r in runs], "hyperparameters")
         self.state = _stack([relabel(r.state, m) for r, m in zip(runs, self.maps)], "train states")
-        step = make_train_step(t.objective.loss, t.tx, nan_policy=t.config.train.nan_policy,
-                               value_and_grad=getattr(t.objective, "value_and_grad", None))
-        self.step = jax.jit(jax.vmap(step), donate_argnums=0)
+        self.step = jax.jit(jax.vmap(pure_train_step(t.config, t.objective, t.tx, t.state.params)), donate_argnums=0)
         self.eval = jax.jit(jax.vmap(make_eval_step(t.objective), in_axes=(0, None)))
         self.data = StackedIterator([r.data_iter for r in runs])
         self.compiled = None
@@ -289,9 +287,7 @@ def probe_sequential(run: Run, steps: int = 3) -> tuple[float, float]:
     run.data_iter.set_state(saved)
     strategy = run.strategy
     strategy.prepare_objective(run.objective)
-    fn = strategy.train_step(make_train_step(run.objective.loss, run.tx, nan_policy=run.config.train.nan_policy,
-                                             axis_name=strategy.axis_name,
-                                             value_and_grad=getattr(run.objective, "value_and_grad", None)))
+    fn = strategy.train_step(pure_train_step(run.config, run.objective, run.tx, run.state.params, strategy.axis_name))
     batch = strategy.put_batch(host)
     state = strategy.to_device(jax.tree.map(jnp.copy, run.state))
     with compile_cache.CompileTimer() as ct:

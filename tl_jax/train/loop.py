@@ -22,6 +22,7 @@ import numpy as np
 
 from tl_jax import config as config_lib
 from tl_jax.data import build_preprocess, eval_batches, load_split, sample_shots, train_dataset
+from tl_jax.data.shuffle import train_iterator
 from tl_jax.models import get_model, norm_paths
 from tl_jax.parallel import distributed, make_strategy
 from tl_jax.parallel import mesh as mesh_lib
@@ -193,7 +194,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
     if not is_main:
         wd.prepare(cfg_dict, overwrite=overwrite, write=False)
     ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
-    data_iter = iter(dataset)
+    data_iter = train_iterator(dataset)  # grain read threads sized to the machine (tl_jax/data/shuffle.py)
     resumed = ckpts.restore_latest(state)
     pending, step0 = [], 0
     if resumed is not None:
@@ -217,10 +218,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     step = int(jax.device_get(state.step))
     strategy.prepare_objective(objective)  # tl_jax/parallel/: sharded jit or pmap
     state = strategy.to_device(state)
-    train_step = strategy.train_step(make_train_step(objective.loss, tx, nan_policy=tc.nan_policy,
-                                                     axis_name=strategy.axis_name,
-                                                     value_and_grad=getattr(objective, "value_and_grad", None),
-                                                     trainable=_trainable(config, objective, state.params)))
+    train_step = strategy.train_step(pure_train_step(config, objective, tx, state.params, strategy.axis_name))
     eval_step = strategy.eval_step(make_eval_step(objective))
     prefetch = Prefetcher(data_iter, strategy.put_batch, size=2)
 
@@ -292,6 +290,13 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     if is_main:
         wd.write_summary(summary)
     return summary
+
+
+def pure_train_step(config, objective, tx, params, axis_name: str | None = None):
+    """The run's pure ``(state, batch[, hparams]) -> (state, metrics)`` (also vmapped by tl_jax/sweep)."""
+    return make_train_step(objective.loss, tx, nan_policy=config.train.nan_policy, axis_name=axis_name,
+                           value_and_grad=getattr(objective, "value_and_grad", None),
+                           trainable=_trainable(config, objective, params))
 
 
 def _trainable(config, objective, params) -> Any:
