@@ -54,11 +54,15 @@ def machine() -> dict[str, Any]:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, reps: int = 3,
-                sync: Callable[[Any], Any] | None = None) -> dict[str, float]:
+                sync: Callable[[Any], Any] | None = None, settle_s: float = 0.0) -> dict[str, float]:
     """Seconds per call of each function: ``rounds`` interleaved rounds of ``reps`` calls, best round.
 
     ``sync(result)`` blocks until a result is ready (``jax.block_until_ready``);
-    each function is called once first (warm-up, compilation).
+    each function is called once first (warm-up, compilation). ``settle_s``:
+    a pause and one untimed call before each timed block, so thread pools that
+    spin after their work (OpenMP's, Eigen's) are quiet and warm when the
+    clock starts (PyTorch and XLA in one process slow each other down by
+    several times without it).
     """
     sync = sync or (lambda r: r)
     for fn in fns.values():
@@ -66,6 +70,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, reps: int
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if settle_s:
+                time.sleep(settle_s)
+                sync(fn())
             t0 = time.perf_counter()
             out = None
             for _ in range(reps):
@@ -75,14 +82,21 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, reps: int
     return best
 
 
-def run_worker(module: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
+def run_worker(module: str, args: Sequence[str] = (), *, env: dict[str, str | None] | None = None,
                timeout: float = 600) -> dict:
     """Run ``python -m module args`` in a fresh process; its last stdout line is a JSON dict.
 
-    Returns ``{"error": ...}`` (with the stderr tail) when the worker fails.
+    ``JAX_PLATFORMS`` defaults to ``cpu``; ``env`` adds variables (``None``
+    removes one). Returns ``{"error": ...}`` (with the stderr tail) when the
+    worker fails.
     """
-    full_env = {**os.environ, **(env or {})}
+    full_env = dict(os.environ)
     full_env.setdefault("JAX_PLATFORMS", "cpu")
+    for key, value in (env or {}).items():  # None removes a variable
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True,
                               text=True, timeout=timeout)

@@ -5,7 +5,9 @@ SGD + momentum at batch 128 on 32x32x3 and 28x28x1. XLA flags are read when
 jax starts, so each flag set runs in its own worker process
 (``python -m benchmarks.conv_bench --worker``), which also times PyTorch eager
 interleaved with it: every JAX figure is reported as *torch time / JAX time*
-measured in the same process (> 1: JAX is faster).
+measured in the same process (> 1: JAX is faster). Workers start with
+``XLA_FLAGS`` unset, so tl_jax's own XLA:CPU defaults apply unless a flag set
+says otherwise.
 """
 from __future__ import annotations
 
@@ -19,25 +21,26 @@ from benchmarks.common import emit, interleaved, run_worker
 SHAPES = {"32x32x3": (32, 3), "28x28x1": (28, 1)}
 # Variants of the JAX step (functional re-implementations of the CNN, same params and maths).
 VARIANTS = {
-    "tl_jax": "tl_jax's CNN + make_train_step as shipped (max_pool_2x2)",
+    "tl_jax": "tl_jax's CNN + make_train_step as shipped (conv1 im2col + max_pool_2x2)",
     "reduce_window_pool": "nn.max_pool (reduce_window; select_and_scatter grads): tl_jax before",
-    "pool2x2": "reshape-max pool with first-max custom JVP (what tl_jax ships), minimal step",
+    "pool2x2": "max_pool_2x2 (reshape-max, first-max custom JVP; bit-identical grads)",
     "nchw": "NCHW layout (lax.conv NCHW/OIHW) + reduce_window pool",
-    "im2col_conv1": "pool2x2 + conv1 as im2col matmul (9*C columns)",
+    "im2col_conv1": "pool2x2 + conv1 as im2col matmul (9*C columns): tl_jax's CNN, minimal step",
     "im2col_all": "pool2x2 + both convs as im2col matmuls",
     "bf16": "pool2x2 + bfloat16 compute (params f32)",
     "matmul_precision_bf16": "pool2x2 + jax_default_matmul_precision='bfloat16'",
     "torch_channels_last": "PyTorch eager, channels_last memory format",
 }
+# label -> environment of the worker. tl_jax's import adds its XLA:CPU defaults (tl_jax/xla_flags.py: YNNPACK
+# fusions off) unless XLA_FLAGS names the flag or TL_JAX_XLA_CPU_DEFAULTS=0; every other set is on top of them.
 FLAG_SETS = {
-    "default": "",
-    "YNNPACK off": "--xla_cpu_experimental_ynn_fusion_type=",
-    "XNNPACK on": "--xla_cpu_use_xnnpack=true",
-    "oneDNN on": "--xla_cpu_use_onednn=true",
-    "oneDNN custom call": "--xla_cpu_experimental_onednn_custom_call=true",
-    "Eigen single-thread": "--xla_cpu_multi_thread_eigen=false",
-    "thunk runtime off": "--xla_cpu_use_thunk_runtime=false",
-    "fast math": "--xla_cpu_enable_fast_math=true",
+    "jaxlib default (YNNPACK fusions on)": {"TL_JAX_XLA_CPU_DEFAULTS": "0"},
+    "XNNPACK on": {"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"},
+    "oneDNN on": {"XLA_FLAGS": "--xla_cpu_use_onednn=true"},
+    "oneDNN custom call": {"XLA_FLAGS": "--xla_cpu_experimental_onednn_custom_call=true"},
+    "Eigen single-thread": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
+    "thunk runtime off": {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
+    "fast math": {"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"},
 }
 
 
@@ -179,6 +182,7 @@ def _torch_step(hw: int, c: int, batch: int, channels_last: bool):
 
 def worker(variants: list[str], shapes: list[str], batches: list[int], rounds: int) -> dict:
     """Times every (shape, batch, variant) against PyTorch eager in this process."""
+    import tl_jax  # noqa: F401  (its XLA:CPU defaults go into XLA_FLAGS before jax starts a backend)
     import jax
 
     try:
@@ -207,7 +211,7 @@ def worker(variants: list[str], shapes: list[str], batches: list[int], rounds: i
             def sync(r):
                 return r.item() if hasattr(r, "item") and not isinstance(r, jax.Array) else jax.block_until_ready(r)
 
-            times = interleaved(fns, rounds=rounds, reps=3, sync=sync)
+            times = interleaved(fns, rounds=rounds, reps=3, sync=sync, settle_s=0.2)
             out["ms"][f"{shape}/b{batch}"] = {k: 1000 * t for k, t in times.items()}
     return out
 
@@ -220,12 +224,10 @@ def run(quick: bool = False) -> dict:
                                                            "--shapes", ",".join(SHAPES), "--batches", "128",
                                                            "--rounds", rounds])
     res["flags"] = {}
-    for label, flags in FLAG_SETS.items():
-        if label == "default":
-            continue
+    for label, env in FLAG_SETS.items():
         res["flags"][label] = run_worker("benchmarks.conv_bench", ["--worker", "--variants", "tl_jax", "--shapes",
                                                                    ",".join(SHAPES), "--batches", "128", "--rounds",
-                                                                   rounds], env={"XLA_FLAGS": flags})
+                                                                   rounds], env={"XLA_FLAGS": None, **env})
     res["batch"] = run_worker("benchmarks.conv_bench", ["--worker", "--variants", "tl_jax", "--shapes", "32x32x3",
                                                         "--batches", "32,64,256", "--rounds", rounds])
     return res

@@ -25,7 +25,25 @@ The study ({methods} x {3 seeds}) writes ``results.md``/``results.csv`` into ``r
 
     python experiments/residual_adaptation.py          # --workdir runs/residual --source runs/demo/source
 
-RESULT_PLACEHOLDER
+Printed (``python experiments/residual_adaptation.py``; optdigits test accuracy, 450 digits;
+3 seeds = 3 different 10-shot sets; trainable = params the optimizer updates)::
+
+    | method               | trainable | seed 0 | seed 1 | seed 2 | mean ± std    |
+    |----------------------|----------:|-------:|-------:|-------:|---------------|
+    | source               |         0 | 0.609  | 0.609  | 0.609  | 0.609 ± 0.000 |
+    | finetune             | 1,630,090 | 0.960  | 0.933  | 0.940  | 0.944 ± 0.011 |
+    | finetune_keep_head   | 1,630,090 | 0.960  | 0.951  | 0.958  | 0.956 ± 0.004 |
+    | finetune_l2sp        | 1,630,090 | 0.947  | 0.947  | 0.940  | 0.944 ± 0.003 |
+    | residual_output      | 1,630,090 | 0.951  | 0.947  | 0.958  | 0.952 ± 0.005 |
+    | residual_output_head |     5,130 | 0.938  | 0.933  | 0.924  | 0.932 ± 0.006 |
+    | residual_lora        |    21,294 | 0.953  | 0.944  | 0.938  | 0.945 ± 0.006 |
+    | residual_lora_alpha  |    21,295 | 0.956  | 0.944  | 0.940  | 0.947 ± 0.007 |
+
+With 100 labelled digits plain fine-tuning already recovers most of the gap
+(0.61 -> 0.94-0.96); the residual forms match it within a seed's spread, LoRA
+with 1.3% of the trainable params (learned α ended near 1.03), and none beats
+fine-tuning with the source head kept. Residual runs took 25-50 s each on 2
+shared cores.
 """
 from __future__ import annotations
 

@@ -142,3 +142,17 @@ def test_train_with_l2_sp_writes_terms_and_contract(tmp_path, tfds_data_dir):
     train_rows = [m for m in logged if "train/loss" in m]
     assert all({"train/reg/l2_sp", "train/reg/l2", "train/objective_loss"} <= set(m) for m in train_rows)
     assert train_rows[0]["train/reg/l2_sp"] >= 0.0
+
+
+def test_custom_value_and_grad_objectives_get_the_penalty_gradient():
+    config, model, params, batch = setup(l2=0.05)
+    inner = Objective(config, model)
+    obj, aux = add_regularizers(inner, config, params, RULES, {})
+    assert getattr(obj, "value_and_grad", None) is None  # plain objectives: the loop differentiates obj.loss
+    inner.value_and_grad = jax.value_and_grad(inner.loss, has_aux=True)  # e.g. PCGrad's own update
+    (loss, (_, metrics)), grads = obj.value_and_grad(params, {}, aux, batch, jax.random.PRNGKey(0), 0)
+    (want_loss, _), want = jax.value_and_grad(obj.loss, has_aux=True)(params, {}, aux, batch,
+                                                                      jax.random.PRNGKey(0), 0)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    assert "train/reg/l2" in metrics
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want)

@@ -1,4 +1,4 @@
-"""max_pool_2x2: bit-identical values and gradients to flax's reduce_window max pool."""
+"""The CPU-fast CNN ops (max_pool_2x2, the im2col Conv3x3) and tl_jax's XLA:CPU default flags."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,3 +36,32 @@ def test_forward_mode_and_vmap():
 def test_rejects_non_4d():
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
         max_pool_2x2(jnp.zeros((4, 4, 2)))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_im2col_conv1_matches_nn_conv_params_and_outputs(channels):
+    from tl_jax.models.im2col import Conv3x3
+
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 7, channels)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    ref_vars = nn.Conv(8, (3, 3)).init(key, x)
+    ours_vars = Conv3x3(8).init(key, x)
+    for k in ("kernel", "bias"):  # same shapes and init values: checkpoints interchangeable
+        np.testing.assert_array_equal(ours_vars["params"][k], ref_vars["params"][k])
+    ref = nn.Conv(8, (3, 3)).apply(ref_vars, x)
+    np.testing.assert_allclose(Conv3x3(8).apply(ref_vars, x), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Conv3x3(8, im2col=False).apply(ref_vars, x), ref, rtol=1e-6, atol=1e-6)
+    g_ref = jax.grad(lambda v: (nn.Conv(8, (3, 3)).apply(v, x) ** 2).sum())(ref_vars)
+    g_ours = jax.grad(lambda v: (Conv3x3(8).apply(v, x) ** 2).sum())(ref_vars)
+    np.testing.assert_allclose(g_ours["params"]["kernel"], g_ref["params"]["kernel"], rtol=1e-4, atol=1e-4)
+
+
+def test_xla_cpu_defaults_respect_user_flags_and_opt_out():
+    from tl_jax import xla_flags
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_flags.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type="
+    assert xla_flags.apply(env) == []  # idempotent: the flag is named now
+    assert xla_flags.cpu_defaults({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}) == []
+    assert xla_flags.cpu_defaults({"TL_JAX_XLA_CPU_DEFAULTS": "0"}) == []

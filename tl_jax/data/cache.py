@@ -2,18 +2,23 @@
 
 A training pipeline reads every example of a small dataset once per epoch and
 runs the same deterministic ops on it every time (``rescale``, ``resize``,
-``pad``, ``normalize``, ...): for optdigits' resize that cost ~19 ms per batch
-of 32, more than the train step. :func:`materialize` runs the ops *before the
+``pad``, ``normalize``, ...): the demo's optdigits pipeline spent ~19 ms per
+batch of 32 (with the per-read decoding; grain's shuffle of a few-shot subset
+cost more still, see :mod:`tl_jax.data.shuffle`), more than the train step.
+:func:`materialize` runs the ops *before the
 first random op* (the deterministic prefix) once over this process's training
 examples and keeps the results as one numpy array; the pipeline then reads
 rows of that array and applies only the remaining ops (the random suffix:
 ``random_crop``, ``flip_lr`` and what follows them) per example.
 
-The grain chain keeps exactly the shape of the uncached one (``source -> seed
--> shuffle -> repeat -> (random_)map -> batch``), so the shuffle order, the
-per-example random draws and the iterator state (``{"next_index": k}``) are the
-same: batches are identical to the uncached pipeline's and a checkpointed
-iterator state resumes either of them on the exact next batch.
+Both pipelines are built by one function (:func:`tl_jax.data.shuffle.train_chain`:
+``source -> seed -> shuffle -> repeat -> (random_)map -> batch``), so the
+shuffle order, the per-example random draws and the iterator state
+(``{"next_index": k}``) are the same: batches are identical to the uncached
+pipeline's, and a checkpointed iterator state resumes either of them on the
+exact next batch. With no random op at all, a batch is one fancy-index gather
+of cached rows (:class:`tl_jax.data.shuffle.GatherBatches`), equal to the
+per-example chain.
 
 ``config.data.cache``: ``'auto'`` (default) caches when the prefix output of
 this process's examples fits in ``config.data.cache_max_mb``; ``True`` caches

@@ -69,8 +69,9 @@ def train_dataset(
       batch_size: per-process batch size ``B``; incomplete batches are never
         produced (``drop_remainder``), and since repeat comes before batch a
         shard smaller than ``B`` still gives full batches (examples repeat).
-      seed: shuffle order (reshuffled every epoch) and random-op draws depend
-        only on ``seed`` and the element position, so same seed -> same batches.
+      seed: shuffle order (reshuffled every epoch; :mod:`tl_jax.data.shuffle`)
+        and random-op draws depend only on ``seed`` and the element position,
+        so same seed -> same batches.
       indices: restrict to these split indices first (e.g. ``sample_shots``).
       process_index, process_count: strided shard ``indices[p::P]``.
       cache: ``config.data.cache`` (``'auto'`` | True | False): keep the output
@@ -83,9 +84,10 @@ def train_dataset(
       i32 [B]}``. ``iter(ds)`` gives a grain ``DatasetIterator`` with
       ``get_state()`` / ``set_state()`` (a small dict, ``{"next_index": k}``)
       that resumes on the exact next batch. ``iter(ds)`` uses grain's default
-      ``ReadOptions`` (16 threads, 500-element prefetch buffer); for a few
-      batches or a busy CPU use ``ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=0))``. ``ds[i]`` is random access to batch ``i``.
+      ``ReadOptions`` (16 threads, 500-element prefetch buffer), which on a
+      2-core machine is 2x slower than none: the loop uses
+      ``tl_jax.data.shuffle.train_iterator(ds)`` (threads sized to the
+      machine). ``ds[i]`` is random access to batch ``i``.
     """
     _check_batch_size(batch_size)
     _check_processes(process_index, process_count)

@@ -26,8 +26,9 @@ cross-entropy (mean over B_s)::
     coral:  L = CE + w·‖C_s − C_t‖_F² / (4 d²)
     mmd:    L = CE + w·MMD²_k(f_s, f_t),   k = Σ_k exp(−‖x − y‖² / β_k)   (multi-bandwidth)
 
-DANN's discriminator D_ψ (an MLP, ``hidden`` units × ``depth`` layers, one
-logit) is a trainable extra under ``params['discriminator']``; the gradient
+DANN's discriminator D_ψ (an MLP, ``hidden`` units × ``depth`` layers, each
+with a LayerNorm if ``layer_norm``, one logit) is a trainable extra under
+``params['discriminator']``; the gradient
 reversal layer GRL_λ is the identity forward and multiplies the gradient
 reaching the backbone by −λ, so ψ minimises L_d while the features maximise it.
 

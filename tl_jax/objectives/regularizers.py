@@ -80,7 +80,8 @@ class Regularized:
     """An objective with ``config.loss`` regularisers added to its loss.
 
     Everything but :meth:`loss` is the wrapped objective's (attribute reads and
-    writes are forwarded), so the loop treats it as the objective itself.
+    writes are forwarded), so the loop treats it as the objective itself; an
+    objective's own ``value_and_grad`` (PCGrad) gets the penalty's gradient added.
     """
 
     _OWN = ("inner", "weights", "paths")
@@ -91,7 +92,19 @@ class Regularized:
         object.__setattr__(self, "paths", list(paths))
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        value = getattr(self.inner, name)
+        if name == "value_and_grad":  # e.g. PCGrad: its update direction + the penalty's gradient
+            return self._with_penalty(value)
+        return value
+
+    def _with_penalty(self, inner_value_and_grad: Any) -> Any:
+        def value_and_grad(params, batch_stats, aux, batch, rng, step):
+            (loss, (batch_stats, metrics)), grads = inner_value_and_grad(params, batch_stats, aux, batch, rng, step)
+            (reg, reg_metrics), reg_grads = jax.value_and_grad(self.penalty, has_aux=True)(params, aux)
+            metrics = {**metrics, **reg_metrics, "train/objective_loss": loss, "train/loss": loss + reg}
+            return (loss + reg, (batch_stats, metrics)), jax.tree.map(jnp.add, grads, reg_grads)
+
+        return value_and_grad
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._OWN:

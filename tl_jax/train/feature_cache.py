@@ -38,6 +38,7 @@ import numpy as np
 
 from tl_jax.data import cache as data_cache
 from tl_jax.data.pipeline import _Subset
+from tl_jax.data.preprocess import RANDOM_OPS
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.models.layers import Classifier
 from tl_jax.objectives.base import Objective
@@ -76,7 +77,7 @@ def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params:
     if not isinstance(objective.model, Classifier):
         return f"model {type(objective.model).__name__} is not a backbone/head Classifier"
     if train_pp.is_random:
-        return f"config.data.train_pp has random ops {[o for o in train_pp.op_names]}"
+        return f"config.data.train_pp has random ops {[o for o in train_pp.op_names if o in RANDOM_OPS]}"
     rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
     mults = rules_lib.match_rules(params, rules)
     trainable_backbone = [p for p, m in mults.items() if p.startswith("backbone/") and m is not None]
@@ -87,25 +88,29 @@ def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params:
     return None
 
 
-def _embed_fn(model: Classifier, params: PyTree, batch_stats: PyTree):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+def _embed_fns(model: Classifier):
+    """Jitted ``(variables, x, rng) -> backbone(x)`` in eval mode and in train mode (updates discarded)."""
 
     @jax.jit
-    def embed(x: jax.Array, rng: jax.Array) -> jax.Array:
+    def embed(variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
         return model.apply(variables, x, False, method=_backbone, rngs={"dropout": rng})
 
     @jax.jit
-    def embed_train(x: jax.Array, rng: jax.Array) -> jax.Array:
-        out = model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])
-        return out[0]
+    def embed_train(variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
+        return model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])[0]
 
     return embed, embed_train
+
+
+def _variables(params: PyTree, batch_stats: PyTree) -> dict:
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
 def compute_features(model: Classifier, params: PyTree, batch_stats: PyTree, images: np.ndarray,
                      batch_size: int) -> np.ndarray:
     """Backbone outputs of ``images`` ``[N, ...]`` in batches of ``batch_size`` (last one padded)."""
-    embed, _ = _embed_fn(model, params, batch_stats)
+    embed, _ = _embed_fns(model)
+    variables = _variables(params, batch_stats)
     rng = jax.random.PRNGKey(0)
     out = []
     for start in range(0, len(images), batch_size):
@@ -113,16 +118,17 @@ def compute_features(model: Classifier, params: PyTree, batch_stats: PyTree, ima
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(embed(chunk, rng))[:batch_size - pad])
+        out.append(np.asarray(embed(variables, chunk, rng))[:batch_size - pad])
     return np.concatenate(out)
 
 
 def _deterministic(model: Classifier, params: PyTree, batch_stats: PyTree, sample: np.ndarray) -> bool:
     """Backbone outputs equal in eval mode and in train mode under two rngs (frozen BN, no dropout)."""
-    embed, embed_train = _embed_fn(model, params, batch_stats)
-    ref = np.asarray(embed(sample, jax.random.PRNGKey(1)), np.float32)
+    embed, embed_train = _embed_fns(model)
+    variables = _variables(params, batch_stats)
+    ref = np.asarray(embed(variables, sample, jax.random.PRNGKey(1)), np.float32)
     for seed in (1, 2):
-        out = np.asarray(embed_train(sample, jax.random.PRNGKey(seed)), np.float32)
+        out = np.asarray(embed_train(variables, sample, jax.random.PRNGKey(seed)), np.float32)
         if not np.allclose(out, ref, rtol=1e-5, atol=1e-6):
             return False
     return True

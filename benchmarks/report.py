@@ -1,0 +1,228 @@
+"""``render(results) -> str``: the markdown of ``BENCHMARKS.md`` from ``benchmarks.run``'s results."""
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import fmt, table
+from benchmarks.conv_bench import FLAG_SETS, SHAPES, VARIANTS
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _met(value: float | None, target: float, higher: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return "yes" if (value >= target if higher else value <= target) else "**no**"
+
+
+def _error(res: dict) -> str | None:
+    if not isinstance(res, dict):
+        return "no result"
+    for key in ("error", "not_available", "skipped"):
+        if key in res:
+            return f"{key.replace('_', ' ')}: {res[key]}"
+    return None
+
+
+def summary(s: dict) -> str:
+    """One row per goal of issue 8: the figure, the target, what this run measured."""
+    ov, fc, pl = s.get("overhead", {}), _get(s, "cache", "feature_cache"), _get(s, "cache", "pipeline")
+    comp, mem, gpu = s.get("compile", {}), s.get("memory", {}), s.get("gpu", {})
+    conv = _get(s, "conv", "variants", "ms") or {}
+    torch_ratio = {shape: (_get(conv, f"{shape}/b128", "torch") or 0) / (_get(conv, f"{shape}/b128", "tl_jax") or 1)
+                   if _get(conv, f"{shape}/b128", "torch") else None for shape in SHAPES}
+    pipe = min([r for r in (_get(pl, "source", "ratio_cached"), _get(pl, "target", "ratio_cached")) if r] or [None])
+    rows = [
+        ["1 no overhead", "tl_jax loop steps/s / hand-written jit loop (demo source stage, no crops)", ">= 0.97",
+         fmt(_get(ov, "ratio_deterministic_pp")), _met(_get(ov, "ratio_deterministic_pp"), 0.97)],
+        ["1 no overhead", "same with the demo's per-example random crops in the data thread", ">= 0.97",
+         fmt(_get(ov, "ratio")), _met(_get(ov, "ratio"), 0.97)],
+        ["2 CPU conv gap", "PyTorch eager step time / tl_jax step time, 32x32x3 b128", ">= 1.0",
+         fmt(torch_ratio["32x32x3"]), _met(torch_ratio["32x32x3"], 1.0)],
+        ["2 CPU conv gap", "same, 28x28x1 b128", ">= 1.0", fmt(torch_ratio["28x28x1"]),
+         _met(torch_ratio["28x28x1"], 1.0)],
+        ["3 feature cache", "full fine-tune epoch time / cached linear-probe epoch time", ">= 10",
+         fmt(_get(fc, "speedup_cached_vs_finetune"), 1), _met(_get(fc, "speedup_cached_vs_finetune"), 10)],
+        ["4 input pipeline", "pipeline batches/s / train steps/s (worst demo stage)", ">= 5", fmt(pipe, 1),
+         _met(pipe, 5)],
+        ["5 compilation", "warm compile_s / cold compile_s (demo source stage)", "<= 0.20",
+         fmt(_get(comp, "compile_ratio")), _met(_get(comp, "compile_ratio"), 0.20, higher=False)],
+        ["6 memory", "linear-probe / fine-tune optimizer-state bytes (CNN)", "frozen hold none",
+         fmt(_get(mem, "cnn_28x28x1", "ratio"), 3), "-"],
+        ["6 memory", "peak RSS of the demo (MiB)", "report", fmt(_get(mem, "demo", "peak_rss_mib"), 0), "-"],
+        ["7 GPU", "ResNet-50 224x224 bf16 MFU", ">= 0.40", fmt(_get(gpu, "mfu")),
+         _met(_get(gpu, "mfu"), 0.40) if _get(gpu, "mfu") else "skipped (no GPU)"],
+    ]
+    return table(["goal", "figure (same-run ratio)", "target", "measured", "met"], rows)
+
+
+def overhead_md(r: dict) -> str:
+    sps = r["steps_per_s"]
+    what = {"hand_written": "30-line jit loop (flax + optax Adam), batches already on the device",
+            "tl_jax": "`tl_jax.train.loop.train`, the demo's train_pp (random 28x28 crops of the 2-px padded digit)",
+            "tl_jax_deterministic_pp": "the same without the crop (rescale + normalize: one cached gather per batch)"}
+    rows = [[k, what.get(k, ""), sps[k], sps[k] / sps["hand_written"]] for k in sps]
+    return (f"Demo source stage (mnist5k, CNN, Adam, batch 64) with the demo's cadence (metrics every 50 steps, "
+            f"a checkpoint every 300: one in the window), "
+            f"steps/s over the {r['window']} steps after the first metrics record (so start-up, compilation and "
+            f"the final evaluation are outside), best of {r['rounds']} interleaved rounds. The crop runs per "
+            "example in the data thread, CPU the hand-written loop never spends (its arrays are made before).\n\n"
+            + table(["loop", "what", "steps/s", "ratio to hand-written"], rows)
+            + (f"\n\nThe train steps alone, interleaved on one device batch: hand-written "
+               f"{fmt(r['step_only_ms']['hand_written'])} ms, tl_jax {fmt(r['step_only_ms']['tl_jax'])} ms "
+               f"(ratio {fmt(r['step_only_ratio'])}): tl_jax's step also computes what it logs every step (the "
+               "gradient norm, which is also its NaN/Inf check, and the accuracy), a reduction over all "
+               "gradients that XLA:CPU does not fuse into the update; the rest of the gap is the loop."
+               if "step_only_ms" in r else ""))
+
+
+def cache_md(r: dict) -> str:
+    fc, pl = r["feature_cache"], r["pipeline"]
+    ep = fc["epoch_s"]
+    rows = [[k, 1000 * v, ep["finetune"] / v] for k, v in ep.items()]
+    out = (f"### Feature cache (goal 3)\n\nOne epoch of optdigits' train split ({fc['examples']} examples, "
+           f"{fc['steps_per_epoch']} steps of 32, 28x28x1), batches from the tl_jax pipelines, best of the "
+           f"interleaved rounds. The one-time feature extraction took {fmt(fc['extract_s'])} s = "
+           f"{fmt(fc['extract_in_finetune_epochs'])} fine-tune epochs.\n\n"
+           + table(["run", "ms / epoch", "speed-up vs fine-tune"], rows))
+    rows = []
+    for stage in ("source", "target"):
+        st = pl[stage]
+        rows.append([f"{stage} ({', '.join(st['ops'])}; batch {st['batch_size']})", st["per_s"]["step"],
+                     st["per_s"]["pipeline_cached"], st["ratio_cached"], st["per_s"]["pipeline_uncached"],
+                     st["ratio_uncached"]])
+    out += (f"\n\n### Input pipeline (goal 4)\n\nBatches/s of one pipeline iterator ({pl['read_threads']} grain "
+            f"read threads, as the loop uses on this machine) vs steps/s of the full fine-tune step on the same "
+            f"batch shape, interleaved.\n\n"
+            + table(["demo stage", "steps/s", "cached batches/s", "ratio", "uncached batches/s", "ratio"], rows))
+    return out
+
+
+def conv_md(r: dict) -> str:
+    base = _get(r, "variants", "ms") or {}
+    out = ("PyTorch eager time / JAX time for one SGD-momentum train step of the demo CNN (> 1: JAX faster), "
+           "measured interleaved in the same worker process. PyTorch's OpenMP threads slow down far more than "
+           "XLA's on a loaded machine (spinning barriers on 2 shared cores), so this ratio moves with the load; "
+           "the JAX-vs-JAX ratios do not.\n\n")
+    speedups = []
+    for shape in SHAPES:
+        ms = base.get(f"{shape}/b128", {})
+        if "tl_jax" in ms and "reduce_window_pool" in ms:
+            speedups.append(f"{ms['reduce_window_pool'] / ms['tl_jax']:.2f}x at {shape}")
+    if speedups:
+        out += ("tl_jax's step vs tl_jax before issue 8 (`reduce_window` pooling, XLA conv1): "
+                + ", ".join(speedups) + " faster (same run).\n\n")
+    if _error(r.get("variants", {})):
+        out += f"Variants: {_error(r['variants'])}\n\n"
+    else:
+        rows = []
+        for name, desc in VARIANTS.items():
+            row: list[Any] = [name, desc]
+            for shape in SHAPES:
+                ms = base.get(f"{shape}/b128", {})
+                row.append(ms["torch"] / ms[name] if name in ms and "torch" in ms else "n/a")
+                row.append(ms[name] if name in ms else "n/a")
+            rows.append(row)
+        rows.append(["torch", "PyTorch 2.13 eager, NCHW (the reference)", 1.0,
+                     _get(base, "32x32x3/b128", "torch") or "n/a", 1.0, _get(base, "28x28x1/b128", "torch") or "n/a"])
+        out += table(["variant", "what", "32x32x3 torch/JAX", "ms", "28x28x1 torch/JAX", "ms"], rows)
+        errors = _get(r, "variants", "errors")
+        if errors:
+            out += "\n\nVariants that failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
+    rows = []
+    default = {shape: _get(base, f"{shape}/b128") for shape in SHAPES}
+    for label, res in (r.get("flags") or {}).items():
+        err = _error(res)
+        env = FLAG_SETS.get(label, {})
+        row: list[Any] = [label, " ".join(f"`{k}={v}`" for k, v in env.items())]
+        for shape in SHAPES:
+            ms, ref = _get(res, "ms", f"{shape}/b128"), default[shape]
+            if err or not ms or not ref:
+                row += [err or "n/a", "n/a"]
+            else:  # normalised by each process's own PyTorch time
+                mine, theirs = ms["torch"] / ms["tl_jax"], ref["torch"] / ref["tl_jax"]
+                row += [mine, mine / theirs]
+        rows.append(row)
+    out += ("\n\nXLA CPU flags of this jaxlib, each in its own process on top of tl_jax's defaults "
+            "(`tl_jax/xla_flags.py`: YNNPACK fusions off, the only flag that sped the step up), tl_jax's step; "
+            "'vs tl_jax' divides the process's torch/JAX ratio by the variants process's, the torch step being "
+            "the yardstick across processes (> 1: the flag helps):\n\n"
+            + table(["flags", "environment", "32x32x3 torch/JAX", "vs tl_jax", "28x28x1 torch/JAX", "vs tl_jax"],
+                    rows))
+    batch = _get(r, "batch", "ms") or {}
+    rows = [[key.split("/b")[1], ms["torch"] / ms["tl_jax"], 1000 * int(key.split("/b")[1]) / ms["tl_jax"]]
+            for key, ms in batch.items() if "torch" in ms and "tl_jax" in ms]
+    if rows:
+        out += ("\n\nBatch size (32x32x3, tl_jax step): \n\n"
+                + table(["batch", "torch/JAX", "JAX examples/s"], rows))
+    return out
+
+
+def generic_md(r: dict) -> str:
+    rows = [[k, v if isinstance(v, (int, float, str)) else str(v)] for k, v in r.items() if not k.startswith("_")]
+    return table(["figure", "value"], rows)
+
+
+def render(results: dict) -> str:
+    m, v, s = results["machine"], results["versions"], results["sections"]
+    lines = ["# Benchmarks", "",
+             f"Written by `make bench` (`python -m benchmarks.run`{' --quick' if results.get('quick') else ''}) "
+             f"on {m['date']} in {results['total_s'] / 60:.1f} min. Every figure is a ratio of timings taken in "
+             "this run, interleaved round by round; absolute times only orient. The machine was shared with other "
+             f"work (load average {fmt(m['loadavg'][0], 1) if m.get('loadavg') else 'n/a'} at the start, "
+             f"{fmt(results['loadavg_end'][0], 1) if results.get('loadavg_end') else 'n/a'} at the end): "
+             "re-run `make bench` on a quiet machine for figures to quote.", "",
+             f"**Machine**: {m['cores']} cores, {m['cpu']}, "
+             f"{fmt(m['memory_gib'], 0) if m.get('memory_gib') else '?'} GiB, {m['platform']}.  ",
+             "**Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
+             "## Goals (issue 8)", "", summary(s), ""]
+    renderers = {"overhead": ("1. No overhead: the training loop vs a hand-written jit loop", overhead_md),
+                 "conv": ("2. The CPU convolution gap", conv_md),
+                 "cache": ("3-4. Feature cache and input pipeline", cache_md),
+                 "compile": ("5. Compilation: cold vs warm start", None),
+                 "memory": ("6. Memory", None),
+                 "parallel": ("Devices: sharded jit vs pmap (benchmarks/parallel_bench.py)", None),
+                 "sweep": ("Vectorised sweep vs sequential runs (benchmarks/sweep_bench.py)", None),
+                 "gpu": ("7. GPU: ResNet-50 224x224 bf16", None)}
+    for name, (title, fn) in renderers.items():
+        if name not in s:
+            continue
+        res = s[name]
+        lines += [f"## {title}", ""]
+        err = _error(res)
+        if err and name != "gpu":
+            lines += [err, ""]
+            continue
+        if name == "compile":
+            c, w = res["cold"], res["warm"]
+            lines += [table(["start", "compile_s", "process wall s"],
+                            [["cold (empty cache dir)", c["compile_s"], c["process_s"]],
+                             ["warm (same cache dir)", w["compile_s"], w["process_s"]],
+                             ["warm / cold", res["compile_ratio"], res["process_ratio"]]])]
+        elif name == "memory":
+            rows = [[k, d["params"] / 2**20, d["finetune"] / 2**20, d["linear_probe"] / 2**20, f"{d['ratio']:.4f}"]
+                    for k, d in res.items() if isinstance(d, dict) and "ratio" in d]
+            lines += ["Adam state (MiB) by `tl_jax.transfer.build_optimizer`; frozen params hold none.", "",
+                      table(["model", "params MiB", "fine-tune state MiB", "probe state MiB", "probe / fine-tune"],
+                            rows), ""]
+            demo = res.get("demo", {})
+            lines += [f"Peak RSS of the demo study (`--sweep {demo.get('sweep')}`: source pretraining + "
+                      f"{demo.get('runs', '?') - 1 if isinstance(demo.get('runs'), int) else '?'} target runs, one "
+                      f"process): **{fmt(demo.get('peak_rss_mib'), 0)} MiB** ({fmt(demo.get('seconds'), 0)} s)."
+                      if "peak_rss_mib" in demo else f"Demo peak RSS: {demo.get('error', 'n/a')}"]
+        elif name == "gpu" and err:
+            lines += [f"{err[0].upper()}{err[1:]}. On a machine with a GPU, `make bench` runs "
+                      "`python -m benchmarks.gpu_bench --worker` (tl_jax's ResNet-50 step in bfloat16, batch 256) "
+                      "and reports its step time and MFU against the device's dense bf16 peak here."]
+        elif fn is not None:
+            lines += [fn(res)]
+        else:
+            lines += [res["markdown"] if "markdown" in res else generic_md(res)]
+        lines += ["", f"*{res.get('_seconds', 0):.0f} s*", ""]
+    return "\n".join(lines).rstrip() + "\n"
