@@ -41,6 +41,7 @@ FLAG_SETS = {
     "Eigen single-thread": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
     "thunk runtime off": {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"},
     "fast math": {"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"},
+    "2 CPU devices, batch sharded": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
 }
 
 
@@ -120,9 +121,13 @@ def _jax_variant(name: str, hw: int, c: int, batch: int):
 
 
 def _tl_jax_step(hw: int, c: int, x: Any, y: Any, tx: Any):
-    """tl_jax's own model, objective and train step (metrics included), SGD momentum."""
+    """tl_jax's own model, objective and train step (metrics included, the gradient norm every 50 steps as the
+    loop logs it), SGD momentum. With several devices (a flag set), the batch is sharded over all of them
+    (data-parallel jit, state replicated), as ``tl_jax.parallel`` runs it."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from tl_jax import config as config_lib
     from tl_jax.models import get_model
@@ -136,7 +141,12 @@ def _tl_jax_step(hw: int, c: int, x: Any, y: Any, tx: Any):
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
                        rng=jax.random.PRNGKey(1), skipped=jnp.zeros((), jnp.int32), aux={})
     batch = {"image": x, "label": y}
-    compiled = jax.jit(make_train_step(objective.loss, tx), donate_argnums=0).lower(state, batch).compile()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    repl = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(state, repl)
+    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    step = make_train_step(objective.loss, tx, grad_norm_every=50)
+    compiled = jax.jit(step, donate_argnums=0, out_shardings=(repl, repl)).lower(state, batch).compile()
     holder = [state]
 
     def run():

@@ -117,3 +117,31 @@ def test_masked_eval_matches_numpy(tfds_data_dir):
     assert res["count"] == 450
     np.testing.assert_allclose(res["loss"], ce.mean(), rtol=1e-5)
     assert res["accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)), abs=1e-9)
+
+
+def test_grad_norm_on_logged_steps_only_same_updates():
+    """``grad_norm_every=3, last_step=5``: ‖g‖ on steps 3 and 5 (numpy reference), 0 elsewhere; params unchanged."""
+    model = get_model("cnn", 4)
+    batch = fixed_batch()
+    tx = optax.sgd(0.05)
+    loss_fn = classification_loss(model)
+    every_step = jax.jit(make_train_step(loss_fn, tx))
+    sparse = jax.jit(make_train_step(loss_fn, tx, grad_norm_every=3, last_step=5))
+    a = b = make_state(model, tx, batch["image"])
+    for step in range(1, 6):
+        grads = jax.grad(lambda p: loss_fn(p, {}, {}, batch, jax.random.fold_in(b.rng, b.step), b.step)[0])(b.params)
+        want = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(grads)))
+        a, ma = every_step(a, batch)
+        b, mb = sparse(b, batch)
+        np.testing.assert_allclose(float(ma["train/grad_norm"]), want, rtol=1e-5)
+        if step in (3, 5):
+            np.testing.assert_allclose(float(mb["train/grad_norm"]), want, rtol=1e-5)
+        else:
+            assert float(mb["train/grad_norm"]) == 0.0
+        assert float(mb["train/finite"]) == 1.0
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))
+
+
+def test_grad_norm_every_rejects_bad_values():
+    with pytest.raises(ValueError, match="grad_norm_every must be an int >= 1"):
+        make_train_step(classification_loss(get_model("cnn", 4)), optax.sgd(0.1), grad_norm_every=0)

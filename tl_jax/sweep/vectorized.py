@@ -33,7 +33,7 @@ import numpy as np
 from tl_jax.data import eval_batches
 from tl_jax.sweep.plan import LR_KEY, RULES_KEY, flat_config, loss_keys, swept_keys
 from tl_jax.train import compile_cache
-from tl_jax.train.loop import NonFiniteError, Run, _flush, pure_train_step
+from tl_jax.train.loop import NonFiniteError, Run, _flush, grad_norm_steps, pure_train_step
 from tl_jax.train.preemption import Preempted, StopSignal
 from tl_jax.train.prefetch import Prefetcher
 from tl_jax.train.step import make_eval_step
@@ -238,7 +238,7 @@ class VectorizedGroup:
                         for i, (r, window) in enumerate(zip(self.runs, host_windows())):
                             try:
                                 last_train[i] = _flush(window, r.wd, True, tc.nan_policy, _PointView(state, i),
-                                                       fetch_state=np.asarray)
+                                                       fetch_state=np.asarray, norm_steps=grad_norm_steps(t.config))
                             except NonFiniteError as e:
                                 raise NonFiniteError(f"{r.wd.path.name}: {e}") from None
                         pending, restored = [], [[] for _ in self.runs]

@@ -10,6 +10,7 @@ periodic full-test-split eval, checkpoints) -> ``summary.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -36,13 +37,14 @@ from tl_jax.train.prefetch import Prefetcher
 from tl_jax.train.state import TrainState
 from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.objectives.regularizers import add_regularizers
-from tl_jax.train.step import make_eval_step, make_train_step
+from tl_jax.train.step import is_grad_norm_step, make_eval_step, make_train_step
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
 from tl_jax.transfer.merge import merge_params
 
 log = logging.getLogger("tl_jax")
 PyTree = Any
+GRAD_NORM = "train/grad_norm"
 
 
 class NonFiniteError(FloatingPointError):
@@ -254,7 +256,8 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                 pending.append((step, metrics))
                 progress.update(1)
                 if step % tc.log_every == 0 or step == total:
-                    last_train = _flush(pending, wd, is_main, tc.nan_policy, state, strategy.fetch_state)
+                    last_train = _flush(pending, wd, is_main, tc.nan_policy, state, strategy.fetch_state,
+                                        norm_steps=grad_norm_steps(config))
                     pending = []
                     progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
                 maybe_kill("kill_after_step", step)
@@ -296,7 +299,14 @@ def pure_train_step(config, objective, tx, params, axis_name: str | None = None)
     """The run's pure ``(state, batch[, hparams]) -> (state, metrics)`` (also vmapped by tl_jax/sweep)."""
     return make_train_step(objective.loss, tx, nan_policy=config.train.nan_policy, axis_name=axis_name,
                            value_and_grad=getattr(objective, "value_and_grad", None),
-                           trainable=_trainable(config, objective, params))
+                           trainable=_trainable(config, objective, params),
+                           grad_norm_every=config.train.log_every, last_step=config.train.steps)
+
+
+def grad_norm_steps(config) -> Any:
+    """``step -> bool``: the steps whose ``train/grad_norm`` the run's step computes."""
+    every = 1 if config.train.nan_policy == "skip" else config.train.log_every
+    return functools.partial(is_grad_norm_step, every=every, last_step=config.train.steps)
 
 
 def _trainable(config, objective, params) -> Any:
@@ -311,8 +321,13 @@ def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:
 
 
 def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState,
-           fetch_state=jax.device_get) -> dict:
-    """Fetch the pending per-step metrics (one host sync), check finiteness, log the mean."""
+           fetch_state=jax.device_get, norm_steps=None) -> dict:
+    """Fetch the pending per-step metrics (one host sync), check finiteness, log the mean.
+
+    ``train/grad_norm`` is the mean over the window's steps that computed it
+    (``norm_steps(step)``, see :func:`tl_jax.train.step.is_grad_norm_step`;
+    default: all).
+    """
     host = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, host):
         if nan_policy == "error" and not m["train/finite"]:
@@ -322,7 +337,11 @@ def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: Tr
                                  f"set config.train.nan_policy='skip' to skip such updates")
     record = {"step": pending[-1][0]}
     for key in host[-1]:
-        if key != "train/finite":
+        if key == GRAD_NORM and norm_steps is not None:
+            values = [np.float64(m[key]) for (s, _), m in zip(pending, host) if norm_steps(s)]
+            if values:
+                record[key] = float(np.mean(values))
+        elif key != "train/finite":
             record[key] = float(np.mean([np.float64(m[key]) for m in host]))
     record["train/skipped_steps"] = int(fetch_state(state.skipped))
     if is_main:
