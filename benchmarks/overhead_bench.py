@@ -169,16 +169,58 @@ def step_only(batch: dict, rounds: int) -> dict:
                        rounds=rounds, reps=10, sync=jax.block_until_ready)
 
 
+def host_costs(config: Any, rounds: int) -> dict:
+    """Milliseconds of host work per batch of the demo's source stage, old way vs tl_jax's, interleaved.
+
+    * random ops: per example through grain's ``random_map`` (each example its
+      own rng, one numpy call per op per example) vs once per batch
+      (:meth:`tl_jax.data.Preprocess.on_batch`), both over the cached rows;
+    * host-to-device: ``make_array_from_process_local_data`` per key vs one
+      ``device_put`` of the batch (what ``tl_jax.parallel.mesh.shard_batch``
+      does in a single-process run).
+    """
+    import grain
+    import jax
+
+    from benchmarks.common import interleaved
+    from tl_jax.data import build_preprocess, load_split
+    from tl_jax.data import cache as data_cache
+    from tl_jax.data.shuffle import _Root, shuffle, train_chain
+    from tl_jax.parallel import mesh as mesh_lib
+
+    dc = config.data
+    split = load_split(dc.name, dc.train_split, dc.data_dir)
+    rows, suffix = data_cache.cached_chain(split.source, build_preprocess(list(dc.train_pp)), mode=True,
+                                           max_bytes=2**30)
+    per_example = shuffle(_Root(rows), seed=0).repeat().seed(0).random_map(suffix)  # the chain before issue 8
+    per_example = per_example.batch(dc.batch_size, drop_remainder=True)
+    iters = {"per_example": iter(per_example.to_iter_dataset(grain.ReadOptions(num_threads=0))),
+             "per_batch": iter(train_chain(rows, suffix, batch_size=dc.batch_size, seed=0).to_iter_dataset(
+                 grain.ReadOptions(num_threads=0)))}
+    batch = next(iters["per_batch"])
+    mesh = mesh_lib.build_mesh({"data": -1, "model": 1})
+    sharding = mesh_lib.batch_sharding(mesh)
+    fns = {"random_ops_per_example": lambda: next(iters["per_example"]),
+           "random_ops_per_batch": lambda: next(iters["per_batch"]),
+           "make_array_from_process_local_data": lambda: {
+               k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()},
+           "device_put": lambda: jax.device_put(batch, sharding)}
+    sec = interleaved(fns, rounds=rounds, reps=50, sync=jax.block_until_ready)
+    return {k: 1000 * v for k, v in sec.items()}
+
+
 DETERMINISTIC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "normalize", "mean": 0.1307, "std": 0.3081}]
 
 
 def run(data_dir: str, quick: bool = False) -> dict:
-    """Interleaved rounds of (hand-written, tl_jax, tl_jax with the demo's crops dropped); best of each."""
+    """Interleaved rounds of (hand-written, tl_jax, tl_jax with the demo's crops dropped, tl_jax with a
+    prefetch thread); best of each."""
     steps = 350
     rounds = 2 if quick else 5
     root = pathlib.Path(tempfile.mkdtemp(prefix="tl_jax_bench_overhead_"))
     configs = {"tl_jax": demo_source_config(data_dir, steps),
-               "tl_jax_deterministic_pp": demo_source_config(data_dir, steps, **{"data.train_pp": DETERMINISTIC_PP})}
+               "tl_jax_deterministic_pp": demo_source_config(data_dir, steps, **{"data.train_pp": DETERMINISTIC_PP}),
+               "tl_jax_prefetch_thread": demo_source_config(data_dir, steps, **{"data.prefetch": 2})}
     batches = device_batches(configs["tl_jax"], 40)
     best = {"hand_written": 0.0, **{k: 0.0 for k in configs}}
     for r in range(rounds):
@@ -186,12 +228,21 @@ def run(data_dir: str, quick: bool = False) -> dict:
         for name, config in configs.items():
             best[name] = max(best[name], tl_jax_loop(config, str(root / f"{name}_{r}")))
     step_s = step_only(batches[0], 9 if not quick else 3)
+    host_ms = host_costs(configs["tl_jax"], 5 if not quick else 2)
     return {"steps_per_s": best, "steps": steps, "window": steps - LOG_EVERY, "rounds": rounds,
-            "step_only_ms": {k: 1000 * v for k, v in step_s.items()},
+            "step_only_ms": {k: 1000 * v for k, v in step_s.items()}, "host_ms": host_ms,
             "step_only_ratio": step_s["hand_written"] / step_s["tl_jax"],
             "step_only_ratio_norm_every_step": step_s["hand_written"] / step_s["tl_jax_norm_every_step"],
             "ratio": best["tl_jax"] / best["hand_written"],
-            "ratio_deterministic_pp": best["tl_jax_deterministic_pp"] / best["hand_written"]}
+            "ratio_deterministic_pp": best["tl_jax_deterministic_pp"] / best["hand_written"],
+            "ratio_prefetch_thread": best["tl_jax_prefetch_thread"] / best["hand_written"],
+            "data_prefetch_auto": _auto_prefetch()}
+
+
+def _auto_prefetch() -> int:
+    from tl_jax.train.prefetch import auto_size
+
+    return auto_size("auto")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ BAD_INPUTS = [
     (["--config.train.nan_policy=ignore"], "config.train.nan_policy must be one of ('error', 'skip')"),
     (["--config.optimizer.name=adamm"], "config.optimizer.name must be one of"),
     (["--config.data.train_pp=[{\"op\": \"reszie\", \"size\": 3}]"], "config.data.train_pp[0]"),
+    (["--config.data.prefetch=-1"], "config.data.prefetch must be 'auto' or an int >= 0, got -1"),
 ]
 
 

@@ -48,7 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=64, eval_batch_size=250,
         # Keep the deterministic prefix of train_pp (ops before the first random op) in memory
         # (tl_jax/data/cache.py): 'auto' (when it fits in cache_max_mb) | true | false. Same batches.
-        cache=config_dict.FieldReference("auto", field_type=object), cache_max_mb=1024.0)
+        cache=config_dict.FieldReference("auto", field_type=object), cache_max_mb=1024.0,
+        # Device batches a background thread makes ahead (tl_jax/train/prefetch.py); 0 = in the loop's
+        # thread. 'auto': 2 on machines of more than 2 cores, else 0 (faster there: BENCHMARKS.md, goal 1).
+        prefetch=config_dict.FieldReference("auto", field_type=object))
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
                        warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
     # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
@@ -279,5 +282,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if _get(config, key) not in ("auto", True, False) or isinstance(_get(config, key), int) and \
                 not isinstance(_get(config, key), bool):
             raise ConfigError(f"config.{key} must be 'auto', true or false, got {_get(config, key)!r}")
+    prefetch = config.data.prefetch
+    if prefetch != "auto" and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0):
+        raise ConfigError(f"config.data.prefetch must be 'auto' or an int >= 0, got {prefetch!r}")
     if not config.data.cache_max_mb > 0:
         raise ConfigError(f"config.data.cache_max_mb must be > 0, got {config.data.cache_max_mb}")

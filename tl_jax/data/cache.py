@@ -5,20 +5,19 @@ runs the same deterministic ops on it every time (``rescale``, ``resize``,
 ``pad``, ``normalize``, ...): the demo's optdigits pipeline spent ~19 ms per
 batch of 32 (with the per-read decoding; grain's shuffle of a few-shot subset
 cost more still, see :mod:`tl_jax.data.shuffle`), more than the train step.
-:func:`materialize` runs the ops *before the
-first random op* (the deterministic prefix) once over this process's training
-examples and keeps the results as one numpy array; the pipeline then reads
-rows of that array and applies only the remaining ops (the random suffix:
-``random_crop``, ``flip_lr`` and what follows them) per example.
+:func:`materialize` runs the ops *before the first random op* (the
+deterministic prefix) once over this process's training examples and keeps the
+results as one numpy array; the pipeline then gathers whole batches of rows of
+that array (:class:`tl_jax.data.shuffle.GatherBatches`) and applies only the
+remaining ops (the random suffix: ``random_crop``, ``flip_lr`` and what follows
+them) once per batch.
 
 Both pipelines are built by one function (:func:`tl_jax.data.shuffle.train_chain`:
-``source -> seed -> shuffle -> repeat -> (random_)map -> batch``), so the
-shuffle order, the per-example random draws and the iterator state
+``source -> shuffle -> repeat -> prefix -> batch -> suffix``), so the shuffle
+order, the random draws (per batch index) and the iterator state
 (``{"next_index": k}``) are the same: batches are identical to the uncached
 pipeline's, and a checkpointed iterator state resumes either of them on the
-exact next batch. With no random op at all, a batch is one fancy-index gather
-of cached rows (:class:`tl_jax.data.shuffle.GatherBatches`), equal to the
-per-example chain.
+exact next batch.
 
 ``config.data.cache``: ``'auto'`` (default) caches when the prefix output of
 this process's examples fits in ``config.data.cache_max_mb``; ``True`` caches
@@ -50,16 +49,8 @@ def check_mode(mode: Any, where: str = "config.data.cache") -> None:
 
 
 def split_preprocess(preprocess: Preprocess) -> tuple[Preprocess, Preprocess]:
-    """``(prefix, suffix)``: the ops before the first random op, and the rest.
-
-    ``suffix(prefix(example), rng) == preprocess(example, rng)`` for every
-    example and rng state: the prefix draws nothing, and every op maps float32
-    images to float32 images.
-    """
-    ops = preprocess.ops
-    first_random = next((i for i, op in enumerate(ops) if op.random), len(ops))
-    return (Preprocess(ops[:first_random], preprocess.where),
-            Preprocess(ops[first_random:], preprocess.where))
+    """``(prefix, suffix)`` of :meth:`Preprocess.split`: the prefix is what the cache holds."""
+    return preprocess.split()
 
 
 class ArraySource:
@@ -99,18 +90,6 @@ class ArraySource:
 
 class _ShapeMismatch(ValueError):
     """Two examples' outputs differ in shape (variable-size images): nothing to stack."""
-
-
-class _Rows:
-    """The cached rows as they are: ``train_chain`` gathers whole batches of ``gather_arrays``."""
-
-    is_random = False
-
-    def __init__(self, source: ArraySource):
-        self.gather_arrays = source.arrays
-
-    def __call__(self, example: dict, rng: Any = None) -> dict:
-        return example
 
 
 def materialize(source: Sequence, preprocess: Preprocess, *, max_bytes: int,
@@ -182,7 +161,7 @@ def cached_chain(source: Any, preprocess: Preprocess, *, mode: Any, max_bytes: i
         return None
     if cached is None:
         return None
-    return cached, (suffix if suffix.ops else _Rows(cached))
+    return cached, suffix
 
 
 def array_dataset(arrays: dict[str, np.ndarray] | ArraySource, *, batch_size: int, seed: int,
@@ -194,4 +173,4 @@ def array_dataset(arrays: dict[str, np.ndarray] | ArraySource, *, batch_size: in
     of cached backbone features in the order of the image batches.
     """
     source = arrays if isinstance(arrays, ArraySource) else ArraySource(arrays)
-    return train_chain(source, preprocess or _Rows(source), batch_size=batch_size, seed=seed)
+    return train_chain(source, preprocess, batch_size=batch_size, seed=seed)

@@ -1,4 +1,4 @@
-"""Per-example preprocessing built from a config list of op dicts (numpy / PIL).
+"""Preprocessing built from a config list of op dicts (numpy / PIL), per example or per batch.
 
 Example config (``config.data.pp``)::
 
@@ -7,9 +7,13 @@ Example config (``config.data.pp``)::
 
 ``build_preprocess(ops)`` validates the list once and returns a ``Preprocess``:
 a picklable callable ``(example, rng=None) -> {"image": float32 [H, W, C],
-"label": int32 scalar}``. The input image (any dtype, HxWxC or HxW) is first cast
-to float32; ops then run in list order. Random ops draw from ``rng`` in list order,
-so a fixed ``np.random.Generator`` state gives a fixed output.
+"label": int32 scalar}``, with ``on_batch(batch, rng=None)`` for a whole batch.
+The input image (any dtype, HxWxC or HxW) is first cast to float32; ops then
+run in list order, each over the whole batch at once. Random ops draw every
+example's values for the batch from ``rng``, in list order, so a fixed
+``np.random.Generator`` state gives a fixed output. The training chain runs the
+ops before the first random op per example (or once, cached: tl_jax.data.cache)
+and the rest per batch (:func:`tl_jax.data.shuffle.train_chain`).
 
 Ops (``size`` is an int for a square or ``[h, w]``):
 
@@ -39,6 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 Shape = tuple[int, int, int]
@@ -90,80 +95,86 @@ def _vector(value: Any, what: str, *, positive: bool = False) -> np.ndarray:
     return arr.reshape(()) if not isinstance(value, Sequence) else arr
 
 
-# --- ops: each is (image float32 [H, W, C], rng, **params) -> image -------------
+# --- ops: each is (images float32 [B, H, W, C], *draws, **params) -> images ---------
+# A random op also has a ``draw(rng, sizes [B, 2], **params) -> tuple of [B] arrays``:
+# every example's draws for one batch, taken in one call.
 
 
-def _rescale(x: np.ndarray, rng, *, in_max: float) -> np.ndarray:
+def _rescale(x: np.ndarray, *, in_max: float) -> np.ndarray:
     return x / np.float32(in_max)
 
 
-def _resize(x: np.ndarray, rng, *, size: tuple[int, int]) -> np.ndarray:
+def _resize(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
     h, w = size
-    if x.shape[:2] == (h, w):
+    if x.shape[1:3] == (h, w):
         return x
-    chans = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c])).resize((w, h), _BILINEAR))
-        for c in range(x.shape[-1])
-    ]
-    return np.stack(chans, axis=-1).astype(np.float32, copy=False)
+    return np.stack([
+        np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c])).resize((w, h), _BILINEAR))
+                  for c in range(x.shape[-1])], axis=-1)
+        for img in x
+    ]).astype(np.float32, copy=False)
 
 
 def _pad_to(x: np.ndarray, h: int, w: int, what: str) -> np.ndarray:
-    ih, iw = x.shape[:2]
+    ih, iw = x.shape[1:3]
     if ih > h or iw > w:
         raise ValueError(f"{what}: image {ih}x{iw} is larger than pad size {h}x{w}")
     top, left = (h - ih) // 2, (w - iw) // 2
-    return np.pad(x, ((top, h - ih - top), (left, w - iw - left), (0, 0)))
+    return np.pad(x, ((0, 0), (top, h - ih - top), (left, w - iw - left), (0, 0)))
 
 
-def _pad(x: np.ndarray, rng, *, size: tuple[int, int]) -> np.ndarray:
+def _pad(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
     return _pad_to(x, *size, what="pad")
 
 
-def _normalize(x: np.ndarray, rng, *, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def _normalize(x: np.ndarray, *, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32, copy=False)
 
 
-def _crop_at(x: np.ndarray, top: int, left: int, h: int, w: int, what: str) -> np.ndarray:
-    ih, iw = x.shape[:2]
-    if h > ih or w > iw:
-        raise ValueError(f"{what}: crop {h}x{w} is larger than image {ih}x{iw}")
-    return x[top : top + h, left : left + w]
-
-
-def _center_crop(x: np.ndarray, rng, *, size: tuple[int, int]) -> np.ndarray:
+def _center_crop(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
     h, w = size
-    return _crop_at(x, (x.shape[0] - h) // 2, (x.shape[1] - w) // 2, h, w, "center_crop")
-
-
-def _random_crop(x: np.ndarray, rng, *, size: tuple[int, int], pad: int) -> np.ndarray:
-    h, w = size
-    ih, iw = x.shape[0] + 2 * pad, x.shape[1] + 2 * pad  # the zero-padded image, never built
+    ih, iw = x.shape[1:3]
     if h > ih or w > iw:
-        raise ValueError(f"random_crop: crop {h}x{w} is larger than image {ih}x{iw}")
-    top = int(rng.integers(0, ih - h + 1))
-    left = int(rng.integers(0, iw - w + 1))
-    if not pad:
-        return x[top : top + h, left : left + w]
-    # = np.pad(x, pad)[top : top + h, left : left + w], copying only the rows/cols of x inside the crop
-    out = np.zeros((h, w, x.shape[2]), x.dtype)
-    r0, c0 = top - pad, left - pad  # crop origin in x's coordinates
-    rows = slice(max(r0, 0), min(r0 + h, x.shape[0]))
-    cols = slice(max(c0, 0), min(c0 + w, x.shape[1]))
-    if rows.stop > rows.start and cols.stop > cols.start:
-        out[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0] = x[rows, cols]
-    return out
+        raise ValueError(f"crop {h}x{w} is larger than image {ih}x{iw}")
+    top, left = (ih - h) // 2, (iw - w) // 2
+    return x[:, top : top + h, left : left + w]
 
 
-def _flip_lr(x: np.ndarray, rng, *, p: float) -> np.ndarray:
-    return x[:, ::-1] if rng.random() < p else x
+def _draw_crop(rng: np.random.Generator, sizes: np.ndarray, *, size: tuple[int, int], pad: int):
+    """Offsets ``top_b ~ U{0..H_b + 2 pad - h}``, ``left_b ~ U{0..W_b + 2 pad - w}`` of the padded images."""
+    room = sizes + 2 * pad - np.asarray(size) + 1
+    if (room < 1).any():
+        ih, iw = (sizes[np.argmin(room.min(axis=1))] + 2 * pad).tolist()
+        raise ValueError(f"crop {size[0]}x{size[1]} is larger than image {ih}x{iw}")
+    return rng.integers(0, room[:, 0]), rng.integers(0, room[:, 1])
 
 
-def _to_rgb(x: np.ndarray, rng) -> np.ndarray:
+def _random_crop(x: np.ndarray, top: np.ndarray, left: np.ndarray, *, size: tuple[int, int],
+                 pad: int) -> np.ndarray:
+    """``out_b = zero_pad(x_b, pad)[top_b : top_b + h, left_b : left_b + w]`` (one gather for the batch)."""
+    h, w = size
+    if pad:
+        b, ih, iw, c = x.shape
+        padded = np.zeros((b, ih + 2 * pad, iw + 2 * pad, c), x.dtype)
+        padded[:, pad : pad + ih, pad : pad + iw] = x
+        x = padded
+    windows = sliding_window_view(x, (h, w), axis=(1, 2))  # [B, H' - h + 1, W' - w + 1, C, h, w], a view
+    return np.moveaxis(windows[np.arange(len(x)), top, left], 1, -1)
+
+
+def _draw_flip(rng: np.random.Generator, sizes: np.ndarray, *, p: float):
+    return (rng.random(len(sizes)) < p,)
+
+
+def _flip_lr(x: np.ndarray, flip: np.ndarray, *, p: float) -> np.ndarray:
+    return np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+
+
+def _to_rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def _to_gray(x: np.ndarray, rng) -> np.ndarray:
+def _to_gray(x: np.ndarray) -> np.ndarray:
     return x.mean(axis=-1, keepdims=True, dtype=np.float32) if x.shape[-1] == 3 else x
 
 
@@ -173,7 +184,11 @@ class _OpDef:
     required: tuple[str, ...]
     optional: dict[str, Any]
     parse: dict[str, Callable[[Any], Any]]
-    random: bool = False
+    draw: Callable[..., tuple[np.ndarray, ...]] | None = None  # random ops only
+
+    @property
+    def random(self) -> bool:
+        return self.draw is not None
 
 
 _OPS: dict[str, _OpDef] = {
@@ -194,14 +209,14 @@ _OPS: dict[str, _OpDef] = {
         ("size",),
         {"pad": 0},
         {"size": _hw, "pad": lambda v: _nonneg_int(v, "pad")},
-        random=True,
+        draw=_draw_crop,
     ),
     "flip_lr": _OpDef(
         _flip_lr,
         (),
         {"p": 0.5},
         {"p": lambda v: _probability(v, "p")},
-        random=True,
+        draw=_draw_flip,
     ),
     "to_rgb": _OpDef(_to_rgb, (), {}, {}),
     "to_gray": _OpDef(_to_gray, (), {}, {}),
@@ -214,20 +229,38 @@ class _Op:
     name: str
     fn: Callable[..., np.ndarray]
     params: dict[str, Any]
-    random: bool
+    draw: Callable[..., tuple[np.ndarray, ...]] | None
     where: str
+
+    @property
+    def random(self) -> bool:
+        return self.draw is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Validated op chain. ``pp(example, rng)`` -> ``{"image": f32 HxWxC, "label": i32}``.
+    """Validated op chain, applied to one example or to a whole batch.
+
+    * ``pp(example, rng=None) -> {"image": f32 [H, W, C], "label": i32}``: one
+      example (``image`` HxWxC or HxW, any numeric dtype; cast to float32 first).
+    * ``pp.on_batch(batch, rng=None) -> batch``: ``batch["image"]`` float32
+      ``[B, H, W, C]``, or a list of ``B`` float32 ``[H_b, W_b, C]`` images of
+      different sizes, becomes float32 ``[B, h, w, C]``; other keys pass through.
+      Each op runs once over the stacked batch (one numpy call instead of ``B``);
+      images of different sizes go op by op one at a time until they match.
+
+    Random ops take every example's draws for the batch from ``rng`` in one
+    call, op by op in list order (e.g. ``random_crop``: ``top ~ U{0..H+2pad-h}``
+    then ``left``, both ``[B]``), so the output is a function of the rows and the
+    rng state only; a single example is a batch of one. ``rng`` (a
+    ``np.random.Generator``, or anything with its ``integers`` and ``random``)
+    is required iff ``is_random``: the training chain
+    (:func:`tl_jax.data.shuffle.train_chain`) passes a
+    :class:`~tl_jax.data.stream_rng.StreamRng` of the batch's stream positions.
 
     An example without ``image`` (token ids: ``input_ids``, ``attention_mask``)
     passes through as int32 arrays; it accepts only the empty op list.
-
-    ``example`` needs ``image`` (HxWxC or HxW, any numeric dtype) and ``label``.
-    ``rng`` (``np.random.Generator``) is required iff ``is_random``; grain's
-    ``random_map`` passes one per element. Picklable (module-level functions only).
+    Picklable (module-level functions only).
     """
 
     ops: tuple[_Op, ...]
@@ -243,8 +276,7 @@ class Preprocess:
         return tuple(op.name for op in self.ops)
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        if rng is None and self.is_random:
-            raise ValueError(f"{self.where} has random ops {RANDOM_OPS}: pass an rng")
+        self._check_rng(rng)
         if "image" not in example:
             return self._tokens(example)
         image = np.asarray(example["image"], dtype=np.float32)
@@ -252,15 +284,49 @@ class Preprocess:
             image = image[..., None]
         if image.ndim != 3:
             raise ValueError(f"{self.where}: expected an HxWxC image, got shape {image.shape}")
+        return {"image": np.ascontiguousarray(self._apply(image[None], rng)[0]),
+                "label": np.int32(example["label"])}
+
+    def on_batch(self, batch: dict, rng: np.random.Generator | None = None) -> dict:
+        """The chain over a batch (see the class docstring); ``image`` comes back stacked."""
+        self._check_rng(rng)
+        images = self._apply(batch["image"], rng)
+        if isinstance(images, list):
+            shapes = sorted({x.shape for x in images})
+            raise ValueError(f"{self.where}: the images of a batch differ in shape after ops "
+                             f"{list(self.op_names)} ({shapes[:4]}); end the chain with a fixed-size op "
+                             "(resize, center_crop, random_crop, pad)")
+        return {**batch, "image": np.ascontiguousarray(images, dtype=np.float32)}
+
+    def split(self) -> tuple["Preprocess", "Preprocess"]:
+        """``(prefix, suffix)``: the ops before the first random op, and the rest.
+
+        ``suffix(prefix(example), rng) == self(example, rng)`` for every example
+        and rng state: the prefix draws nothing, and every op maps float32
+        images to float32 images.
+        """
+        first_random = next((i for i, op in enumerate(self.ops) if op.random), len(self.ops))
+        return Preprocess(self.ops[:first_random], self.where), Preprocess(self.ops[first_random:], self.where)
+
+    def _check_rng(self, rng: np.random.Generator | None) -> None:
+        if rng is None and self.is_random:
+            raise ValueError(f"{self.where} has random ops {[n for n in self.op_names if n in RANDOM_OPS]}: "
+                             "pass an rng")
+
+    def _apply(self, images: np.ndarray | list[np.ndarray], rng: np.random.Generator | None
+               ) -> np.ndarray | list[np.ndarray]:
+        """``images``: float32 ``[B, H, W, C]``, or a list of ``[H_b, W_b, C]`` (stacked once they match)."""
         for op in self.ops:
             try:
-                image = op.fn(image, rng, **op.params)
+                draws = op.draw(rng, _sizes(images), **op.params) if op.random else ()
+                if isinstance(images, np.ndarray):
+                    images = op.fn(images, *draws, **op.params)
+                else:
+                    images = _stack_if_same([op.fn(x[None], *(d[b : b + 1] for d in draws), **op.params)[0]
+                                             for b, x in enumerate(images)])
             except ValueError as e:
                 raise ValueError(f"{op.where} (op {op.name!r}): {e}") from None
-        return {
-            "image": np.ascontiguousarray(image, dtype=np.float32),
-            "label": np.int32(example["label"]),
-        }
+        return images
 
     def _tokens(self, example: dict) -> dict:
         """Text examples: every non-label array as int32 (token ids, masks); ops are image-only."""
@@ -279,6 +345,27 @@ class Preprocess:
             shape = (*shape, 1)
         dummy = {"image": np.zeros(shape, np.float32), "label": 0}
         return tuple(self(dummy, np.random.default_rng(0))["image"].shape)
+
+
+def _sizes(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """``[B, 2]`` int array of every image's ``(H, W)``."""
+    if isinstance(images, np.ndarray):
+        return np.broadcast_to(np.asarray(images.shape[1:3]), (len(images), 2))
+    return np.asarray([x.shape[:2] for x in images]).reshape(-1, 2)
+
+
+def _stack_if_same(images: Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """``np.stack(images)`` if they share one shape, else the list."""
+    return np.stack(images) if len({x.shape for x in images}) <= 1 else list(images)
+
+
+def stack_examples(examples: Sequence[dict]) -> dict:
+    """grain ``batch_fn`` of the training chain: stack every key; images of different
+    sizes stay a list (for :meth:`Preprocess.on_batch` to bring to one size)."""
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "image"}
+    if "image" in examples[0]:
+        out["image"] = _stack_if_same([e["image"] for e in examples])
+    return out
 
 
 def build_preprocess(ops: Sequence[dict] | None, *, where: str = "config.data.pp") -> Preprocess:
@@ -318,5 +405,5 @@ def build_preprocess(ops: Sequence[dict] | None, *, where: str = "config.data.pp
             params = {k: d.parse[k](v) for k, v in params.items()}
         except ValueError as e:
             raise ValueError(f"{at} (op {name!r}): {e}") from None
-        built.append(_Op(name, d.fn, params, d.random, at))
+        built.append(_Op(name, d.fn, params, d.draw, at))
     return Preprocess(tuple(built), where)

@@ -25,6 +25,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from tl_jax.data.preprocess import Preprocess, stack_examples
+from tl_jax.data.stream_rng import StreamRng
+
 _KEEP_EPOCHS = 4
 
 
@@ -104,10 +107,11 @@ class _Root(grain.MapDataset):
 
 
 class GatherBatches(grain.MapDataset):
-    """Batch ``k`` of ``train_chain(ArraySource, rows-as-they-are)`` by one fancy-index gather per key.
+    """Batch ``k`` of rows stacked in memory, by one fancy-index gather per key.
 
-    Equal to the per-example chain (same shuffle, same positions ``kB .. kB+B-1``
-    of the repeated stream, rows stacked in that order), several times cheaper.
+    Equal to the per-example chain of :func:`train_chain` over the same rows
+    (same shuffle, same positions ``kB .. kB+B-1`` of the repeated stream, rows
+    stacked in that order), several times cheaper.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, seed: int):
@@ -138,24 +142,48 @@ class GatherBatches(grain.MapDataset):
         return out
 
 
-def train_chain(source: Any, preprocess: Any, *, batch_size: int, seed: int) -> grain.MapDataset:
-    """The training chain ``source -> seed -> shuffle -> repeat -> (random_)map -> batch``.
+def train_chain(source: Any, preprocess: Preprocess | None, *, batch_size: int, seed: int) -> grain.MapDataset:
+    """The training chain ``source -> shuffle -> repeat -> prefix -> batch -> suffix``.
 
+    ``preprocess`` is split at its first random op (:meth:`Preprocess.split`):
+    the deterministic prefix runs per example, the suffix (the random ops and
+    what follows them) once per batch (:meth:`Preprocess.on_batch`), drawing
+    from a :class:`~tl_jax.data.stream_rng.StreamRng` of the batch's stream
+    positions: an example's augmentation depends on ``seed`` and its position
+    only, whatever the batch size.
     Shared by :func:`tl_jax.data.pipeline.train_dataset` and the caches
-    (:mod:`tl_jax.data.cache`), so the same seed gives the same order of
-    examples and the same per-example random draws, whatever the source.
-    ``preprocess(example[, rng])`` runs per example (``random_map`` when its
-    ``is_random`` is true); batches drop the remainder. A ``preprocess`` with
-    ``gather_arrays`` (cached rows used as they are) gives the equal
-    :class:`GatherBatches` instead.
+    (:mod:`tl_jax.data.cache`): a ``source`` holding its rows stacked already
+    (``source.arrays``, e.g. the cached prefix output) with a ``preprocess``
+    that has no prefix (or ``None``: the rows as they are) is read by
+    :class:`GatherBatches` instead, with the same order, the same batches and
+    the same iterator state (``{"next_index": k}``, the batch index).
+    Batches drop the remainder.
     """
-    arrays = getattr(preprocess, "gather_arrays", None)
-    if arrays is not None:
-        return GatherBatches(arrays, batch_size=batch_size, seed=seed)
-    ds = _Root(source).seed(int(seed))
-    ds = shuffle(ds, int(seed)).repeat()
-    ds = ds.random_map(preprocess) if preprocess.is_random else ds.map(preprocess)
-    return ds.batch(batch_size, drop_remainder=True)
+    prefix, suffix = preprocess.split() if preprocess is not None else (None, None)
+    arrays = getattr(source, "arrays", None)
+    if arrays is not None and (prefix is None or not prefix.ops):
+        ds = GatherBatches(arrays, batch_size=batch_size, seed=seed)
+    else:
+        ds = shuffle(_Root(source), int(seed)).repeat()
+        if prefix is not None:
+            ds = ds.map(prefix)
+        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
+    if suffix is not None and suffix.ops:
+        ds = ds.map_with_index(_BatchOps(suffix, batch_size=batch_size, seed=seed))
+    return ds
+
+
+class _BatchOps:
+    """``(k, batch) -> suffix.on_batch(batch, StreamRng(seed, positions kB .. kB+B-1))`` (picklable)."""
+
+    def __init__(self, suffix: Preprocess, *, batch_size: int, seed: int):
+        self.suffix, self.batch_size, self.seed = suffix, int(batch_size), int(seed)
+
+    def __call__(self, index: int, batch: dict) -> dict:
+        if not self.suffix.is_random:
+            return self.suffix.on_batch(batch)
+        start = int(index) * self.batch_size
+        return self.suffix.on_batch(batch, StreamRng(self.seed, np.arange(start, start + self.batch_size)))
 
 
 def read_threads() -> int:

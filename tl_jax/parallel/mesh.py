@@ -111,6 +111,8 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays sharded on the batch axis from this process's slice of the batch."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # the local batch is the global one: one device_put (half the host time)
+        return jax.device_put(local_batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 

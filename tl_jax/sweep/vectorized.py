@@ -35,7 +35,7 @@ from tl_jax.sweep.plan import LR_KEY, RULES_KEY, flat_config, loss_keys, swept_k
 from tl_jax.train import compile_cache
 from tl_jax.train.loop import NonFiniteError, Run, _flush, grad_norm_steps, pure_train_step
 from tl_jax.train.preemption import Preempted, StopSignal
-from tl_jax.train.prefetch import Prefetcher
+from tl_jax.train.prefetch import Prefetcher, auto_size
 from tl_jax.train.step import make_eval_step
 from tl_jax.transfer import param_rules as rules_lib
 
@@ -130,10 +130,6 @@ class _PointView:
         self._state, self._i = state, i
 
     @property
-    def skipped(self) -> np.ndarray:
-        return np.asarray(self._state.skipped[self._i])
-
-    @property
     def params(self) -> PyTree:
         return jax.tree.map(lambda x: x[self._i], self._state.params)
 
@@ -209,7 +205,7 @@ class VectorizedGroup:
         last_eval: list[dict | None] = [None] * n
         state = self.state
         self.state = None  # donated to the step
-        prefetch = Prefetcher(self.data, jax.device_put, size=2)
+        prefetch = Prefetcher(self.data, jax.device_put, size=auto_size(t.config.data.prefetch))
         t_loop = time.time()
         timer = compile_cache.CompileTimer()
 
@@ -238,7 +234,7 @@ class VectorizedGroup:
                         for i, (r, window) in enumerate(zip(self.runs, host_windows())):
                             try:
                                 last_train[i] = _flush(window, r.wd, True, tc.nan_policy, _PointView(state, i),
-                                                       fetch_state=np.asarray, norm_steps=grad_norm_steps(t.config))
+                                                       norm_steps=grad_norm_steps(t.config))
                             except NonFiniteError as e:
                                 raise NonFiniteError(f"{r.wd.path.name}: {e}") from None
                         pending, restored = [], [[] for _ in self.runs]

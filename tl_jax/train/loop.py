@@ -33,11 +33,11 @@ from tl_jax.train.checkpoint import Checkpoints, load_variables
 from tl_jax.train import feature_cache
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill
-from tl_jax.train.prefetch import Prefetcher
+from tl_jax.train.prefetch import Prefetcher, auto_size
 from tl_jax.train.state import TrainState
 from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.objectives.regularizers import add_regularizers
-from tl_jax.train.step import is_grad_norm_step, make_eval_step, make_train_step
+from tl_jax.train.step import SKIPPED, is_grad_norm_step, make_eval_step, make_train_step
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
 from tl_jax.transfer.merge import merge_params
@@ -222,7 +222,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     state = strategy.to_device(state)
     train_step = strategy.train_step(pure_train_step(config, objective, tx, state.params, strategy.axis_name))
     eval_step = strategy.eval_step(make_eval_step(objective))
-    prefetch = Prefetcher(data_iter, strategy.put_batch, size=2)
+    prefetch = Prefetcher(data_iter, strategy.put_batch, size=auto_size(config.data.prefetch))
 
     def run_eval(step: int) -> dict:
         res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, strategy.mesh,
@@ -237,11 +237,19 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
 
     compile_s, compiled = 0.0, False
     pending = [tuple(p) for p in pending or []]  # (step, metrics) not yet logged
+    closed = 0  # pending[:closed]: a window that ended at the previous step, logged once this step is queued
     last_train: dict = {}
     last_eval: dict | None = None
     t_loop = time.time()
     progress = _progress(step, total, tc.progress and is_main)
     timer = compile_cache.CompileTimer()  # every compile in the loop (train and eval steps), for compile_s
+
+    def flush(n: int) -> None:
+        nonlocal pending, last_train
+        last_train = _flush(pending[:n], wd, is_main, tc.nan_policy, state, norm_steps=grad_norm_steps(config))
+        pending = pending[n:]
+        progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
+
     try:
         with StopSignal() as stop, timer:
             while step < total:
@@ -255,16 +263,21 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                 step += 1
                 pending.append((step, metrics))
                 progress.update(1)
+                if closed:  # fetched while this step runs: the devices never wait for the host's logging
+                    flush(closed)
+                    closed = 0
                 if step % tc.log_every == 0 or step == total:
-                    last_train = _flush(pending, wd, is_main, tc.nan_policy, state, strategy.fetch_state,
-                                        norm_steps=grad_norm_steps(config))
-                    pending = []
-                    progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
+                    closed = len(pending)
                 maybe_kill("kill_after_step", step)
-                if (tc.eval_every and step % tc.eval_every == 0) or step == total:
-                    last_eval = run_eval(step)
+                evaluating = (tc.eval_every and step % tc.eval_every == 0) or step == total
                 stopping = stop.should_stop(step)
-                if step % tc.checkpoint_every == 0 or step == total or stopping:
+                saving = step % tc.checkpoint_every == 0 or step == total or stopping
+                if closed and (evaluating or saving):  # in sync anyway; a checkpoint comes after its step's logs
+                    flush(closed)
+                    closed = 0
+                if evaluating:
+                    last_eval = run_eval(step)
+                if saving:
                     # The not-yet-logged per-step metrics travel with the checkpoint, so a
                     # resume from any step logs exactly the same windows.
                     host_pending = [[s, {k: float(v) for k, v in m.items()}] for s, m in jax.device_get(pending)]
@@ -320,13 +333,14 @@ def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:
     return {metric: last_eval[metric]}
 
 
-def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState,
-           fetch_state=jax.device_get, norm_steps=None) -> dict:
-    """Fetch the pending per-step metrics (one host sync), check finiteness, log the mean.
+def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState, norm_steps=None) -> dict:
+    """Fetch a window's per-step metrics (one host sync), check finiteness, log the mean.
 
     ``train/grad_norm`` is the mean over the window's steps that computed it
     (``norm_steps(step)``, see :func:`tl_jax.train.step.is_grad_norm_step`;
-    default: all).
+    default: all); ``train/skipped_steps`` is the count after the window's
+    last step. ``state`` (any later one) only names the first non-finite param
+    in the error.
     """
     host = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, host):
@@ -341,9 +355,10 @@ def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: Tr
             values = [np.float64(m[key]) for (s, _), m in zip(pending, host) if norm_steps(s)]
             if values:
                 record[key] = float(np.mean(values))
+        elif key == SKIPPED:
+            record[key] = int(host[-1][key])
         elif key != "train/finite":
             record[key] = float(np.mean([np.float64(m[key]) for m in host]))
-    record["train/skipped_steps"] = int(fetch_state(state.skipped))
     if is_main:
         wd.log(record)
     return record

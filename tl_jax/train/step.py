@@ -23,6 +23,7 @@ from tl_jax.train.state import TrainState
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+SKIPPED = "train/skipped_steps"
 LossFn = Callable[[PyTree, PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
 
 
@@ -122,6 +123,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         metrics = dict(metrics)
         metrics["train/grad_norm"] = grad_norm
         metrics["train/finite"] = finite.astype(jnp.float32)
+        metrics[SKIPPED] = new.skipped  # updates skipped so far: the loop logs it without reading the state
         return new, metrics
 
     return train_step

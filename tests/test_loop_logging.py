@@ -1,0 +1,59 @@
+"""The loop's metric windows: fetched one step late (the devices never wait), same with or without a prefetch thread."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tl_jax import config as config_lib
+from tl_jax.train import loop as loop_lib
+from tl_jax.train.checkpoint import load_variables
+from tl_jax.tree_paths import flatten_paths
+
+pytestmark = pytest.mark.slow
+TINY = "tests/configs/tiny.py"
+
+
+def tiny(data_dir, **overrides):
+    c = config_lib.load_config(TINY)
+    c.data.data_dir = data_dir
+    for key, value in overrides.items():
+        config_lib.set_value(c, key, value)
+    return c
+
+
+def train_records(wd):
+    return [r for r in map(json.loads, open(wd / "metrics.jsonl")) if "train/loss" in r]
+
+
+def test_windows_are_logged_one_step_late_as_the_means_of_their_steps(tmp_path, tfds_data_dir, monkeypatch):
+    seen = []
+    original = loop_lib._flush
+
+    def spy(pending, wd, is_main, nan_policy, state, **kw):
+        seen.append(([(s, float(m["train/loss"])) for s, m in jax.device_get(pending)], int(state.step)))
+        return original(pending, wd, is_main, nan_policy, state, **kw)
+
+    monkeypatch.setattr(loop_lib, "_flush", spy)
+    c = tiny(tfds_data_dir, **{"train.steps": 8, "train.log_every": 3, "train.eval_every": 0,
+                               "train.checkpoint_every": 100, "data.prefetch": 0})
+    loop_lib.train(c, str(tmp_path / "run"))
+    assert [[s for s, _ in window] for window, _ in seen] == [[1, 2, 3], [4, 5, 6], [7, 8]]
+    # Windows that end before the last step are fetched once the next step is queued behind them.
+    assert [state_step for _, state_step in seen] == [4, 7, 8]
+    records = train_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [3, 6, 8]
+    for record, (window, _) in zip(records, seen):
+        assert record["train/loss"] == pytest.approx(np.mean([loss for _, loss in window]), rel=1e-12)
+
+
+def test_prefetch_thread_or_not_same_run(tmp_path, tfds_data_dir):
+    pp = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14},
+          {"op": "random_crop", "size": 14, "pad": 1}, {"op": "flip_lr"}]
+    for prefetch in (0, 2):
+        c = tiny(tfds_data_dir, **{"data.train_pp": pp, "data.prefetch": prefetch, "train.steps": 6})
+        loop_lib.train(c, str(tmp_path / f"p{prefetch}"))
+    assert train_records(tmp_path / "p0") == train_records(tmp_path / "p2")
+    a, b = (flatten_paths(load_variables(str(tmp_path / f"p{p}"))["params"]) for p in (0, 2))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
