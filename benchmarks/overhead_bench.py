@@ -170,42 +170,28 @@ def step_only(batch: dict, rounds: int) -> dict:
 
 
 def host_costs(config: Any, rounds: int) -> dict:
-    """Milliseconds of host work per batch of the demo's source stage, old way vs tl_jax's, interleaved.
+    """Milliseconds of host time per batch of the demo's source stage (cached rows + crop), interleaved.
 
-    * random ops: per example through grain's ``random_map`` (each example its
-      own rng, one numpy call per op per example) vs once per batch
-      (:meth:`tl_jax.data.Preprocess.on_batch`), both over the cached rows;
-    * host-to-device: ``make_array_from_process_local_data`` per key vs one
-      ``device_put`` of the batch (what ``tl_jax.parallel.mesh.shard_batch``
-      does in a single-process run).
+    ``batch_at_a_time`` vs ``chunked``: :class:`tl_jax.data.shuffle.GatherBatches`
+    with ``chunk=1`` vs its default (several batches gathered and cropped in one
+    numpy call per op), both read by the loop's iterator
+    (:func:`tl_jax.data.shuffle.train_iterator`).
     """
-    import grain
-    import jax
-
     from benchmarks.common import interleaved
     from tl_jax.data import build_preprocess, load_split
     from tl_jax.data import cache as data_cache
-    from tl_jax.data.shuffle import _Root, shuffle, train_chain
-    from tl_jax.parallel import mesh as mesh_lib
+    from tl_jax.data.shuffle import GatherBatches, train_iterator
 
     dc = config.data
     split = load_split(dc.name, dc.train_split, dc.data_dir)
     rows, suffix = data_cache.cached_chain(split.source, build_preprocess(list(dc.train_pp)), mode=True,
                                            max_bytes=2**30)
-    per_example = shuffle(_Root(rows), seed=0).repeat().seed(0).random_map(suffix)  # the chain before issue 8
-    per_example = per_example.batch(dc.batch_size, drop_remainder=True)
-    iters = {"per_example": iter(per_example.to_iter_dataset(grain.ReadOptions(num_threads=0))),
-             "per_batch": iter(train_chain(rows, suffix, batch_size=dc.batch_size, seed=0).to_iter_dataset(
-                 grain.ReadOptions(num_threads=0)))}
-    batch = next(iters["per_batch"])
-    mesh = mesh_lib.build_mesh({"data": -1, "model": 1})
-    sharding = mesh_lib.batch_sharding(mesh)
-    fns = {"random_ops_per_example": lambda: next(iters["per_example"]),
-           "random_ops_per_batch": lambda: next(iters["per_batch"]),
-           "make_array_from_process_local_data": lambda: {
-               k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()},
-           "device_put": lambda: jax.device_put(batch, sharding)}
-    sec = interleaved(fns, rounds=rounds, reps=50, sync=jax.block_until_ready)
+
+    def dataset(chunk: int | None) -> GatherBatches:
+        return GatherBatches(rows.arrays, batch_size=dc.batch_size, seed=0, suffix=suffix, chunk=chunk)
+
+    iters = {"batch_at_a_time": train_iterator(dataset(1)), "chunked": train_iterator(dataset(None))}
+    sec = interleaved({k: (lambda it=it: next(it)) for k, it in iters.items()}, rounds=rounds, reps=64)
     return {k: 1000 * v for k, v in sec.items()}
 
 

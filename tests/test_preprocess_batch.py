@@ -114,3 +114,19 @@ def test_uncached_chain_equals_stacked_rows(tfds_data_dir):
     for k in (0, 6, 7):  # 7 crosses an epoch boundary (50 rows)
         for key in ("image", "label"):
             np.testing.assert_array_equal(a[k][key], b[k][key])
+
+
+def test_batches_made_in_chunks_equal_batch_by_batch():
+    from tl_jax.data.shuffle import GatherBatches
+
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.normal(size=(37, 6, 6, 1)).astype(np.float32), "label": np.arange(37) % 10}
+    suffix = build_preprocess([{"op": "random_crop", "size": 5, "pad": 1}, {"op": "flip_lr"}])
+    one = GatherBatches(arrays, batch_size=8, seed=2, suffix=suffix, chunk=1)
+    three = GatherBatches(arrays, batch_size=8, seed=2, suffix=suffix, chunk=3)
+    assert "chunk=16" in str(GatherBatches(arrays, batch_size=8, seed=2))  # 8 x 144 B rows: capped at 16
+    for k in [0, 1, 2, 3, 4, 9, 5, 13, 12]:  # across chunk and epoch (37 rows) boundaries, out of order
+        a, b = one[k], three[k]
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {k} {key}")
+    np.testing.assert_array_equal(one[4]["label"], one.rows(np.arange(32, 40))["label"])

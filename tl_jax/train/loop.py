@@ -220,9 +220,11 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     step = int(jax.device_get(state.step))
     strategy.prepare_objective(objective)  # tl_jax/parallel/: sharded jit or pmap
     state = strategy.to_device(state)
-    train_step = strategy.train_step(pure_train_step(config, objective, tx, state.params, strategy.axis_name))
+    packed = PackedMetrics(pure_train_step(config, objective, tx, state.params, strategy.axis_name))
+    train_step = strategy.train_step(packed)
     eval_step = strategy.eval_step(make_eval_step(objective))
-    prefetch = Prefetcher(data_iter, strategy.put_batch, size=auto_size(config.data.prefetch))
+    ahead = auto_size(config.data.prefetch)  # batches made ahead in a thread go to the devices there
+    prefetch = Prefetcher(data_iter, strategy.put_batch if ahead else strategy.loop_batch, size=ahead)
 
     def run_eval(step: int) -> dict:
         res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, strategy.mesh,
@@ -244,9 +246,15 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     progress = _progress(step, total, tc.progress and is_main)
     timer = compile_cache.CompileTimer()  # every compile in the loop (train and eval steps), for compile_s
 
+    def host_metrics(items: list) -> list:
+        """``(step, metrics)`` pairs on the host, as dicts (one fetch for all)."""
+        values = jax.device_get([m for _, m in items])
+        return [(s, packed.unpack(v)) for (s, _), v in zip(items, values)]
+
     def flush(n: int) -> None:
         nonlocal pending, last_train
-        last_train = _flush(pending[:n], wd, is_main, tc.nan_policy, state, norm_steps=grad_norm_steps(config))
+        last_train = _flush(host_metrics(pending[:n]), wd, is_main, tc.nan_policy, state,
+                            norm_steps=grad_norm_steps(config))
         pending = pending[n:]
         progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
 
@@ -280,7 +288,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                 if saving:
                     # The not-yet-logged per-step metrics travel with the checkpoint, so a
                     # resume from any step logs exactly the same windows.
-                    host_pending = [[s, {k: float(v) for k, v in m.items()}] for s, m in jax.device_get(pending)]
+                    host_pending = [[s, {k: float(v) for k, v in m.items()}] for s, m in host_metrics(pending)]
                     ckpts.save(step, strategy.to_global(state),
                                {"iterator": data_state, "pending_metrics": host_pending},
                                _best(last_eval, step, tc.best_metric))
@@ -333,8 +341,32 @@ def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:
     return {metric: last_eval[metric]}
 
 
+class PackedMetrics:
+    """A pure step whose metrics come back as one float32 vector ``[K]``: one device array per step.
+
+    The loop keeps every step's metrics until its window is logged; fetching
+    ``K`` scalars per step cost ~0.2 ms of host time per demo step, one vector
+    a fifth of it. ``names`` (sorted metric keys) are known once the step is
+    traced; :meth:`unpack` turns a fetched vector back into the dict (values
+    exact: float32 metrics, and counts below 2**24).
+    """
+
+    def __init__(self, step_fn: Any):
+        self.step_fn = step_fn
+        self.names: tuple[str, ...] = ()
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
+        new, metrics = self.step_fn(state, batch)
+        self.names = tuple(sorted(metrics))
+        return new, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in self.names])
+
+    def unpack(self, value: Any) -> dict:
+        """A fetched vector as ``{name: value}`` (a dict, e.g. restored from a checkpoint, as it is)."""
+        return value if isinstance(value, dict) else dict(zip(self.names, value))
+
+
 def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: TrainState, norm_steps=None) -> dict:
-    """Fetch a window's per-step metrics (one host sync), check finiteness, log the mean.
+    """Check a window's per-step metrics (``(step, dict)`` on the host), log their mean.
 
     ``train/grad_norm`` is the mean over the window's steps that computed it
     (``norm_steps(step)``, see :func:`tl_jax.train.step.is_grad_norm_step`;
@@ -342,7 +374,7 @@ def _flush(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state: Tr
     last step. ``state`` (any later one) only names the first non-finite param
     in the error.
     """
-    host = jax.device_get([m for _, m in pending])
+    host = [m for _, m in pending]
     for (step, _), m in zip(pending, host):
         if nan_policy == "error" and not m["train/finite"]:
             where = first_nonfinite_path(state.params)
