@@ -39,10 +39,12 @@ def summary(s: dict) -> str:
                    if _get(conv, f"{shape}/b128", "torch") else None for shape in SHAPES}
     pipe = min([r for r in (_get(pl, "source", "ratio_cached"), _get(pl, "target", "ratio_cached")) if r] or [None])
     rows = [
-        ["1 no overhead", "tl_jax loop steps/s / hand-written jit loop (demo source stage, no crops)", ">= 0.97",
+        ["1 no overhead", "tl_jax loop steps/s / hand-written jit loop (demo source stage, its random crops "
+         "included), best of the rounds", ">= 0.97", fmt(_get(ov, "ratio")), _met(_get(ov, "ratio"), 0.97)],
+        ["1 no overhead", "same, median of the rounds' own ratios", ">= 0.97", fmt(_get(ov, "ratio_median_round")),
+         _met(_get(ov, "ratio_median_round"), 0.97)],
+        ["1 no overhead", "same without the crops (deterministic train_pp), best of the rounds", ">= 0.97",
          fmt(_get(ov, "ratio_deterministic_pp")), _met(_get(ov, "ratio_deterministic_pp"), 0.97)],
-        ["1 no overhead", "same with the demo's per-example random crops in the data thread", ">= 0.97",
-         fmt(_get(ov, "ratio")), _met(_get(ov, "ratio"), 0.97)],
         ["2 CPU conv gap", "PyTorch eager step time / tl_jax step time, 32x32x3 b128", ">= 1.0",
          fmt(torch_ratio["32x32x3"]), _met(torch_ratio["32x32x3"], 1.0)],
         ["2 CPU conv gap", "same, 28x28x1 b128", ">= 1.0", fmt(torch_ratio["28x28x1"]),
@@ -71,14 +73,23 @@ def overhead_md(r: dict) -> str:
             "tl_jax_deterministic_pp": "the same without the crop (rescale + normalize: one cached gather per batch)",
             "tl_jax_prefetch_thread": "the demo's train_pp with `data.prefetch=2`: batches made in a background "
                                       "thread"}
-    rows = [[k, what.get(k, ""), sps[k], sps[k] / sps["hand_written"]] for k in sps]
+    rounds = r.get("per_round") or []
+
+    def spread(k: str) -> str:
+        values = sorted(x[k] / x["hand_written"] for x in rounds)
+        return f"{values[0]:.2f}-{values[-1]:.2f}" if values else "n/a"
+
+    rows = [[k, what.get(k, ""), sps[k], sps[k] / sps["hand_written"], spread(k)] for k in sps]
     out = (f"Demo source stage (mnist5k, CNN, Adam, batch 64) with the demo's cadence (metrics every 50 steps, "
            f"a checkpoint every 300: one in the window), "
            f"steps/s over the {r['window']} steps after the first metrics record (so start-up, compilation and "
-           f"the final evaluation are outside), best of {r['rounds']} interleaved rounds. tl_jax makes every "
-           "batch in the window (cached rows, the crop, the host-to-device copy); the hand-written loop's "
-           "batches are made before it starts.\n\n"
-           + table(["loop", "what", "steps/s", "ratio to hand-written"], rows))
+           f"the final evaluation are outside), best of {r['rounds']} rounds, each in a fresh process (the "
+           "hand-written loop first or last in turn). tl_jax makes every batch in the window (cached rows, "
+           "the crop, the copy to the device); the hand-written loop's batches are made before it starts. "
+           "Single rounds scatter by about +-5 % on this shared 2-core VM (the hand-written loop too), so "
+           "the per-round ratios are listed, and their median is "
+           f"{fmt(r.get('ratio_median_round'))} for `tl_jax`.\n\n"
+           + table(["loop", "what", "best steps/s", "best / best hand-written", "per-round ratios"], rows))
     if "step_only_ms" in r:
         ms = r["step_only_ms"]
         out += (f"\n\nThe train steps alone, interleaved on one device batch: hand-written "
