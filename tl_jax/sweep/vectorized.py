@@ -33,7 +33,8 @@ import numpy as np
 from tl_jax.data import eval_batches
 from tl_jax.sweep.plan import LR_KEY, RULES_KEY, flat_config, loss_keys, swept_keys
 from tl_jax.train import compile_cache
-from tl_jax.train.loop import NonFiniteError, Run, _flush, grad_norm_steps, pure_train_step
+from tl_jax.train.loop import Run, pure_train_step
+from tl_jax.train.train_metrics import NonFiniteError, grad_norm_steps, log_window
 from tl_jax.train.preemption import Preempted, StopSignal
 from tl_jax.train.prefetch import Prefetcher, auto_size
 from tl_jax.train.step import make_eval_step
@@ -124,7 +125,7 @@ class StackedIterator:
 
 
 class _PointView:
-    """Point ``i`` of the stacked state, as much as the loop's ``_flush`` reads."""
+    """Point ``i`` of the stacked state, as much as :func:`~tl_jax.train.train_metrics.log_window` reads."""
 
     def __init__(self, state: Any, i: int):
         self._state, self._i = state, i
@@ -233,8 +234,8 @@ class VectorizedGroup:
                     if step % tc.log_every == 0 or step == total:
                         for i, (r, window) in enumerate(zip(self.runs, host_windows())):
                             try:
-                                last_train[i] = _flush(window, r.wd, True, tc.nan_policy, _PointView(state, i),
-                                                       norm_steps=grad_norm_steps(t.config))
+                                last_train[i] = log_window(window, r.wd, True, tc.nan_policy, _PointView(state, i),
+                                                           norm_steps=grad_norm_steps(t.config))
                             except NonFiniteError as e:
                                 raise NonFiniteError(f"{r.wd.path.name}: {e}") from None
                         pending, restored = [], [[] for _ in self.runs]
