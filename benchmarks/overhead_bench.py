@@ -2,12 +2,14 @@
 
 The run is the demo's source stage (mnist5k, CNN, Adam, batch 64, random crops)
 with the demo's cadence (metrics every 50 steps, a checkpoint every 300), run
-for 350 steps, so the window holds 6 metrics fetches and one checkpoint.
-tl_jax's steps/s are read between its first and last metrics records
-(each one a host sync on the step it logs), so start-up, compilation and the
-final evaluation are outside the window; the hand-written loop is timed over
-the same number of steps, after the same number of warm-up steps, on batches
-already on the device. Rounds alternate the two loops.
+for 350 steps. The two loops run interleaved in one process
+(:func:`interleaved_loop`): from step 50 on, every ``CHUNK`` steps of
+tl_jax's loop are followed by ``CHUNK`` hand-written steps, each side timed on
+its own clock. This VM's speed swings by +-10 % within seconds, so loops timed
+one after the other (as this benchmark did first) scattered by +-5-9 % per
+round, more than the overhead being measured; interleaved pieces a quarter
+second long see the same load. Each round is a fresh process; steps/s are
+pooled over the rounds.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from benchmarks.common import ROOT
 
 DEMO = str(ROOT / "experiments" / "mnist_to_digits.py")
 LOG_EVERY = 50
+CHUNK = 10  # steps per interleaved piece: ~0.25 s, the time scale of this VM's load swings
 
 
 def demo_source_config(data_dir: str, steps: int, **overrides: Any):
@@ -38,61 +41,107 @@ def demo_source_config(data_dir: str, steps: int, **overrides: Any):
     return config
 
 
-def hand_written_loop(batches: list[dict], steps: int, warmup: int) -> float:
-    """The 30-line baseline: flax model, optax Adam, one jitted step, no metrics fetched. Steps/s."""
+class HandWritten:
+    """The 30-line baseline: flax model, optax Adam, one jitted step, no metrics fetched.
+
+    ``hand(n)`` runs ``n`` steps over the pre-made device batches (in turn),
+    blocks on the last and returns the seconds taken.
+    """
+
+    def __init__(self, batches: list[dict]):
+        import jax
+        import optax
+
+        from tl_jax.models import get_model
+
+        model = get_model("cnn", 10)
+        params = model.init(jax.random.PRNGKey(0), batches[0]["image"][:1])["params"]
+        tx = optax.adam(1e-3)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(params, opt_state, image, label):
+            def loss_fn(p):
+                logits = model.apply({"params": p}, image, train=True)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        self.step, self.batches, self.i = step, batches, 0
+        self.state = (params, tx.init(params))
+        self(2)  # compiled and warm
+
+    def __call__(self, n: int) -> float:
+        import jax
+
+        t0 = time.perf_counter()
+        params, opt_state = self.state
+        loss = None
+        for _ in range(n):
+            b = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            params, opt_state, loss = self.step(params, opt_state, b["image"], b["label"])
+        jax.block_until_ready(loss)
+        self.state = (params, opt_state)
+        return time.perf_counter() - t0
+
+
+def interleaved_loop(config: Any, workdir: str, hand: HandWritten, chunk: int = CHUNK) -> dict:
+    """``tl_jax.train.loop.train`` with ``hand`` run in between, ``chunk`` steps at a time, from step ``LOG_EVERY``.
+
+    The loop's compiled step is wrapped: after every ``chunk``-th step it
+    waits for that step (on tl_jax's clock), runs ``chunk`` hand-written steps
+    (on the hand-written clock), and the loop goes on. So both clocks sample
+    the machine's load alike, a quarter second apart. While one of tl_jax's
+    asynchronous checkpoint saves is still being written, no hand-written
+    piece runs (the save's threads stay on tl_jax's clock). Returns the steps
+    and seconds of each side, and each ``(tl_jax steps, tl_jax s, hand s)``
+    pair of neighbouring pieces.
+    """
     import jax
-    import optax
 
-    from tl_jax.models import get_model
-
-    model = get_model("cnn", 10)
-    params = model.init(jax.random.PRNGKey(0), batches[0]["image"][:1])["params"]
-    tx = optax.adam(1e-3)
-    opt_state = tx.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, image, label):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, image, train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params, )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    loss = None
-    for i in range(warmup):
-        b = batches[i % len(batches)]
-        params, opt_state, loss = step(params, opt_state, b["image"], b["label"])
-    jax.block_until_ready(loss)
-    t0 = time.perf_counter()
-    for i in range(warmup, steps):
-        b = batches[i % len(batches)]
-        params, opt_state, loss = step(params, opt_state, b["image"], b["label"])
-    jax.block_until_ready(loss)
-    return (steps - warmup) / (time.perf_counter() - t0)
-
-
-def tl_jax_loop(config: Any, workdir: str) -> float:
-    """Steps/s of ``tl_jax.train.loop.train`` between its first and last metrics records."""
+    from tl_jax.parallel import strategy as strategy_lib
     from tl_jax.train import loop as loop_lib
-    from tl_jax.train.workdir import Workdir
+    from tl_jax.train.checkpoint import Checkpoints
 
-    stamps: list[tuple[float, int]] = []
-    original = Workdir.log
+    count, mark = [0], [None]
+    out: dict[str, Any] = {"tl_jax_steps": 0, "tl_jax_s": 0.0, "hand_steps": 0, "hand_s": 0.0, "pairs": []}
+    managers: list = []
+    compile_, save = strategy_lib.JitStrategy.compile, Checkpoints.save
 
-    def log(self, record: dict) -> None:
-        if "train/loss" in record:
-            stamps.append((time.perf_counter(), int(record["step"])))
-        original(self, record)
+    def wrapped_compile(self, fn, state, batch):
+        compiled = compile_(self, fn, state, batch)
 
-    Workdir.log = log
+        def step(*args):
+            res = compiled(*args)
+            count[0] += 1
+            if count[0] % chunk or count[0] < LOG_EVERY or any(m.is_saving_in_progress() for m in managers):
+                return res
+            jax.block_until_ready(res)
+            now = time.perf_counter()
+            hand_s = hand(chunk)
+            if mark[0] is not None:  # a tl_jax span (longer than ``chunk`` if a save was in flight), then hand's
+                out["tl_jax_s"] += now - mark[0][0]
+                out["tl_jax_steps"] += count[0] - mark[0][1]
+                out["hand_s"] += hand_s
+                out["hand_steps"] += chunk
+                out["pairs"].append((count[0] - mark[0][1], now - mark[0][0], hand_s))
+            mark[0] = (time.perf_counter(), count[0])
+            return res
+
+        return step
+
+    def recorded_save(self, *args, **kwargs):
+        managers.append(self.manager)
+        return save(self, *args, **kwargs)
+
+    strategy_lib.JitStrategy.compile, Checkpoints.save = wrapped_compile, recorded_save
     try:
         loop_lib.train(config, workdir, overwrite=True)
     finally:
-        Workdir.log = original
-    (t0, s0), (t1, s1) = stamps[0], stamps[-1]
-    return (s1 - s0) / (t1 - t0)
+        strategy_lib.JitStrategy.compile, Checkpoints.save = compile_, save
+    return out
 
 
 def device_batches(config: Any, n: int) -> list[dict]:
@@ -206,18 +255,16 @@ def _configs(data_dir: str, steps: int) -> dict:
             "tl_jax_prefetch_thread": demo_source_config(data_dir, steps, **{"data.prefetch": 2})}
 
 
-def one_round(data_dir: str, steps: int, hand_last: bool = False) -> dict:
-    """Steps/s of the hand-written loop and of each tl_jax variant, one after the other (a worker's job);
-    ``hand_last`` runs the hand-written loop after the tl_jax ones instead of before."""
+def one_round(data_dir: str, steps: int, r: int = 0) -> dict:
+    """``tl_jax`` and one other variant (in turn over ``r``), each interleaved with the hand-written loop
+    (a worker's job): steps and seconds of both sides per variant; which goes first alternates too."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="tl_jax_bench_overhead_"))
     configs = _configs(data_dir, steps)
-    batches = device_batches(configs["tl_jax"], 40)
-    out = {} if hand_last else {"hand_written": hand_written_loop(batches, steps, LOG_EVERY)}
-    for name, config in configs.items():
-        out[name] = tl_jax_loop(config, str(root / name))
-    if hand_last:
-        out["hand_written"] = hand_written_loop(batches, steps, LOG_EVERY)
-    return out
+    others = [k for k in configs if k != "tl_jax"]
+    names = ["tl_jax", others[(r // 2) % len(others)]]
+    names = names[::-1] if r % 2 else names
+    hand = HandWritten(device_batches(configs["tl_jax"], 40))
+    return {name: interleaved_loop(configs[name], str(root / name), hand) for name in names}
 
 
 def steps_and_host(data_dir: str, quick: bool) -> dict:
@@ -228,37 +275,61 @@ def steps_and_host(data_dir: str, quick: bool) -> dict:
             "host_ms": host_costs(config, 5 if not quick else 2)}
 
 
+def pooled(rounds: list[dict]) -> dict:
+    """Per variant, over the rounds that ran it: steps/s of both sides pooled (all steps / all seconds) and
+    their ratio; each round's own ratio; the median ratio of neighbouring pieces without a checkpoint
+    (robust to this VM's load swings, blind to the checkpoint) and the checkpoint's extra time (its span's
+    time minus its steps at the round's median tl_jax piece time)."""
+    out = {}
+    names = list(dict.fromkeys(k for r in rounds for k in r))
+    for name in names:
+        runs = [r[name] for r in rounds if name in r]
+        sides = {k: sum(x[k] for x in runs) for k in ("tl_jax_steps", "tl_jax_s", "hand_steps", "hand_s")}
+        tl, hand = sides["tl_jax_steps"] / sides["tl_jax_s"], sides["hand_steps"] / sides["hand_s"]
+        per = [(x["tl_jax_steps"] / x["tl_jax_s"]) / (x["hand_steps"] / x["hand_s"]) for x in runs]
+        steady, extra_ms = [], []
+        for x in runs:
+            pairs = np.asarray(x["pairs"], float).reshape(-1, 3)
+            plain = pairs[pairs[:, 0] == CHUNK]
+            steady += list(plain[:, 2] / plain[:, 1])
+            step_s = float(np.median(plain[:, 1])) / CHUNK if len(plain) else float("nan")
+            extra_ms += [1000 * (t - n * step_s) for n, t, _ in pairs[pairs[:, 0] > CHUNK]]
+        out[name] = {"tl_jax_steps_per_s": tl, "hand_steps_per_s": hand, "ratio": tl / hand,
+                     "round_ratios": per, "median_round_ratio": float(np.median(per)), "rounds": len(runs),
+                     "steady_pair_ratio": float(np.median(steady)) if steady else None,
+                     "checkpoint_extra_ms": float(np.mean(extra_ms)) if extra_ms else None,
+                     "tl_jax_steps": sides["tl_jax_steps"], "hand_steps": sides["hand_steps"]}
+    return out
+
+
 def run(data_dir: str, quick: bool = False) -> dict:
-    """Rounds of (hand-written, tl_jax, tl_jax with the demo's crops dropped, tl_jax with a prefetch thread),
-    each round in a fresh process (the hand-written loop first or last, alternately); best of each over the
-    rounds, and the median over rounds of the round's own tl_jax / hand-written ratio.
+    """Rounds of tl_jax and one variant (the demo's crops dropped, or a prefetch thread; in turn), each
+    interleaved with the hand-written loop, each round in a fresh process; ratios pooled over the rounds.
 
     Fresh processes: in one long-lived bench process the same compiled step was once seen to run 15 %
-    slower than in fresh ones in every round, which a best-of over that process's rounds cannot undo.
+    slower than in fresh ones in every round.
     """
     from benchmarks.common import run_worker
 
     steps = 350
     rounds = 2 if quick else 6
     per_round = []
-    for r in range(rounds):  # the hand-written loop first in even rounds, last in odd ones
-        res = run_worker("benchmarks.overhead_bench", ["--worker", "round", data_dir] + (["--hand-last"] if r % 2 else []))
+    for r in range(rounds):
+        res = run_worker("benchmarks.overhead_bench", ["--worker", "round", data_dir, "--round", str(r)])
         if "error" in res:
             return res
         per_round.append(res)
-    best = {k: max(r[k] for r in per_round) for k in per_round[0]}
     extra = run_worker("benchmarks.overhead_bench", ["--worker", "steps", data_dir] + (["--quick"] if quick else []))
     if "error" in extra:
         return extra
     step_ms = extra["step_only_ms"]
-    return {"steps_per_s": best, "per_round": per_round, "steps": steps, "window": steps - LOG_EVERY,
-            "rounds": rounds, **extra,
+    variants = pooled(per_round)
+    return {"variants": variants, "per_round": per_round, "steps": steps, "chunk": CHUNK, "rounds": rounds, **extra,
             "step_only_ratio": step_ms["hand_written"] / step_ms["tl_jax"],
             "step_only_ratio_norm_every_step": step_ms["hand_written"] / step_ms["tl_jax_norm_every_step"],
-            "ratio": best["tl_jax"] / best["hand_written"],
-            "ratio_median_round": float(np.median([r["tl_jax"] / r["hand_written"] for r in per_round])),
-            "ratio_deterministic_pp": best["tl_jax_deterministic_pp"] / best["hand_written"],
-            "ratio_prefetch_thread": best["tl_jax_prefetch_thread"] / best["hand_written"],
+            "ratio": variants["tl_jax"]["ratio"], "ratio_median_round": variants["tl_jax"]["median_round_ratio"],
+            "ratio_deterministic_pp": variants["tl_jax_deterministic_pp"]["ratio"],
+            "ratio_prefetch_thread": variants["tl_jax_prefetch_thread"]["ratio"],
             "data_prefetch_auto": _auto_prefetch()}
 
 
@@ -278,13 +349,13 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--worker", choices=["round", "steps"], default=None)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--hand-last", action="store_true")
+    p.add_argument("--round", type=int, default=0)
     p.add_argument("data_dir", nargs="?", default="")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = a.data_dir or tempfile.mkdtemp()
     if a.worker == "round":
-        emit(one_round(data, 350, hand_last=a.hand_last))
+        emit(one_round(data, 350, r=a.round))
     elif a.worker == "steps":
         emit(steps_and_host(data, a.quick))
     else:
