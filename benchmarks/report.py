@@ -77,8 +77,8 @@ def overhead_md(r: dict) -> str:
             "tl_jax_prefetch_thread": "the demo's train_pp with `data.prefetch=2`: batches made in a background "
                                       "thread"}
     rows = [[k, what.get(k, ""), v["tl_jax_steps_per_s"], v["hand_steps_per_s"], v["ratio"],
-             " ".join(f"{x:.3f}" for x in v["round_ratios"]), v["median_round_ratio"], fmt(v.get("steady_pair_ratio"), 3),
-             fmt(v.get("checkpoint_extra_ms"), 0)] for k, v in variants.items()]
+             " ".join(f"{x:.3f}" for x in v["round_ratios"]), v["median_round_ratio"],
+             fmt(v.get("steady_pair_ratio"), 3), fmt(v.get("checkpoint_extra_ms"), 0)] for k, v in variants.items()]
     out = (f"Demo source stage (mnist5k, CNN, Adam, batch 64) for {r['steps']} steps with the demo's cadence "
            "(metrics every 50 steps, a checkpoint every 300), against the 30-line jit loop (flax + optax Adam, "
            "batches made beforehand and already on the device). The two run *interleaved* in one process: "
@@ -199,9 +199,12 @@ def conv_md(r: dict) -> str:
                 row += [mine, mine / theirs]
         rows.append(row)
     out += ("\n\nXLA CPU flags of this jaxlib, each in its own process on top of tl_jax's defaults "
-            "(`tl_jax/xla_flags.py`: YNNPACK fusions off, the only flag that sped the step up), tl_jax's step; "
-            "'vs tl_jax' divides the process's torch/JAX ratio by the variants process's, the torch step being "
-            "the yardstick across processes (> 1: the flag helps):\n\n"
+            "(`tl_jax/xla_flags.py`: YNNPACK fusions off, 10-25 % faster when measured in one process), "
+            "tl_jax's step; 'vs tl_jax' divides the process's torch/JAX ratio by the variants process's, the "
+            "torch step being the yardstick across processes (> 1: the flag helps). That yardstick moves with "
+            "the load (PyTorch's OpenMP threads suffer more from it than XLA's): on 2026-11-27 single flags "
+            "read 0.94-1.30 in one run and 0.94-1.10 in the next, with no flag above 1.0 in both shapes of "
+            "both runs, so none became a default:\n\n"
             + table(["flags", "environment", "32x32x3 torch/JAX", "vs tl_jax", "28x28x1 torch/JAX", "vs tl_jax"],
                     rows))
     batch = _get(r, "batch", "ms") or {}
