@@ -34,6 +34,9 @@ flip_lr(p=0.5)      mirror the width axis with probability ``p``            yes
 to_rgb()            1 channel -> 3 by repetition (3 channels: unchanged)    no
 to_gray()           3 channels -> 1 by mean (1 channel: unchanged)          no
 ==================  =====================================================  ======
+
+The ops themselves (numpy over a batch) are in :mod:`tl_jax.data.image_ops`;
+this module parses and checks the config and runs the chain.
 """
 
 from __future__ import annotations
@@ -43,11 +46,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image
+
+from tl_jax.data import image_ops
 
 Shape = tuple[int, int, int]
-_BILINEAR = Image.Resampling.BILINEAR
 
 
 def _hw(size: Any) -> tuple[int, int]:
@@ -95,89 +97,6 @@ def _vector(value: Any, what: str, *, positive: bool = False) -> np.ndarray:
     return arr.reshape(()) if not isinstance(value, Sequence) else arr
 
 
-# --- ops: each is (images float32 [B, H, W, C], *draws, **params) -> images ---------
-# A random op also has a ``draw(rng, sizes [B, 2], **params) -> tuple of [B] arrays``:
-# every example's draws for one batch, taken in one call.
-
-
-def _rescale(x: np.ndarray, *, in_max: float) -> np.ndarray:
-    return x / np.float32(in_max)
-
-
-def _resize(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if x.shape[1:3] == (h, w):
-        return x
-    return np.stack([
-        np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c])).resize((w, h), _BILINEAR))
-                  for c in range(x.shape[-1])], axis=-1)
-        for img in x
-    ]).astype(np.float32, copy=False)
-
-
-def _pad_to(x: np.ndarray, h: int, w: int, what: str) -> np.ndarray:
-    ih, iw = x.shape[1:3]
-    if ih > h or iw > w:
-        raise ValueError(f"{what}: image {ih}x{iw} is larger than pad size {h}x{w}")
-    top, left = (h - ih) // 2, (w - iw) // 2
-    return np.pad(x, ((0, 0), (top, h - ih - top), (left, w - iw - left), (0, 0)))
-
-
-def _pad(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
-    return _pad_to(x, *size, what="pad")
-
-
-def _normalize(x: np.ndarray, *, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return ((x - mean) / std).astype(np.float32, copy=False)
-
-
-def _center_crop(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    ih, iw = x.shape[1:3]
-    if h > ih or w > iw:
-        raise ValueError(f"crop {h}x{w} is larger than image {ih}x{iw}")
-    top, left = (ih - h) // 2, (iw - w) // 2
-    return x[:, top : top + h, left : left + w]
-
-
-def _draw_crop(rng: np.random.Generator, sizes: np.ndarray, *, size: tuple[int, int], pad: int):
-    """Offsets ``top_b ~ U{0..H_b + 2 pad - h}``, ``left_b ~ U{0..W_b + 2 pad - w}`` of the padded images."""
-    room = sizes + 2 * pad - np.asarray(size) + 1
-    if (room < 1).any():
-        ih, iw = (sizes[np.argmin(room.min(axis=1))] + 2 * pad).tolist()
-        raise ValueError(f"crop {size[0]}x{size[1]} is larger than image {ih}x{iw}")
-    return rng.integers(0, room[:, 0]), rng.integers(0, room[:, 1])
-
-
-def _random_crop(x: np.ndarray, top: np.ndarray, left: np.ndarray, *, size: tuple[int, int],
-                 pad: int) -> np.ndarray:
-    """``out_b = zero_pad(x_b, pad)[top_b : top_b + h, left_b : left_b + w]`` (one gather for the batch)."""
-    h, w = size
-    if pad:
-        b, ih, iw, c = x.shape
-        padded = np.zeros((b, ih + 2 * pad, iw + 2 * pad, c), x.dtype)
-        padded[:, pad : pad + ih, pad : pad + iw] = x
-        x = padded
-    windows = sliding_window_view(x, (h, w), axis=(1, 2))  # [B, H' - h + 1, W' - w + 1, C, h, w], a view
-    return np.moveaxis(windows[np.arange(len(x)), top, left], 1, -1)
-
-
-def _draw_flip(rng: np.random.Generator, sizes: np.ndarray, *, p: float):
-    return (rng.random(len(sizes)) < p,)
-
-
-def _flip_lr(x: np.ndarray, flip: np.ndarray, *, p: float) -> np.ndarray:
-    return np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-
-
-def _to_rgb(x: np.ndarray) -> np.ndarray:
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
-def _to_gray(x: np.ndarray) -> np.ndarray:
-    return x.mean(axis=-1, keepdims=True, dtype=np.float32) if x.shape[-1] == 3 else x
-
-
 @dataclasses.dataclass(frozen=True)
 class _OpDef:
     fn: Callable[..., np.ndarray]
@@ -193,33 +112,33 @@ class _OpDef:
 
 _OPS: dict[str, _OpDef] = {
     "rescale": _OpDef(
-        _rescale, ("in_max",), {}, {"in_max": lambda v: _number(v, "in_max", positive=True)}
+        image_ops.rescale, ("in_max",), {}, {"in_max": lambda v: _number(v, "in_max", positive=True)}
     ),
-    "resize": _OpDef(_resize, ("size",), {}, {"size": _hw}),
-    "pad": _OpDef(_pad, ("size",), {}, {"size": _hw}),
+    "resize": _OpDef(image_ops.resize, ("size",), {}, {"size": _hw}),
+    "pad": _OpDef(image_ops.pad, ("size",), {}, {"size": _hw}),
     "normalize": _OpDef(
-        _normalize,
+        image_ops.normalize,
         ("mean", "std"),
         {},
         {"mean": lambda v: _vector(v, "mean"), "std": lambda v: _vector(v, "std", positive=True)},
     ),
-    "center_crop": _OpDef(_center_crop, ("size",), {}, {"size": _hw}),
+    "center_crop": _OpDef(image_ops.center_crop, ("size",), {}, {"size": _hw}),
     "random_crop": _OpDef(
-        _random_crop,
+        image_ops.random_crop,
         ("size",),
         {"pad": 0},
         {"size": _hw, "pad": lambda v: _nonneg_int(v, "pad")},
-        draw=_draw_crop,
+        draw=image_ops.draw_crop,
     ),
     "flip_lr": _OpDef(
-        _flip_lr,
+        image_ops.flip_lr,
         (),
         {"p": 0.5},
         {"p": lambda v: _probability(v, "p")},
-        draw=_draw_flip,
+        draw=image_ops.draw_flip,
     ),
-    "to_rgb": _OpDef(_to_rgb, (), {}, {}),
-    "to_gray": _OpDef(_to_gray, (), {}, {}),
+    "to_rgb": _OpDef(image_ops.to_rgb, (), {}, {}),
+    "to_gray": _OpDef(image_ops.to_gray, (), {}, {}),
 }
 RANDOM_OPS = tuple(name for name, d in _OPS.items() if d.random)
 
