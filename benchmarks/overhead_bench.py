@@ -261,7 +261,7 @@ def one_round(data_dir: str, steps: int, r: int = 0) -> dict:
     root = pathlib.Path(tempfile.mkdtemp(prefix="tl_jax_bench_overhead_"))
     configs = _configs(data_dir, steps)
     others = [k for k in configs if k != "tl_jax"]
-    names = ["tl_jax", others[(r // 2) % len(others)]]
+    names = ["tl_jax", others[(r // 2) % len(others)]]  # quick (2 rounds): the first variant only
     names = names[::-1] if r % 2 else names
     hand = HandWritten(device_batches(configs["tl_jax"], 40))
     return {name: interleaved_loop(configs[name], str(root / name), hand) for name in names}
@@ -328,8 +328,8 @@ def run(data_dir: str, quick: bool = False) -> dict:
             "step_only_ratio": step_ms["hand_written"] / step_ms["tl_jax"],
             "step_only_ratio_norm_every_step": step_ms["hand_written"] / step_ms["tl_jax_norm_every_step"],
             "ratio": variants["tl_jax"]["ratio"], "ratio_median_round": variants["tl_jax"]["median_round_ratio"],
-            "ratio_deterministic_pp": variants["tl_jax_deterministic_pp"]["ratio"],
-            "ratio_prefetch_thread": variants["tl_jax_prefetch_thread"]["ratio"],
+            "ratio_deterministic_pp": variants.get("tl_jax_deterministic_pp", {}).get("ratio"),
+            "ratio_prefetch_thread": variants.get("tl_jax_prefetch_thread", {}).get("ratio"),
             "data_prefetch_auto": _auto_prefetch()}
 
 
