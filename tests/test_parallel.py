@@ -167,6 +167,21 @@ def test_batch_sharding_gives_every_process_count_the_same_global_batches():
     assert examples.kwargs == {"process_index": 1, "process_count": 3}
 
 
+def test_batch_sharding_of_cached_rows_builds_only_the_process_blocks():
+    from tl_jax.data.shuffle import GatherBatches
+
+    arrays = {"image": np.arange(37 * 4, dtype=np.float32).reshape(37, 2, 2, 1), "label": np.arange(37) % 10}
+    global_batches = GatherBatches(arrays, batch_size=12, seed=5)
+    for n in (2, 3):
+        parts = [process_sharding("batch", 37, p, n).select(GatherBatches(arrays, batch_size=12 // n, seed=5))
+                 for p in range(n)]
+        assert all(isinstance(part, GatherBatches) and f"step={n}" in str(part) for part in parts)
+        for k in range(7):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(np.concatenate([part[k][key] for part in parts]),
+                                              global_batches[k][key])
+
+
 def test_data_sharding_errors():
     with pytest.raises(ValueError, match=r"the 37 training examples do not split evenly over 2 processes"):
         process_sharding("examples", 37, 0, 2)

@@ -130,3 +130,29 @@ def test_batches_made_in_chunks_equal_batch_by_batch():
         for key in ("image", "label"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {k} {key}")
     np.testing.assert_array_equal(one[4]["label"], one.rows(np.arange(32, 40))["label"])
+
+
+def test_strided_batches_equal_every_step_th_batch():
+    """``GatherBatches.strided(p, P)`` (one process of data_sharding='batch') makes only its own blocks, the
+    same as every P-th batch of the whole stream, across chunk and epoch boundaries."""
+    from tl_jax.data.shuffle import GatherBatches
+
+    rng = np.random.default_rng(1)
+    arrays = {"image": rng.normal(size=(29, 6, 6, 1)).astype(np.float32), "label": np.arange(29) % 10}
+    suffix = build_preprocess([{"op": "random_crop", "size": 5, "pad": 1}, {"op": "flip_lr"}])
+    whole = GatherBatches(arrays, batch_size=4, seed=3, suffix=suffix, chunk=1)
+    for p, n in [(0, 2), (1, 2), (2, 3)]:
+        part = GatherBatches(arrays, batch_size=4, seed=3, suffix=suffix, chunk=3).strided(p, n)
+        assert f"start={p}, step={n}" in str(part)
+        for k in [0, 1, 2, 3, 7, 4, 11]:  # across chunks of 3 and epochs of 29 rows, out of order
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(part[k][key], whole[p + k * n][key], err_msg=f"{p}/{n} {k} {key}")
+    seen: list[np.ndarray] = []
+    rows = part.rows
+    part.rows = lambda positions: (seen.append(positions), rows(positions))[1]
+    part[5]  # chunk 1 of process 2/3: its batches 3, 4, 5 = stream batches 11, 14, 17 (rows of 4)
+    np.testing.assert_array_equal(seen[0], np.concatenate([np.arange(4 * b, 4 * b + 4) for b in (11, 14, 17)]))
+    with pytest.raises(ValueError, match="already strided"):
+        part.strided(0, 2)
+    with pytest.raises(ValueError, match="0 <= start < step"):
+        whole.strided(2, 2)

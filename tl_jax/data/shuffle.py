@@ -121,11 +121,15 @@ class GatherBatches(grain.MapDataset):
     the suffix runs once over them (draws keyed by position make that the same
     as batch by batch), so the host spends a fraction of the time per batch.
     ``chunk``: as many batches as fit in 4 MiB (at most 16; 1 for big batches).
+    ``start``, ``step`` (:meth:`strided`): batch ``k`` is batch ``start + k * step``
+    of the stream, and a chunk holds ``chunk`` of those batches only.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, seed: int,
-                 suffix: Preprocess | None = None, chunk: int | None = None):
+                 suffix: Preprocess | None = None, chunk: int | None = None, start: int = 0, step: int = 1):
         super().__init__()
+        if step < 1 or not 0 <= start < step:
+            raise ValueError(f"GatherBatches: need 0 <= start < step, got start={start}, step={step}")
         self._arrays = arrays
         self._n = len(next(iter(arrays.values())))
         self._batch = int(batch_size)
@@ -133,6 +137,7 @@ class GatherBatches(grain.MapDataset):
         self._suffix = suffix if suffix is not None and suffix.ops else None
         row_bytes = sum(v[:1].nbytes for v in arrays.values())
         self._chunk = int(chunk or max(1, min(_MAX_CHUNK, _CHUNK_BYTES // max(1, row_bytes * self._batch))))
+        self._start, self._step = int(start), int(step)  # batch k here is batch start + k * step of the stream
         self._order = EpochShuffle(grain.MapDataset.range(self._n), seed=seed)
         self._made: tuple[int, dict] | None = None  # (chunk index, its rows)
         self._lock = threading.Lock()
@@ -141,7 +146,16 @@ class GatherBatches(grain.MapDataset):
         return sys.maxsize // self._batch  # as grain's batch of an infinitely repeated dataset
 
     def __str__(self) -> str:
-        return f"GatherBatches(batch_size={self._batch}, chunk={self._chunk})"
+        strided = f", start={self._start}, step={self._step}" if self._step > 1 else ""
+        return f"GatherBatches(batch_size={self._batch}, chunk={self._chunk}{strided})"
+
+    def strided(self, start: int, step: int) -> GatherBatches:
+        """Batches ``start, start + step, ...`` of this stream (``self[start::step]``), made ``chunk`` of *them*
+        at a time: a process of ``config.parallel.data_sharding='batch'`` builds only its own blocks."""
+        if self._step != 1:
+            raise ValueError("GatherBatches.strided: already strided")
+        return GatherBatches(self._arrays, batch_size=self._batch, seed=self._seed, suffix=self._suffix,
+                             chunk=self._chunk, start=start, step=step)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -173,8 +187,9 @@ class GatherBatches(grain.MapDataset):
         with self._lock:
             made = self._made
             if made is None or made[0] != c:
-                span = self._chunk * self._batch
-                made = self._made = (c, self.rows(np.arange(c * span, (c + 1) * span)))
+                blocks = self._start + self._step * np.arange(c * self._chunk, (c + 1) * self._chunk)
+                positions = (blocks[:, None] * self._batch + np.arange(self._batch)).ravel()
+                made = self._made = (c, self.rows(positions))
         lo = i * self._batch
         return {k: v[lo : lo + self._batch] for k, v in made[1].items()}
 

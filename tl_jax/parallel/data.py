@@ -7,7 +7,9 @@ rows per step (its devices' rows of the global batch):
   examples (same shuffle, same random augmentations, keyed by the example's
   position in that stream), cut into blocks of ``B / P``; process ``p`` reads
   blocks ``p, p + P, p + 2P, ...`` (a strided slice of a lazy grain
-  ``MapDataset``, so it loads and preprocesses only its own rows). Global batch
+  ``MapDataset``, so it loads and preprocesses only its own rows; cached rows
+  are gathered and augmented several of its own blocks at a time,
+  :meth:`tl_jax.data.shuffle.GatherBatches.strided`). Global batch
   ``k`` is then the same for any ``P``: a run on 2 hosts x 4 devices sees the
   batches of a run on 1 host x 8 devices and reaches the same params (up to
   float summation order).
@@ -49,6 +51,8 @@ class ProcessSharding:
         if not isinstance(dataset, grain.MapDataset):
             raise ValueError(f"config.parallel.data_sharding='batch' needs a random-access grain MapDataset of "
                              f"batches, got {type(dataset).__name__}; use data_sharding='examples'")
+        if hasattr(dataset, "strided"):  # GatherBatches: makes only this process's blocks, several at a time
+            return dataset.strided(self.process_index, self.process_count)
         return dataset[self.process_index::self.process_count]
 
 
