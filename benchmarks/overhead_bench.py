@@ -44,19 +44,24 @@ def demo_source_config(data_dir: str, steps: int, **overrides: Any):
 class HandWritten:
     """The 30-line baseline: flax model, optax Adam, one jitted step, no metrics fetched.
 
-    ``hand(n)`` runs ``n`` steps over the pre-made device batches (in turn),
-    blocks on the last and returns the seconds taken.
+    ``hand.dispatch()`` queues one step on the next of the pre-made device
+    batches (in turn) and returns its loss; ``hand(n)`` runs ``n`` steps, blocks
+    on the last and returns the seconds taken. ``model``, ``tx`` and
+    ``init_params`` (a copy of the initial params) are there to build other
+    steps on the same footing.
     """
 
     def __init__(self, batches: list[dict]):
         import jax
+        import jax.numpy as jnp
         import optax
 
         from tl_jax.models import get_model
 
-        model = get_model("cnn", 10)
+        self.model = model = get_model("cnn", 10)
         params = model.init(jax.random.PRNGKey(0), batches[0]["image"][:1])["params"]
-        tx = optax.adam(1e-3)
+        self.init_params = jax.tree.map(jnp.copy, params)
+        self.tx = tx = optax.adam(1e-3)
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
         def step(params, opt_state, image, label):
@@ -72,18 +77,21 @@ class HandWritten:
         self.state = (params, tx.init(params))
         self(2)  # compiled and warm
 
+    def dispatch(self) -> Any:
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        params, opt_state, loss = self.step(*self.state, b["image"], b["label"])
+        self.state = (params, opt_state)
+        return loss
+
     def __call__(self, n: int) -> float:
         import jax
 
         t0 = time.perf_counter()
-        params, opt_state = self.state
         loss = None
         for _ in range(n):
-            b = self.batches[self.i % len(self.batches)]
-            self.i += 1
-            params, opt_state, loss = self.step(params, opt_state, b["image"], b["label"])
+            loss = self.dispatch()
         jax.block_until_ready(loss)
-        self.state = (params, opt_state)
         return time.perf_counter() - t0
 
 
@@ -169,33 +177,19 @@ def step_only(batch: dict, rounds: int) -> dict:
     """
     import jax
     import jax.numpy as jnp
-    import optax
 
     from benchmarks.common import interleaved
     from tl_jax import config as config_lib
-    from tl_jax.models import get_model
     from tl_jax.objectives import Objective
     from tl_jax.train.state import TrainState
     from tl_jax.train.step import make_train_step
 
-    model = get_model("cnn", 10)
-    params = model.init(jax.random.PRNGKey(0), batch["image"][:1])["params"]
-    tx = optax.adam(1e-3)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def hand(params, opt_state, image, label):
-        def loss_fn(p):
-            return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, image), label).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    hand = HandWritten([batch])
+    model, tx, params = hand.model, hand.tx, hand.init_params
     loss = Objective(config_lib.base_config(), model).loss
     tl = jax.jit(make_train_step(loss, tx, grad_norm_every=LOG_EVERY), donate_argnums=0)
     tl_every = jax.jit(make_train_step(loss, tx), donate_argnums=0)
     copy = functools.partial(jax.tree.map, jnp.copy)
-    h = [copy(params), tx.init(params)]
 
     def fresh_state():
         return TrainState(step=jnp.zeros((), jnp.int32), params=copy(params), batch_stats={},
@@ -203,10 +197,6 @@ def step_only(batch: dict, rounds: int) -> dict:
                           aux={})
 
     t, te = [fresh_state()], [fresh_state()]
-
-    def run_hand():
-        h[0], h[1], loss = hand(h[0], h[1], batch["image"], batch["label"])
-        return loss
 
     def run_tl():
         t[0], metrics = tl(t[0], batch)
@@ -216,7 +206,7 @@ def step_only(batch: dict, rounds: int) -> dict:
         te[0], metrics = tl_every(te[0], batch)
         return metrics["train/loss"]
 
-    return interleaved({"hand_written": run_hand, "tl_jax": run_tl, "tl_jax_norm_every_step": run_tl_every},
+    return interleaved({"hand_written": hand.dispatch, "tl_jax": run_tl, "tl_jax_norm_every_step": run_tl_every},
                        rounds=rounds, reps=10, sync=jax.block_until_ready)
 
 
