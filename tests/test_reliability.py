@@ -52,10 +52,12 @@ def assert_same_run(a, b):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path, tfds_data_dir):
+@pytest.mark.parametrize("checkpoint_async", ["true", "false"])
+def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path, tfds_data_dir, checkpoint_async):
     # log windows (3) deliberately misaligned with checkpoints (2): pending metrics travel in the checkpoint.
+    # Asynchronous saves: 'kill_during_save' lands while orbax's threads are still writing step 6.
     extra = ("--config.train.steps=12", "--config.train.log_every=3", "--config.train.checkpoint_every=2",
-             "--config.train.eval_every=5")
+             "--config.train.eval_every=5", f"--config.train.checkpoint_async={checkpoint_async}")
     ref, wd = tmp_path / "ref", tmp_path / "killed"
     assert run_cli(cli_args(ref, tfds_data_dir, *extra)).returncode == 0
     rng = np.random.default_rng(0)
@@ -166,6 +168,8 @@ BAD_INPUTS = [
     (["--config.optimizer.name=adamm"], "config.optimizer.name must be one of"),
     (["--config.data.train_pp=[{\"op\": \"reszie\", \"size\": 3}]"], "config.data.train_pp[0]"),
     (["--config.data.prefetch=-1"], "config.data.prefetch must be 'auto' or an int >= 0, got -1"),
+    (["--config.train.checkpoint_async=sometimes"],
+     "config.train.checkpoint_async must be 'auto', true or false, got 'sometimes'"),
 ]
 
 

@@ -68,7 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
                    best_metric="test/accuracy", nan_policy="error", progress=True,
                    # Frozen backbone + deterministic train_pp: compute the backbone features once and train
                    # the head on them (tl_jax/train/feature_cache.py): 'auto' (when eligible) | true | false.
-                   feature_cache=config_dict.FieldReference("auto", field_type=object))
+                   feature_cache=config_dict.FieldReference("auto", field_type=object),
+                   # Orbax saves in background threads (true) or before the loop goes on (false). 'auto':
+                   # synchronous when the devices are CPUs and the state is < 256 MiB, where the writer threads
+                   # would take XLA's cores (tl_jax/train/checkpoint.py: use_async_save; BENCHMARKS.md goal 1).
+                   checkpoint_async=config_dict.FieldReference("auto", field_type=object))
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
     # Devices and hosts (tl_jax/parallel/, README "Multi-device and multi-host").
     c.parallel = dict(
@@ -278,7 +282,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
-    for key in ("data.cache", "train.feature_cache"):
+    for key in ("data.cache", "train.feature_cache", "train.checkpoint_async"):
         if _get(config, key) not in ("auto", True, False) or isinstance(_get(config, key), int) and \
                 not isinstance(_get(config, key), bool):
             raise ConfigError(f"config.{key} must be 'auto', true or false, got {_get(config, key)!r}")

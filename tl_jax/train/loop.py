@@ -28,7 +28,7 @@ from tl_jax.parallel import distributed, make_strategy
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
-from tl_jax.train.checkpoint import Checkpoints, load_variables
+from tl_jax.train.checkpoint import Checkpoints, load_variables, use_async_save
 from tl_jax.train import feature_cache
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill
@@ -183,7 +183,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
     distributed.barrier("tl_jax:workdir")  # the other processes check config.json once it is written
     if not is_main:
         wd.prepare(cfg_dict, overwrite=overwrite, write=False)
-    ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
+    async_save = use_async_save(config.train.checkpoint_async, state)  # 'auto': sync on CPUs for small states
+    ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
+                        async_save=async_save)
+    log.info("checkpoints: %s saves (config.train.checkpoint_async=%r)", "asynchronous" if async_save else
+             "synchronous", config.train.checkpoint_async)
     data_iter = train_iterator(dataset)  # grain read threads sized to the machine (tl_jax/data/shuffle.py)
     resumed = ckpts.restore_latest(state)
     pending, step0 = [], 0

@@ -1,0 +1,67 @@
+"""config.train.checkpoint_async: which saves run in orbax's background threads, and that both modes save the same run."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tl_jax import config as config_lib
+from tl_jax.train import checkpoint as checkpoint_lib
+from tl_jax.train import loop as loop_lib
+from tl_jax.train.checkpoint import ASYNC_MIN_BYTES, use_async_save
+from tl_jax.tree_paths import flatten_paths
+
+TINY = "tests/configs/tiny.py"
+SMALL = {"w": jnp.zeros((3, 4)), "opt": (jnp.zeros(()), {"mu": jnp.zeros((3, 4))})}
+BIG = {"w": jax.ShapeDtypeStruct((ASYNC_MIN_BYTES // 4,), jnp.float32), "b": jax.ShapeDtypeStruct((1,), jnp.int8)}
+
+
+@pytest.mark.parametrize("setting, state, platform, expected", [
+    ("auto", SMALL, "cpu", False),  # XLA's threads use every core: a short synchronous save costs less
+    ("auto", BIG, "cpu", True),  # >= ASYNC_MIN_BYTES: overlap the long write
+    ("auto", SMALL, "gpu", True),  # host cores are free on accelerators
+    ("auto", SMALL, "tpu", True),
+    (True, SMALL, "cpu", True),
+    (False, BIG, "tpu", False),
+])
+def test_use_async_save(setting, state, platform, expected):
+    assert use_async_save(setting, state, platform) is expected
+
+
+def test_auto_uses_the_local_devices_platform():
+    assert use_async_save("auto", SMALL) is (jax.local_devices()[0].platform != "cpu")
+
+
+def test_bad_setting_names_the_config_key():
+    with pytest.raises(ValueError, match="config.train.checkpoint_async must be 'auto', true or false, got 'yes'"):
+        use_async_save("yes", SMALL, "cpu")
+    c = config_lib.base_config()
+    c.train.checkpoint_async = 1
+    with pytest.raises(config_lib.ConfigError, match="config.train.checkpoint_async"):
+        config_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_sync_and_async_saves_hold_the_same_run(tmp_path, tfds_data_dir, monkeypatch):
+    modes = []
+    init = checkpoint_lib.Checkpoints.__init__
+
+    def recording_init(self, *args, async_save=True, **kwargs):
+        modes.append(async_save)
+        init(self, *args, async_save=async_save, **kwargs)
+
+    monkeypatch.setattr(checkpoint_lib.Checkpoints, "__init__", recording_init)
+    saved = {}
+    for setting in ("auto", True):
+        c = config_lib.load_config(TINY)
+        c.data.data_dir = tfds_data_dir
+        c.train.checkpoint_async = setting
+        wd = tmp_path / str(setting)
+        loop_lib.train(c, str(wd))
+        ckpts = checkpoint_lib.Checkpoints(wd / "checkpoints")
+        assert ckpts.all_steps()[-1] == c.train.steps
+        saved[setting] = flatten_paths(checkpoint_lib.load_variables(str(wd))["params"])
+        ckpts.close()
+    assert modes[:1] == [False] and modes[2:3] == [True]  # the loop's own Checkpoints of each run; 'auto' on CPUs
+    assert saved["auto"].keys() == saved[True].keys()
+    for k in saved["auto"]:
+        np.testing.assert_array_equal(saved["auto"][k], saved[True][k], err_msg=k)
