@@ -104,8 +104,8 @@ def interleaved_loop(config: Any, workdir: str, hand: HandWritten, chunk: int = 
     the machine's load alike, a quarter second apart. While one of tl_jax's
     asynchronous checkpoint saves is still being written, no hand-written
     piece runs (the save's threads stay on tl_jax's clock). Returns the steps
-    and seconds of each side, and each ``(tl_jax steps, tl_jax s, hand s)``
-    pair of neighbouring pieces.
+    and seconds of each side, and each ``(tl_jax steps, tl_jax s, hand s,
+    saves started)`` of neighbouring pieces.
     """
     import jax
 
@@ -113,7 +113,7 @@ def interleaved_loop(config: Any, workdir: str, hand: HandWritten, chunk: int = 
     from tl_jax.train import loop as loop_lib
     from tl_jax.train.checkpoint import Checkpoints
 
-    count, mark = [0], [None]
+    count, mark, saves = [0], [None], [0]
     out: dict[str, Any] = {"tl_jax_steps": 0, "tl_jax_s": 0.0, "hand_steps": 0, "hand_s": 0.0, "pairs": []}
     managers: list = []
     compile_, save = strategy_lib.JitStrategy.compile, Checkpoints.save
@@ -134,14 +134,15 @@ def interleaved_loop(config: Any, workdir: str, hand: HandWritten, chunk: int = 
                 out["tl_jax_steps"] += count[0] - mark[0][1]
                 out["hand_s"] += hand_s
                 out["hand_steps"] += chunk
-                out["pairs"].append((count[0] - mark[0][1], now - mark[0][0], hand_s))
-            mark[0] = (time.perf_counter(), count[0])
+                out["pairs"].append((count[0] - mark[0][1], now - mark[0][0], hand_s, saves[0] - mark[0][2]))
+            mark[0] = (time.perf_counter(), count[0], saves[0])
             return res
 
         return step
 
     def recorded_save(self, *args, **kwargs):
         managers.append(self.manager)
+        saves[0] += 1
         return save(self, *args, **kwargs)
 
     strategy_lib.JitStrategy.compile, Checkpoints.save = wrapped_compile, recorded_save
@@ -241,6 +242,7 @@ DETERMINISTIC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "normalize", "mea
 
 def _configs(data_dir: str, steps: int) -> dict:
     return {"tl_jax": demo_source_config(data_dir, steps),
+            "tl_jax_async_checkpoint": demo_source_config(data_dir, steps, **{"train.checkpoint_async": True}),
             "tl_jax_deterministic_pp": demo_source_config(data_dir, steps, **{"data.train_pp": DETERMINISTIC_PP}),
             "tl_jax_prefetch_thread": demo_source_config(data_dir, steps, **{"data.prefetch": 2})}
 
@@ -279,11 +281,11 @@ def pooled(rounds: list[dict]) -> dict:
         per = [(x["tl_jax_steps"] / x["tl_jax_s"]) / (x["hand_steps"] / x["hand_s"]) for x in runs]
         steady, extra_ms = [], []
         for x in runs:
-            pairs = np.asarray(x["pairs"], float).reshape(-1, 3)
-            plain = pairs[pairs[:, 0] == CHUNK]
+            pairs = np.asarray(x["pairs"], float).reshape(-1, 4)
+            plain = pairs[(pairs[:, 0] == CHUNK) & (pairs[:, 3] == 0)]
             steady += list(plain[:, 2] / plain[:, 1])
             step_s = float(np.median(plain[:, 1])) / CHUNK if len(plain) else float("nan")
-            extra_ms += [1000 * (t - n * step_s) for n, t, _ in pairs[pairs[:, 0] > CHUNK]]
+            extra_ms += [1000 * (t - n * step_s) / k for n, t, _, k in pairs[pairs[:, 3] > 0]]
         out[name] = {"tl_jax_steps_per_s": tl, "hand_steps_per_s": hand, "ratio": tl / hand,
                      "round_ratios": per, "median_round_ratio": float(np.median(per)), "rounds": len(runs),
                      "steady_pair_ratio": float(np.median(steady)) if steady else None,
@@ -314,12 +316,15 @@ def run(data_dir: str, quick: bool = False) -> dict:
         return extra
     step_ms = extra["step_only_ms"]
     variants = pooled(per_round)
+    ckpt = run_worker("benchmarks.checkpoint_bench")  # what one save costs, per array and per byte
     return {"variants": variants, "per_round": per_round, "steps": steps, "chunk": CHUNK, "rounds": rounds, **extra,
+            "checkpoint_cost": ckpt,
             "step_only_ratio": step_ms["hand_written"] / step_ms["tl_jax"],
             "step_only_ratio_norm_every_step": step_ms["hand_written"] / step_ms["tl_jax_norm_every_step"],
             "ratio": variants["tl_jax"]["ratio"], "ratio_median_round": variants["tl_jax"]["median_round_ratio"],
             "ratio_deterministic_pp": variants.get("tl_jax_deterministic_pp", {}).get("ratio"),
             "ratio_prefetch_thread": variants.get("tl_jax_prefetch_thread", {}).get("ratio"),
+            "ratio_async_checkpoint": variants.get("tl_jax_async_checkpoint", {}).get("ratio"),
             "data_prefetch_auto": _auto_prefetch()}
 
 
