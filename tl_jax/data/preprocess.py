@@ -20,12 +20,12 @@ Ops (``size`` is an int for a square or ``[h, w]``):
 ==================  =====================================================  ======
 op                  semantics                                              random
 ==================  =====================================================  ======
-rescale(in_max)     ``x / in_max`` (e.g. 255 for uint8 images -> [0, 1])    no
+rescale(in_max)     ``x · (1/in_max)`` (e.g. 255: uint8 images -> [0, 1])   no
 resize(size)        bilinear, per channel via PIL mode 'F' (half-pixel      no
                     centres; antialiased when shrinking)
 pad(size)           zero-pad to ``size``, image centred (extra row/col at   no
                     bottom/right); error if the image is larger
-normalize(mean,     ``(x - mean) / std``; scalars or per-channel lists      no
+normalize(mean,     ``(x - mean) · (1/std)``; scalars or per-channel lists  no
 std)
 center_crop(size)   crop at offset ``(H - h) // 2, (W - w) // 2``           no
 random_crop(size,   zero-pad ``pad`` on every side, then crop at a uniform  yes
