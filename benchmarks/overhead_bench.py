@@ -216,12 +216,15 @@ def host_costs(config: Any, rounds: int) -> dict:
 
     ``batch_at_a_time`` vs ``chunked``: :class:`tl_jax.data.shuffle.GatherBatches`
     with ``chunk=1`` vs its default (several batches gathered and cropped in one
-    numpy call per op), both read by the loop's iterator
+    numpy call per op); ``recipes``: what the host makes per batch when the
+    step makes the pixels (:class:`tl_jax.data.device_batches.RecipeBatches`:
+    row indices and crop offsets); all read by the loop's iterator
     (:func:`tl_jax.data.shuffle.train_iterator`).
     """
     from benchmarks.common import interleaved
     from tl_jax.data import build_preprocess, load_split
     from tl_jax.data import cache as data_cache
+    from tl_jax.data.device_batches import RecipeBatches
     from tl_jax.data.shuffle import GatherBatches, train_iterator
 
     dc = config.data
@@ -232,18 +235,16 @@ def host_costs(config: Any, rounds: int) -> dict:
     def dataset(chunk: int | None) -> GatherBatches:
         return GatherBatches(rows.arrays, batch_size=dc.batch_size, seed=0, suffix=suffix, chunk=chunk)
 
-    iters = {"batch_at_a_time": train_iterator(dataset(1)), "chunked": train_iterator(dataset(None))}
+    iters = {"batch_at_a_time": train_iterator(dataset(1)), "chunked": train_iterator(dataset(None)),
+             "recipes": train_iterator(RecipeBatches(rows.arrays, batch_size=dc.batch_size, seed=0, suffix=suffix))}
     sec = interleaved({k: (lambda it=it: next(it)) for k, it in iters.items()}, rounds=rounds, reps=64)
     return {k: 1000 * v for k, v in sec.items()}
 
 
-DETERMINISTIC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "normalize", "mean": 0.1307, "std": 0.3081}]
-
-
 def _configs(data_dir: str, steps: int) -> dict:
     return {"tl_jax": demo_source_config(data_dir, steps),
+            "tl_jax_device_batches": demo_source_config(data_dir, steps, **{"data.device_cache": True}),
             "tl_jax_async_checkpoint": demo_source_config(data_dir, steps, **{"train.checkpoint_async": True}),
-            "tl_jax_deterministic_pp": demo_source_config(data_dir, steps, **{"data.train_pp": DETERMINISTIC_PP}),
             "tl_jax_prefetch_thread": demo_source_config(data_dir, steps, **{"data.prefetch": 2})}
 
 
@@ -295,7 +296,7 @@ def pooled(rounds: list[dict]) -> dict:
 
 
 def run(data_dir: str, quick: bool = False) -> dict:
-    """Rounds of tl_jax and one variant (the demo's crops dropped, or a prefetch thread; in turn), each
+    """Rounds of tl_jax and one variant (batches made in the step, async checkpoints, a prefetch thread; in turn), each
     interleaved with the hand-written loop, each round in a fresh process; ratios pooled over the rounds.
 
     Fresh processes: in one long-lived bench process the same compiled step was once seen to run 15 %
@@ -322,7 +323,7 @@ def run(data_dir: str, quick: bool = False) -> dict:
             "step_only_ratio": step_ms["hand_written"] / step_ms["tl_jax"],
             "step_only_ratio_norm_every_step": step_ms["hand_written"] / step_ms["tl_jax_norm_every_step"],
             "ratio": variants["tl_jax"]["ratio"], "ratio_median_round": variants["tl_jax"]["median_round_ratio"],
-            "ratio_deterministic_pp": variants.get("tl_jax_deterministic_pp", {}).get("ratio"),
+            "ratio_device_batches": variants.get("tl_jax_device_batches", {}).get("ratio"),
             "ratio_prefetch_thread": variants.get("tl_jax_prefetch_thread", {}).get("ratio"),
             "ratio_async_checkpoint": variants.get("tl_jax_async_checkpoint", {}).get("ratio"),
             "data_prefetch_auto": _auto_prefetch()}

@@ -113,6 +113,12 @@ def cmd_train(data_dir: str, workdir: str) -> dict:
     shutil.rmtree(os.path.join(pm, "checkpoints", "8"))
     os.remove(os.path.join(pm, "summary.json"))
     out["pmap_resumed"] = strip(train(tiny(data_dir, mode="pmap"), pm))
+    crops = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14},
+             {"op": "random_crop", "size": 14, "pad": 2}, {"op": "flip_lr"}]
+    for mode in (False, True):  # config.data.device_cache: batches made in the sharded step vs on the host
+        c = tiny(data_dir)
+        c.data.train_pp, c.data.device_cache = crops, mode
+        out[f"jit_crops_device_{mode}"] = strip(train(c, os.path.join(workdir, f"crops_{mode}")))
     bad = os.path.join(workdir, "bad")
     out["errors"] = {
         "mesh": error_of(lambda: train(tiny(data_dir, mesh={"data": 3, "model": 1}), bad)),

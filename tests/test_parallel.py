@@ -254,6 +254,8 @@ def test_train_in_pmap_mode_matches_jit_resumes_and_errors_are_clear(tmp_path, t
     assert_close_records(res["pmap"], res["jit"])
     assert res["pmap_checkpoints"] == ["4", "8"]
     assert_close_records(res["pmap_resumed"], res["pmap"])
+    # Batches made inside the sharded step from the replicated row table train like host-made ones.
+    assert_close_records(res["jit_crops_device_True"], res["jit_crops_device_False"])
     err = res["errors"]
     assert "config.parallel.mesh={'data': 3, 'model': 1} spans 3 devices but there are 8" in err["mesh"]
     assert "config.parallel.mesh.model=2: param sharding over 'model' needs config.parallel.mode='jit'" \

@@ -52,12 +52,15 @@ def assert_same_run(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint_async", ["true", "false"])
-def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path, tfds_data_dir, checkpoint_async):
+@pytest.mark.parametrize("checkpoint_async, device_cache", [("true", "false"), ("false", "false"),
+                                                             ("false", "true")])
+def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path, tfds_data_dir, checkpoint_async, device_cache):
     # log windows (3) deliberately misaligned with checkpoints (2): pending metrics travel in the checkpoint.
     # Asynchronous saves: 'kill_during_save' lands while orbax's threads are still writing step 6.
+    # device_cache: the batches are made in the step from the rows on the device (same iterator state).
     extra = ("--config.train.steps=12", "--config.train.log_every=3", "--config.train.checkpoint_every=2",
-             "--config.train.eval_every=5", f"--config.train.checkpoint_async={checkpoint_async}")
+             "--config.train.eval_every=5", f"--config.train.checkpoint_async={checkpoint_async}",
+             f"--config.data.device_cache={device_cache}")
     ref, wd = tmp_path / "ref", tmp_path / "killed"
     assert run_cli(cli_args(ref, tfds_data_dir, *extra)).returncode == 0
     rng = np.random.default_rng(0)
@@ -170,6 +173,10 @@ BAD_INPUTS = [
     (["--config.data.prefetch=-1"], "config.data.prefetch must be 'auto' or an int >= 0, got -1"),
     (["--config.train.checkpoint_async=sometimes"],
      "config.train.checkpoint_async must be 'auto', true or false, got 'sometimes'"),
+    (["--config.data.device_cache=sometimes"], "config.data.device_cache must be 'auto', true or false"),
+    (["--config.data.device_cache=true", "--config.parallel.mode=pmap"],
+     "config.data.device_cache=true but the run cannot make its batches on the devices: "
+     "config.parallel.mode='pmap'"),
 ]
 
 

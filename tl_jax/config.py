@@ -51,7 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
         cache=config_dict.FieldReference("auto", field_type=object), cache_max_mb=1024.0,
         # Device batches a background thread makes ahead (tl_jax/train/prefetch.py); 0 = in the loop's
         # thread. 'auto': 2 on machines of more than 2 cores, else 0 (faster there: BENCHMARKS.md, goal 1).
-        prefetch=config_dict.FieldReference("auto", field_type=object))
+        prefetch=config_dict.FieldReference("auto", field_type=object),
+        # Keep those cached rows on the devices and make each batch inside the compiled step from row
+        # indices and draws (tl_jax/data/device_batches.py): false (default: no loop speed-up measured on
+        # CPUs) | 'auto' (when eligible and the table fits device_cache_max_mb) | true. Same batches.
+        device_cache=config_dict.FieldReference(False, field_type=object), device_cache_max_mb=256.0)
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
                        warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
     # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
@@ -282,12 +286,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
-    for key in ("data.cache", "train.feature_cache", "train.checkpoint_async"):
+    for key in ("data.cache", "data.device_cache", "train.feature_cache", "train.checkpoint_async"):
         if _get(config, key) not in ("auto", True, False) or isinstance(_get(config, key), int) and \
                 not isinstance(_get(config, key), bool):
             raise ConfigError(f"config.{key} must be 'auto', true or false, got {_get(config, key)!r}")
     prefetch = config.data.prefetch
     if prefetch != "auto" and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0):
         raise ConfigError(f"config.data.prefetch must be 'auto' or an int >= 0, got {prefetch!r}")
-    if not config.data.cache_max_mb > 0:
-        raise ConfigError(f"config.data.cache_max_mb must be > 0, got {config.data.cache_max_mb}")
+    for key in ("data.cache_max_mb", "data.device_cache_max_mb"):
+        if not _get(config, key) > 0:
+            raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)}")

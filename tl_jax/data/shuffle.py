@@ -154,8 +154,8 @@ class GatherBatches(grain.MapDataset):
         at a time: a process of ``config.parallel.data_sharding='batch'`` builds only its own blocks."""
         if self._step != 1:
             raise ValueError("GatherBatches.strided: already strided")
-        return GatherBatches(self._arrays, batch_size=self._batch, seed=self._seed, suffix=self._suffix,
-                             chunk=self._chunk, start=start, step=step)
+        return type(self)(self._arrays, batch_size=self._batch, seed=self._seed, suffix=self._suffix,
+                          chunk=self._chunk, start=start, step=step)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -166,13 +166,18 @@ class GatherBatches(grain.MapDataset):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def rows(self, positions: np.ndarray) -> dict:
-        """The rows at these positions of the repeated, shuffled stream, suffix applied."""
+    def row_indices(self, positions: np.ndarray) -> np.ndarray:
+        """Indices into the stacked rows of these positions of the repeated, shuffled stream (int64)."""
         epochs, within = np.divmod(positions, self._n)
         rows = np.empty(len(positions), np.int64)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
             rows[sel] = self._order.permutation(int(epoch))[within[sel]]
+        return rows
+
+    def rows(self, positions: np.ndarray) -> dict:
+        """The rows at these positions of the repeated, shuffled stream, suffix applied."""
+        rows = self.row_indices(positions)
         out = {k: v[rows] for k, v in self._arrays.items()}
         if "label" in out:
             out["label"] = out["label"].astype(np.int32, copy=False)

@@ -121,7 +121,10 @@ class JitStrategy(Strategy):
 
     def compile(self, fn: Callable, state: PyTree, batch: dict) -> Callable:
         if any(isinstance(v, np.ndarray) for v in jax.tree.leaves(batch)):  # a loop_batch: lower it sharded
-            batch = self.put_batch(batch)
+            sharding = mesh_lib.batch_sharding(self.mesh)  # (device arrays, e.g. a device_cache table, as placed)
+            batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype),
+                                                                sharding=sharding)
+                                 if isinstance(v, np.ndarray) else v, batch)
         return fn.lower(state, batch).compile()
 
 

@@ -181,7 +181,8 @@ class Sweep:
         names = [m.name for m in members]
         entry: dict = {"points": names}
         self.record["groups"].append(entry)
-        runs = [prepare_run(m.config, str(m.workdir)) for m in members]
+        # Host batches: the vmapped step stacks the points' batches (config.data.device_cache is for one run).
+        runs = [prepare_run(m.config, str(m.workdir), device_data=False) for m in members]
         try:
             group = VectorizedGroup(runs)
         except CannotVectorize as e:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from tl_jax import config as config_lib
-from tl_jax.data import build_preprocess, eval_batches, load_split, sample_shots, train_dataset
+from tl_jax.data import build_preprocess, device_batches, eval_batches, load_split, sample_shots, train_dataset
 from tl_jax.data.shuffle import train_iterator
 from tl_jax.models import get_model, norm_paths
 from tl_jax.parallel import distributed, make_strategy
@@ -121,11 +121,13 @@ class Run:
     t_start: float
     pending: list
     step0: int
+    device_data: device_batches.DeviceBatches | None = None  # config.data.device_cache: batches made in the step
 
     def loop(self) -> dict:
         """Run :func:`run_loop` on this run; returns the summary."""
         return run_loop(self.config, self.wd, self.ckpts, self.strategy, self.state, self.data_iter, self.tx,
-                        self.objective, self.test_split, self.eval_pp, self.t_start, pending=self.pending)
+                        self.objective, self.test_split, self.eval_pp, self.t_start, pending=self.pending,
+                        device_data=self.device_data)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
@@ -133,8 +135,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     return prepare_run(config, workdir, overwrite=overwrite).loop()
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> Run:
-    """Everything of :func:`train` before the step loop (also used by vectorised sweeps)."""
+def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+                device_data: bool = True) -> Run:
+    """Everything of :func:`train` before the step loop (also used by vectorised sweeps).
+
+    ``device_data=False``: the data iterator yields host batches whatever ``config.data.device_cache`` says
+    (for callers with their own step, e.g. vectorised sweeps).
+    """
     t_start = time.time()
     config_lib.validate(config)
     distributed.initialize(config.parallel)  # before any JAX op; no-op unless multi-host (the CLI did it)
@@ -177,6 +184,10 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
         dataset = shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed,
                                                        **shard.kwargs))
     test_split, eval_pp = objective.eval_data(test_split, eval_pp)
+    on_device = device_batches.maybe_enable(dc.device_cache if device_data else False, dataset, strategy,
+                                            dc.device_cache_max_mb)  # config.data.device_cache
+    if on_device is not None:
+        dataset = on_device.recipes  # same batches, as row indices and draws: the step makes the pixels
 
     if is_main:
         wd.prepare(cfg_dict, overwrite=overwrite)
@@ -200,23 +211,29 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
         wd.truncate_metrics(step0)
 
     return Run(config, wd, ckpts, strategy, state, data_iter, tx, objective, test_split, eval_pp, t_start,
-               pending, step0)
+               pending, step0, on_device)
 
 
 def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainState, data_iter, tx, objective,
-             test_split, eval_pp, t_start: float, pending: list | None = None) -> dict:
-    """The step loop; returns the summary written to ``summary.json``."""
+             test_split, eval_pp, t_start: float, pending: list | None = None,
+             device_data: device_batches.DeviceBatches | None = None) -> dict:
+    """The step loop; returns the summary written to ``summary.json``.
+
+    ``device_data``: ``data_iter`` yields recipes and the step makes the batch from the table on the devices.
+    """
     tc = config.train
     is_main = jax.process_index() == 0
     total = tc.steps
     step = int(jax.device_get(state.step))
     strategy.prepare_objective(objective)  # tl_jax/parallel/: sharded jit or pmap
     state = strategy.to_device(state)
-    packed = PackedMetrics(pure_train_step(config, objective, tx, state.params, strategy.axis_name))
+    step_fn = pure_train_step(config, objective, tx, state.params, strategy.axis_name)
+    packed = PackedMetrics(device_data.wrap(step_fn) if device_data is not None else step_fn)
     train_step = strategy.train_step(packed)
     eval_step = strategy.eval_step(make_eval_step(objective))
     ahead = auto_size(config.data.prefetch)  # batches made ahead in a thread go to the devices there
-    prefetch = Prefetcher(data_iter, strategy.put_batch if ahead else strategy.loop_batch, size=ahead)
+    put = strategy.put_batch if ahead else strategy.loop_batch
+    prefetch = Prefetcher(data_iter, device_data.put(put) if device_data is not None else put, size=ahead)
 
     def run_eval(step: int) -> dict:
         res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, strategy.mesh,
