@@ -115,7 +115,7 @@ def test_bad_setting_names_the_config_key():
 def test_a_run_trains_identically_with_batches_made_on_the_devices(tmp_path, tfds_data_dir):
     """The whole loop, crops and flips made in the step vs on the host: the same params and logs, bit for bit."""
     out = {}
-    for mode in (True, False):
+    for mode, prefetch in ((True, 0), (True, 2), (False, 0)):  # prefetch 2: recipes placed by a thread
         c = config_lib.load_config("tests/configs/tiny.py:steps=6")
         c.data.data_dir = tfds_data_dir
         c.data.train_pp = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14},
@@ -123,11 +123,31 @@ def test_a_run_trains_identically_with_batches_made_on_the_devices(tmp_path, tfd
                            {"op": "normalize", "mean": 0.13, "std": 0.31}]
         c.data.eval_pp = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14},
                           {"op": "normalize", "mean": 0.13, "std": 0.31}]
-        c.data.device_cache = mode
-        run = loop.prepare_run(c, str(tmp_path / str(mode)))
+        c.data.device_cache, c.data.prefetch = mode, prefetch
+        run = loop.prepare_run(c, str(tmp_path / f"{mode}{prefetch}"))
         assert (run.device_data is not None) == mode
         run.loop()
-        lines = [json.loads(x) for x in (tmp_path / str(mode) / "metrics.jsonl").read_text().splitlines()]
-        out[mode] = (load_variables(str(tmp_path / str(mode)))["params"], lines)
-    jax.tree.map(np.testing.assert_array_equal, out[True][0], out[False][0])
-    assert out[True][1] == out[False][1] and len(out[True][1]) >= 3
+        lines = [json.loads(x) for x in (tmp_path / f"{mode}{prefetch}" / "metrics.jsonl").read_text().splitlines()]
+        out[mode, prefetch] = (load_variables(str(tmp_path / f"{mode}{prefetch}"))["params"], lines)
+    for key in ((True, 0), (True, 2)):
+        jax.tree.map(np.testing.assert_array_equal, out[key][0], out[False, 0][0])
+        assert out[key][1] == out[False, 0][1] and len(out[key][1]) >= 3
+
+
+def test_cached_features_of_a_linear_probe_go_to_the_device_too(tmp_path, tfds_data_dir):
+    """train.feature_cache's row table (backbone features) is what the device holds: same head as on the host."""
+    src = tmp_path / "src"
+    c = config_lib.load_config("tests/configs/tiny.py:steps=4")
+    c.data.data_dir = tfds_data_dir
+    loop.train(c, str(src))
+    heads = {}
+    for mode in (True, False):
+        c = config_lib.load_config("tests/configs/tiny.py:steps=6")
+        c.data.data_dir, c.init_from = tfds_data_dir, str(src)
+        c.param_rules = [["backbone/.*", None], [".*", 1.0]]
+        c.train.feature_cache, c.data.device_cache = True, mode
+        run = loop.prepare_run(c, str(tmp_path / str(mode)))
+        assert (run.device_data is not None and sorted(run.device_data.table) == ["features", "label"]) == mode
+        run.loop()
+        heads[mode] = load_variables(str(tmp_path / str(mode)))["params"]["head"]
+    jax.tree.map(np.testing.assert_array_equal, heads[True], heads[False])
