@@ -160,11 +160,17 @@ def overhead_md(r: dict) -> str:
             "What remains: the checkpoint (at the demo's cadence, one save per 300 steps of ~7 s, its extra "
             f"time here is {fmt(_get(r, 'variants', 'tl_jax', 'checkpoint_extra_ms'), 0)} ms per save "
             f"synchronously, {fmt(_get(r, 'variants', 'tl_jax_async_checkpoint', 'checkpoint_extra_ms'), 0)} ms "
-            "asynchronously, for the CPU below) and, between checkpoints, ~2 %: the step's own metrics "
+            f"asynchronously, for the CPU below) and, between checkpoints, {_gap(r)}: the step's own metrics "
             "(accuracy, finiteness, the skip count) and the loop's Python per step. Taking the batch making "
             "off the host (`data.device_cache`, row above) did not move the loop ratio on this CPU.")
     out += checkpoint_cost_md(r.get("checkpoint_cost") or {}, _get(r, "variants", "tl_jax", "checkpoint_extra_ms"))
     return out
+
+
+def _gap(r: dict) -> str:
+    """``1 - steady ratio`` of tl_jax's loop as a percentage (what the loop loses between checkpoints)."""
+    steady = _get(r, "variants", "tl_jax", "steady_pair_ratio")
+    return f"{100 * (1 - steady):.1f} %" if steady is not None else "n/a"
 
 
 def cache_md(r: dict) -> str:
