@@ -43,29 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax.data import image_ops
 from tl_jax.data.preprocess import Preprocess
 from tl_jax.data.shuffle import GatherBatches
 from tl_jax.data.stream_rng import StreamRng
 
 log = logging.getLogger("tl_jax")
 ROWS = "rows"
-
-
-def _pad_to(x: jax.Array, h: int, w: int) -> jax.Array:
-    ih, iw = x.shape[1:3]
-    if ih > h or iw > w:
-        raise ValueError(f"pad: image {ih}x{iw} is larger than pad size {h}x{w}")
-    top, left = (h - ih) // 2, (w - iw) // 2
-    return jnp.pad(x, ((0, 0), (top, h - ih - top), (left, w - iw - left), (0, 0)))
-
-
-def _center_crop(x: jax.Array, *, size: tuple[int, int]) -> jax.Array:
-    h, w = size
-    ih, iw = x.shape[1:3]
-    if h > ih or w > iw:
-        raise ValueError(f"crop {h}x{w} is larger than image {ih}x{iw}")
-    top, left = (ih - h) // 2, (iw - w) // 2
-    return x[:, top : top + h, left : left + w]
 
 
 def _random_crop(x: jax.Array, top: jax.Array, left: jax.Array, *, size: tuple[int, int], pad: int) -> jax.Array:
@@ -77,15 +61,11 @@ def _random_crop(x: jax.Array, top: jax.Array, left: jax.Array, *, size: tuple[i
     return jax.vmap(lambda img, t, l: jax.lax.dynamic_slice(img, (t, l, 0), (h, w, c)))(x, top, left)
 
 
-# The ops of tl_jax.data.image_ops in jnp, same semantics and float32 arithmetic (equal values: tested).
+# tl_jax.data.image_ops' own functions (they take jax arrays too), and random_crop's gather as slices.
 DEVICE_OPS: dict[str, Callable[..., jax.Array]] = {
-    "rescale": lambda x, *, in_max: x * np.float32(1.0 / in_max),  # products, not quotients: image_ops.rescale
-    "pad": lambda x, *, size: _pad_to(x, *size),
-    "normalize": lambda x, *, mean, std: ((x - mean) * (np.float32(1.0) / std)).astype(jnp.float32),
-    "center_crop": _center_crop,
+    **{name: getattr(image_ops, name) for name in ("rescale", "pad", "normalize", "center_crop", "flip_lr",
+                                                    "to_rgb")},
     "random_crop": _random_crop,
-    "flip_lr": lambda x, flip, *, p: jnp.where(flip[:, None, None, None], x[:, :, ::-1], x),
-    "to_rgb": lambda x: jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x,
 }  # not here (the host makes such batches): resize (PIL), to_gray (a mean: a quotient in XLA)
 
 

@@ -5,6 +5,11 @@ random op also has a ``draw(rng, sizes [B, 2], **params) -> tuple of [B]
 arrays`` giving every example's values for one batch in one call. Parameters
 arrive validated (``size`` as ``(h, w)``, ``mean``/``std`` as float32 arrays):
 :func:`tl_jax.data.preprocess.build_preprocess` parses the config first.
+
+``rescale``, ``pad``, ``normalize``, ``center_crop``, ``flip_lr`` and ``to_rgb``
+take numpy or jax arrays alike (:func:`_xp`: the array's own module), so
+:mod:`tl_jax.data.device_batches` runs these very functions inside the
+compiled step.
 """
 from __future__ import annotations
 
@@ -13,6 +18,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 _BILINEAR = Image.Resampling.BILINEAR
+
+
+def _xp(x):
+    """The array module of ``x`` (array API ``__array_namespace__``): numpy, or jax.numpy for jax arrays."""
+    return x.__array_namespace__() if hasattr(x, "__array_namespace__") else np
 
 
 def rescale(x: np.ndarray, *, in_max: float) -> np.ndarray:
@@ -43,7 +53,7 @@ def _pad_to(x: np.ndarray, h: int, w: int, what: str) -> np.ndarray:
     if ih > h or iw > w:
         raise ValueError(f"{what}: image {ih}x{iw} is larger than pad size {h}x{w}")
     top, left = (h - ih) // 2, (w - iw) // 2
-    return np.pad(x, ((0, 0), (top, h - ih - top), (left, w - iw - left), (0, 0)))
+    return _xp(x).pad(x, ((0, 0), (top, h - ih - top), (left, w - iw - left), (0, 0)))
 
 
 def pad(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
@@ -95,12 +105,12 @@ def draw_flip(rng: np.random.Generator, sizes: np.ndarray, *, p: float):
 
 def flip_lr(x: np.ndarray, flip: np.ndarray, *, p: float) -> np.ndarray:
     """``x_b[:, ::-1]`` where ``flip_b`` (drawn with probability ``p`` by :func:`draw_flip`)."""
-    return np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    return _xp(x).where(flip[:, None, None, None], x[:, :, ::-1], x)
 
 
 def to_rgb(x: np.ndarray) -> np.ndarray:
     """1 channel -> 3 by repetition; 3 channels unchanged."""
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+    return _xp(x).repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
 def to_gray(x: np.ndarray) -> np.ndarray:
