@@ -145,3 +145,25 @@ def test_grad_norm_on_logged_steps_only_same_updates():
 def test_grad_norm_every_rejects_bad_values():
     with pytest.raises(ValueError, match="grad_norm_every must be an int >= 1"):
         make_train_step(classification_loss(get_model("cnn", 4)), optax.sgd(0.1), grad_norm_every=0)
+
+
+def test_fetch_reads_cpu_vectors_without_device_get_and_keeps_restored_items(monkeypatch):
+    from tl_jax.train import train_metrics
+
+    step = jax.jit(lambda x: (x + 1, jax.numpy.stack([x.sum(), x.max()])))
+    x, vectors = jax.numpy.arange(4.0), []
+    for _ in range(3):
+        x, m = step(x)
+        vectors.append(m)
+    restored = {"train/loss": 0.5}  # a pending window's step restored from a checkpoint: a host dict
+    expected = jax.device_get(vectors)
+
+    def no_device_get(*_):
+        raise AssertionError("jax.device_get on CPU vectors")
+
+    monkeypatch.setattr(train_metrics.jax, "device_get", no_device_get)
+    got = train_metrics.fetch([restored, *vectors])
+    assert got[0] is restored
+    for g, e in zip(got[1:], expected):
+        assert isinstance(g, np.ndarray)
+        np.testing.assert_array_equal(g, e)

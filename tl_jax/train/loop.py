@@ -38,6 +38,7 @@ from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.train.step import make_eval_step, make_train_step
 from tl_jax.train.train_metrics import NonFiniteError, PackedMetrics, grad_norm_steps, log_window  # noqa: F401
+from tl_jax.train.train_metrics import fetch as fetch_metrics
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
 from tl_jax.transfer.merge import merge_params
@@ -257,7 +258,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
 
     def host_metrics(items: list) -> list:
         """``(step, metrics)`` pairs on the host, as dicts (one fetch for all)."""
-        values = jax.device_get([m for _, m in items])
+        values = fetch_metrics([m for _, m in items])  # np.asarray on CPUs (device_get costs more host time)
         return [(s, packed.unpack(v)) for (s, _), v in zip(items, values)]
 
     def flush(n: int) -> None:

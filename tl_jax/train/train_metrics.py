@@ -42,6 +42,21 @@ def grad_norm_steps(config) -> Any:
     return functools.partial(is_grad_norm_step, every=every, last_step=config.train.steps)
 
 
+def fetch(values: list) -> list:
+    """Host values of per-step metric vectors (replicated ``jax.Array`` s; other items, e.g. dicts restored
+    from a checkpoint, as they are), in order.
+
+    On CPU devices a vector already lives in host memory and ``np.asarray`` reads it (~2 µs);
+    ``jax.device_get`` first queues an asynchronous host copy of each, 15-200 µs of the loop's host time per
+    array on the 2-core demo (~0.15 ms per step at 50 steps a window, 0.5 % of the step, competing with
+    XLA's threads for the cores). On accelerators ``device_get`` overlaps the transfers: kept there.
+    """
+    arrays = [v for v in values if isinstance(v, jax.Array)]
+    if arrays and any(d.platform != "cpu" for d in arrays[0].devices()):
+        return jax.device_get(values)
+    return [np.asarray(v) if isinstance(v, jax.Array) else v for v in values]
+
+
 class PackedMetrics:
     """A pure step whose metrics come back as one float32 vector ``[K]``: one device array per step.
 
