@@ -241,6 +241,45 @@ def host_costs(config: Any, rounds: int) -> dict:
     return {k: 1000 * v for k, v in sec.items()}
 
 
+def fetch_costs(batch: dict, rounds: int) -> dict:
+    """Host CPU ms to read one log window (``LOG_EVERY`` steps' metric vectors) while the next step runs.
+
+    The window comes from tl_jax's packed step (:class:`~tl_jax.train.train_metrics.PackedMetrics`, as the
+    loop runs it). ``device_get``: ``jax.device_get`` of the window (an asynchronous host copy queued per
+    array, then each read); ``fetch``: :func:`tl_jax.train.train_metrics.fetch`, what the loop uses
+    (``np.asarray`` of each on CPU devices). Medians of the interleaved rounds, main-thread CPU time.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from tl_jax import config as config_lib
+    from tl_jax.objectives import Objective
+    from tl_jax.train.state import TrainState
+    from tl_jax.train.step import make_train_step
+    from tl_jax.train.train_metrics import PackedMetrics, fetch
+
+    hand = HandWritten([batch])
+    tx, params = hand.tx, hand.init_params
+    loss = Objective(config_lib.base_config(), hand.model).loss
+    step = jax.jit(PackedMetrics(make_train_step(loss, tx, grad_norm_every=LOG_EVERY)), donate_argnums=0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(1), skipped=jnp.zeros((), jnp.int32), aux={})
+    ways = {"device_get": jax.device_get, "fetch": fetch}
+    out: dict[str, list] = {k: [] for k in ways}
+    for r in range(rounds):
+        for name in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+            window = []
+            for _ in range(LOG_EVERY + 1):  # the window, then the step the loop has queued when it reads it
+                state, metrics = step(state, batch)
+                window.append(metrics)
+            jax.block_until_ready(window[-2])
+            t0 = time.thread_time()
+            ways[name](window[:-1])
+            out[name].append(time.thread_time() - t0)
+            jax.block_until_ready(state)
+    return {k: 1000 * float(np.median(v)) for k, v in out.items()}
+
+
 def _configs(data_dir: str, steps: int) -> dict:
     return {"tl_jax": demo_source_config(data_dir, steps),
             "tl_jax_device_batches": demo_source_config(data_dir, steps, **{"data.device_cache": True}),
@@ -263,9 +302,11 @@ def one_round(data_dir: str, steps: int, r: int = 0) -> dict:
 def steps_and_host(data_dir: str, quick: bool) -> dict:
     """The step-only and host-cost figures (a worker's job)."""
     config = _configs(data_dir, 350)["tl_jax"]
-    step_s = step_only(device_batches(config, 1)[0], 9 if not quick else 3)
+    batch = device_batches(config, 1)[0]
+    step_s = step_only(batch, 9 if not quick else 3)
     return {"step_only_ms": {k: 1000 * v for k, v in step_s.items()},
-            "host_ms": host_costs(config, 5 if not quick else 2)}
+            "host_ms": host_costs(config, 5 if not quick else 2),
+            "fetch_ms": fetch_costs(batch, 5 if not quick else 2)}
 
 
 def pooled(rounds: list[dict]) -> dict:

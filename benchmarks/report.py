@@ -5,6 +5,7 @@ from typing import Any
 
 from benchmarks.common import fmt, table
 from benchmarks.conv_bench import FLAG_SETS, SHAPES, VARIANTS
+from benchmarks.overhead_bench import LOG_EVERY
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -156,7 +157,11 @@ def overhead_md(r: dict) -> str:
             "| gradient norm on the logged steps only: ms per step (measured here) | "
             f"{fmt(_get(r, 'step_only_ms', 'tl_jax_norm_every_step'))} | {fmt(_get(r, 'step_only_ms', 'tl_jax'))} |\n"
             "| a step's metrics as one float32 vector, fetched once the next step is queued behind its window "
-            "(the devices never wait for logging) | 7 arrays per step, an idle gap per log | 1, none |\n\n"
+            "(the devices never wait for logging) | 7 arrays per step, an idle gap per log | 1, none |\n"
+            "| a window's vectors read with `np.asarray` on CPU devices (`train_metrics.fetch`) instead of "
+            "`jax.device_get` (an asynchronous host copy queued per array): host CPU ms per window of "
+            f"{LOG_EVERY} steps while steps run (measured here) | {fmt(_get(r, 'fetch_ms', 'device_get'))} | "
+            f"{fmt(_get(r, 'fetch_ms', 'fetch'))} |\n\n"
             "What remains: the checkpoint (at the demo's cadence, one save per 300 steps of ~7 s, its extra "
             f"time here is {fmt(_get(r, 'variants', 'tl_jax', 'checkpoint_extra_ms'), 0)} ms per save "
             f"synchronously, {fmt(_get(r, 'variants', 'tl_jax_async_checkpoint', 'checkpoint_extra_ms'), 0)} ms "

@@ -65,3 +65,31 @@ def test_sync_and_async_saves_hold_the_same_run(tmp_path, tfds_data_dir, monkeyp
     assert saved["auto"].keys() == saved[True].keys()
     for k in saved["auto"]:
         np.testing.assert_array_equal(saved["auto"][k], saved[True][k], err_msg=k)
+
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("mode, best", [("max", 2), ("min", 3)])
+def test_retention_keeps_the_newest_and_the_best(tmp_path, async_save, mode, best):
+    ckpts = checkpoint_lib.Checkpoints(tmp_path / "c", keep=2, best_metric="test/m", best_mode=mode,
+                                       async_save=async_save)
+    metric = {1: 0.5, 2: 0.9, 3: 0.1, 4: 0.7, 5: 0.8}  # step 2 is the highest, step 3 the lowest
+    for step, m in metric.items():
+        ckpts.save(step, SMALL, {"iterator": {"step": step}}, {"test/m": m})
+        ckpts.wait()
+    ckpts.close()  # also waits for the background deletes
+    steps = sorted(int(p.name) for p in (tmp_path / "c").iterdir() if p.name.isdigit())
+    assert steps == sorted([best, 4, 5])
+    again = checkpoint_lib.Checkpoints(tmp_path / "c", keep=2, best_metric="test/m", best_mode=mode)
+    step, _, data = again.restore_latest(SMALL)
+    assert (step, data) == (5, {"iterator": {"step": 5}})
+    again.close()
+
+
+def test_bad_best_mode_names_the_config_key(tmp_path):
+    with pytest.raises(ValueError, match="config.train.best_mode must be 'max' or 'min', got 'maximum'"):
+        checkpoint_lib.Checkpoints(tmp_path / "c", best_mode="maximum")
+    c = config_lib.base_config()
+    c.train.best_mode = "maximum"
+    with pytest.raises(config_lib.ConfigError, match="config.train.best_mode"):
+        config_lib.validate(c)

@@ -69,7 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.objective = dict(name="classification", **default_configs())
     c.train = dict(steps=500, log_every=50, eval_every=0, checkpoint_every=250, keep_checkpoints=2,
-                   best_metric="test/accuracy", nan_policy="error", progress=True,
+                   # Retention keeps the newest keep_checkpoints steps and the best by best_metric
+                   # ('max': highest, 'min': lowest, e.g. for test/loss).
+                   best_metric="test/accuracy", best_mode="max", nan_policy="error", progress=True,
                    # Frozen backbone + deterministic train_pp: compute the backbone features once and train
                    # the head on them (tl_jax/train/feature_cache.py): 'auto' (when eligible) | true | false.
                    feature_cache=config_dict.FieldReference("auto", field_type=object),
@@ -250,6 +252,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
 
 _CHOICES = {
     "train.nan_policy": ("error", "skip"),
+    "train.best_mode": ("max", "min"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
 }

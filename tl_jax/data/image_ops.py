@@ -62,8 +62,13 @@ def pad(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:
 
 
 def normalize(x: np.ndarray, *, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``(x - mean) · (1 / std)`` per channel, the reciprocal in float32 (a product: see :func:`rescale`)."""
-    return ((x - mean) * (np.float32(1.0) / std)).astype(np.float32, copy=False)
+    """``(x - mean) · (1 / std)`` per channel, the reciprocal in float32 (a product: see :func:`rescale`).
+
+    One new array: the product is taken in place of the difference (numpy; jax rebinds), same values.
+    """
+    out = x - mean
+    out *= np.float32(1.0) / std
+    return out.astype(np.float32, copy=False)
 
 
 def center_crop(x: np.ndarray, *, size: tuple[int, int]) -> np.ndarray:

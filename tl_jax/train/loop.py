@@ -197,7 +197,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
         wd.prepare(cfg_dict, overwrite=overwrite, write=False)
     async_save = use_async_save(config.train.checkpoint_async, state)  # 'auto': sync on CPUs for small states
     ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
-                        async_save=async_save)
+                        best_mode=config.train.best_mode, async_save=async_save)
     log.info("checkpoints: %s saves (config.train.checkpoint_async=%r)", "asynchronous" if async_save else
              "synchronous", config.train.checkpoint_async)
     data_iter = train_iterator(dataset)  # grain read threads sized to the machine (tl_jax/data/shuffle.py)
@@ -268,6 +268,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
         pending = pending[n:]
         progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
 
+    log_every, eval_every, ckpt_every = tc.log_every, tc.eval_every, tc.checkpoint_every  # read once, not per step
     try:
         with StopSignal() as stop, timer:
             while step < total:
@@ -284,12 +285,12 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                 if closed:  # fetched while this step runs: the devices never wait for the host's logging
                     flush(closed)
                     closed = 0
-                if step % tc.log_every == 0 or step == total:
+                if step % log_every == 0 or step == total:
                     closed = len(pending)
                 maybe_kill("kill_after_step", step)
-                evaluating = (tc.eval_every and step % tc.eval_every == 0) or step == total
+                evaluating = (eval_every and step % eval_every == 0) or step == total
                 stopping = stop.should_stop(step)
-                saving = step % tc.checkpoint_every == 0 or step == total or stopping
+                saving = step % ckpt_every == 0 or step == total or stopping
                 if closed and (evaluating or saving):  # in sync anyway; a checkpoint comes after its step's logs
                     flush(closed)
                     closed = 0
