@@ -161,6 +161,13 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _close_keys(key: str, keys: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` keys like ``key``: similarity >= 0.6 and within 0.1 of the closest (no far-fetched extras)."""
+    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in keys), key=lambda rk: -rk[0])
+    best = scored[0][0] if scored else 0.0
+    return [k for r, k in scored[:n] if r >= max(0.6, best - 0.1)]
+
+
 def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """``config.a.b = value`` with schema errors turned into one clear line."""
     *parents, leaf = dotted.split(".")
@@ -183,7 +190,7 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     node = config
     for i, part in enumerate(parents + [leaf]):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            close = difflib.get_close_matches(dotted, _all_keys(config), n=3)
+            close = _close_keys(dotted, _all_keys(config))
             hint = f"; did you mean {', '.join('config.' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key config.{dotted}{hint}")
         if i < len(parents):
