@@ -9,22 +9,21 @@ batch 64, Adam 1e-3, ``steps`` steps, evaluated on the 1,000 test images::
     tl-jax train --config experiments/multitask_mnist.py:method=pcgrad --workdir runs/mt/pcgrad
     python experiments/multitask_mnist.py --workdir runs/multitask     # all six runs + the table
 
-printed (seed 0, 200 steps; wall_s on 2 CPU cores shared with ~8 other jobs, load
-average 15-35: the six runs took 15 min of wall time but 3 min of CPU)::
+printed (seed 0, 200 steps; re-run 2026-11-28 on 2 CPU cores: the six runs took 98 s)::
 
     | method      | digit  | parity | ge5    | wall_s |
     |-------------|--------|--------|--------|--------|
-    | single      | 0.9670 | 0.9720 | 0.9710 |    302 |
-    | fixed       | 0.9700 | 0.9830 | 0.9800 |    116 |
-    | uncertainty | 0.9710 | 0.9820 | 0.9800 |    138 |
-    | pcgrad      | 0.9720 | 0.9830 | 0.9810 |    345 |
+    | single      | 0.9660 | 0.9800 | 0.9690 |     30 |
+    | fixed       | 0.9720 | 0.9840 | 0.9750 |     11 |
+    | uncertainty | 0.9710 | 0.9840 | 0.9780 |      9 |
+    | pcgrad      | 0.9710 | 0.9820 | 0.9750 |     46 |
 
 (``single``: three separate single-task CNNs, one per column; wall_s is their sum.)
 One shared backbone matches or beats the three single-task networks on every
-task (+0.3 to +1.1 points) at a third of the cost; the three weightings are
-within 0.2 points of each other here (one seed: differences of that size are
-noise). PCGrad's step costs ~3.5x a fixed-λ step (one forward, the backward
-vmapped over 3 tasks, plus the projection).
+task (+0.2 to +0.9 points) at a third of the cost; the three weightings are
+within 0.3 points of each other here (one seed: differences of that size are
+noise). A PCGrad run took ~4x a fixed-λ run's wall time (per step: one
+forward, the backward vmapped over 3 tasks, plus the projection).
 """
 from __future__ import annotations
 
