@@ -1,7 +1,7 @@
 """Freeze-depth ablation: how much of the mnist5k-pretrained CNN to freeze when fine-tuning on optdigits.
 
 The source stage is ``experiments/mnist_to_digits.py``'s (``stage=source``: the
-CNN pretrained on mnist5k, 300 steps); the target stage is its ``finetune``
+CNN pretrained on mnist5k, 600 steps); the target stage is its ``finetune``
 method on optdigits with ``shots`` labelled digits per class, with the first
 ``depth`` layers of the backbone frozen (``config.param_rules``):
 
