@@ -76,15 +76,22 @@ def checkpoint_cost_md(c: dict, extra_ms: float | None) -> str:
     """The checkpoint's CPU per save (benchmarks/checkpoint_bench.py): per array, not per byte."""
     if "variants" not in c:
         return f"\n\nCheckpoint cost: {c.get('error', 'n/a')}"
-    rows = [[k, v["arrays"], v["mb"], v["cpu_ms"]] for k, v in c["variants"].items()]
+    rows = [[k, v["arrays"], v["mb"], v.get("disk_mb"), v["cpu_ms"]] for k, v in c["variants"].items()]
+    plain, zstd = c["variants"].get("demo state", {}), c["variants"].get("demo state, zstd", {})
+    zstd_note = ""
+    if plain and zstd:
+        zstd_note = (f" zstd (`config.train.checkpoint_compression=true`, orbax's default codec) costs "
+                     f"{fmt(zstd['cpu_ms'] - plain['cpu_ms'], 0)} ms more CPU per save for "
+                     f"{fmt(100 * (1 - zstd['disk_mb'] / plain['disk_mb']), 0)} % fewer bytes (float32 weights "
+                     "compress poorly), so tl_jax saves uncompressed by default.")
     return ("\n\nWhat one save costs (`benchmarks/checkpoint_bench.py`: the demo's train state saved by "
             f"`tl_jax.train.checkpoint.Checkpoints` and waited for, median of {c['saves']} saves, the variants "
             "interleaved; process CPU time, all threads):\n\n"
-            + table(["saved tree", "arrays", "MB", "CPU ms per save"], rows)
+            + table(["saved tree", "arrays", "MB", "MB on disk", "CPU ms per save"], rows)
             + f"\n\nSo ~{fmt(c['fixed_ms'], 0)} ms per save, ~{fmt(c['ms_per_array'], 1)} ms per array and "
-            f"~{fmt(c.get('ms_per_mb'), 1)} ms per MB: mostly orbax's per-save and per-array machinery (event loops, metadata, one "
-            "TensorStore array each), whichever of its options (ocdbt on/off, compression on/off, zarr3 measured "
-            "alike on 2026-11-27). Fewer saves per minute is what lowers it"
+            f"~{fmt(c.get('ms_per_mb'), 1)} ms per MB (uncompressed, the first three rows): mostly orbax's per-save "
+            "and per-array machinery (event loops, threads, metadata, one TensorStore array each; ocdbt on/off "
+            "and zarr3 measured alike on 2026-11-27)." + zstd_note + " Fewer saves per minute is what lowers it"
             + (f": at one save a minute, the {extra_ms:.0f} ms extra per save above would be "
                f"{extra_ms / 600:.1f} % of the loop's time." if extra_ms else "."))
 

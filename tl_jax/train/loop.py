@@ -197,7 +197,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
         wd.prepare(cfg_dict, overwrite=overwrite, write=False)
     async_save = use_async_save(config.train.checkpoint_async, state)  # 'auto': sync on CPUs for small states
     ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
-                        best_mode=config.train.best_mode, async_save=async_save)
+                        best_mode=config.train.best_mode, async_save=async_save,
+                        compression=config.train.checkpoint_compression)
     log.info("checkpoints: %s saves (config.train.checkpoint_async=%r)", "asynchronous" if async_save else
              "synchronous", config.train.checkpoint_async)
     data_iter = train_iterator(dataset)  # grain read threads sized to the machine (tl_jax/data/shuffle.py)
