@@ -30,6 +30,7 @@ from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
 from tl_jax.train.checkpoint import Checkpoints, load_variables, use_async_save
 from tl_jax.train import feature_cache
+from tl_jax.train.heap import frozen_heap
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill
 from tl_jax.train.prefetch import Prefetcher, auto_size
@@ -271,7 +272,8 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
 
     log_every, eval_every, ckpt_every = tc.log_every, tc.eval_every, tc.checkpoint_every  # read once, not per step
     try:
-        with StopSignal() as stop, timer:
+        # frozen_heap: full GC passes skip the ~300k objects of the imports and the built run (tl_jax/train/heap.py)
+        with StopSignal() as stop, timer, frozen_heap():
             while step < total:
                 data_state, batch = next(prefetch)
                 if not compiled:
