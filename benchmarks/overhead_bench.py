@@ -25,6 +25,7 @@ from benchmarks.common import ROOT
 
 DEMO = str(ROOT / "experiments" / "mnist_to_digits.py")
 LOG_EVERY = 50
+STEPS_PER_CALL = 10  # steps_per_call: steps in one compiled call
 CHUNK = 10  # steps per interleaved piece: ~0.25 s, the time scale of this VM's load swings
 
 
@@ -211,6 +212,50 @@ def step_only(batch: dict, rounds: int) -> dict:
                        rounds=rounds, reps=10, sync=jax.block_until_ready)
 
 
+def steps_per_call(batches: list[dict], rounds: int) -> dict:
+    """Milliseconds per step of the hand-written step dispatched once per step vs ``len(batches)`` steps per
+    call (Keras' ``steps_per_execution``, a TPU-style host loop): the steps in a ``lax.scan`` over the stacked
+    batches, and the same scan unrolled. Interleaved; medians over ``rounds``. Fewer dispatches would take
+    the loop's per-step host work off the step's critical path, if XLA:CPU ran the steps as fast in one call.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    hand = HandWritten(batches)
+    k = len(batches)
+    stacked = {key: jnp.stack([b[key] for b in batches]) for key in ("image", "label")}
+    step = hand.step  # jitted: inlined into the scan's program
+
+    def many(params, opt_state, images, labels, unroll):
+        def body(carry, batch):
+            p, o, loss = step(*carry, *batch)
+            return (p, o), loss
+        carry, losses = jax.lax.scan(body, (params, opt_state), (images, labels), unroll=unroll)
+        return (*carry, losses)
+
+    calls = {name: jax.jit(functools.partial(many, unroll=unroll), donate_argnums=(0, 1))
+             for name, unroll in (("scan", 1), ("scan_unrolled", True))}
+    states = {name: (jax.tree.map(jnp.copy, hand.init_params), hand.tx.init(hand.init_params)) for name in calls}
+
+    def run(name):
+        *state, losses = calls[name](*states[name], stacked["image"], stacked["label"])
+        states[name] = tuple(state)
+        return losses
+
+    fns = {"one_step_per_call": lambda: hand(k), **{name: functools.partial(run, name) for name in calls}}
+    for name in calls:
+        jax.block_until_ready(run(name))  # compiled and warm
+    out: dict[str, list] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            res = fns[name]()
+            if name != "one_step_per_call":
+                jax.block_until_ready(res)
+            out[name].append((time.perf_counter() - t0) / k)
+    return {name: 1000 * float(np.median(v)) for name, v in out.items()}
+
+
 def host_costs(config: Any, rounds: int) -> dict:
     """Milliseconds of host time per batch of the demo's source stage (cached rows + crop), interleaved.
 
@@ -302,9 +347,11 @@ def one_round(data_dir: str, steps: int, r: int = 0) -> dict:
 def steps_and_host(data_dir: str, quick: bool) -> dict:
     """The step-only and host-cost figures (a worker's job)."""
     config = _configs(data_dir, 350)["tl_jax"]
-    batch = device_batches(config, 1)[0]
+    batches = device_batches(config, STEPS_PER_CALL)
+    batch = batches[0]
     step_s = step_only(batch, 9 if not quick else 3)
     return {"step_only_ms": {k: 1000 * v for k, v in step_s.items()},
+            "steps_per_call_ms": steps_per_call(batches, 3 if not quick else 1),
             "host_ms": host_costs(config, 5 if not quick else 2),
             "fetch_ms": fetch_costs(batch, 5 if not quick else 2)}
 

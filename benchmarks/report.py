@@ -138,6 +138,16 @@ def overhead_md(r: dict) -> str:
                 f"computed on every step (as under `nan_policy='skip'`) the norm costs more "
                 f"({fmt(ms.get('tl_jax_norm_every_step'))} ms, ratio {fmt(r.get('step_only_ratio_norm_every_step'))}"
                 "): a reduction over all gradients that XLA:CPU does not fuse into the update.")
+    spc = r.get("steps_per_call_ms") or {}
+    if spc:
+        one = spc["one_step_per_call"]
+        out += ("\n\nSeveral steps per compiled call (Keras' `steps_per_execution`, a TPU-style host loop), "
+                "which would take the loop's per-step host work off the step's path: the hand-written step "
+                f"dispatched once per step {fmt(one)} ms per step; 10 steps in one `lax.scan` "
+                f"{fmt(spc['scan'])} ms per step ({fmt(spc['scan'] / one)}x); the same scan unrolled "
+                f"{fmt(spc['scan_unrolled'])} ms ({fmt(spc['scan_unrolled'] / one)}x). XLA:CPU runs the "
+                "convolutions inside a loop body far slower, and the unrolled program is slower too, so "
+                "tl_jax dispatches one step per call.")
     host = r.get("host_ms") or {}
     out += ("\n\nWhat closed the gap (issue 8; the loop ran at 0.90x, 0.86x with the crops, in the run before "
             "it):\n\n"
@@ -168,7 +178,14 @@ def overhead_md(r: dict) -> str:
             "| a window's vectors read with `np.asarray` on CPU devices (`train_metrics.fetch`) instead of "
             "`jax.device_get` (an asynchronous host copy queued per array): host CPU ms per window of "
             f"{LOG_EVERY} steps while steps run (measured here) | {fmt(_get(r, 'fetch_ms', 'device_get'))} | "
-            f"{fmt(_get(r, 'fetch_ms', 'fetch'))} |\n\n"
+            f"{fmt(_get(r, 'fetch_ms', 'fetch'))} |\n"
+            "| checkpoint arrays written uncompressed (`train.checkpoint_compression=false`; orbax's default is "
+            "zstd): process CPU ms per save of the demo's state (checkpoint bench below, measured here) | "
+            f"{fmt(_get(r, 'checkpoint_cost', 'variants', 'demo state, zstd', 'cpu_ms'), 0)} | "
+            f"{fmt(_get(r, 'checkpoint_cost', 'variants', 'demo state', 'cpu_ms'), 0)} |\n"
+            "| the heap of imports and the built run frozen out of the garbage collector during the loop "
+            "(`tl_jax/train/heap.py`): full collections in 600 demo steps (measured 2026-11-28) | 1 of 153 ms "
+            "| none |\n\n"
             "What remains: the checkpoint (at the demo's cadence, one save per 300 steps of ~7 s, its extra "
             f"time here is {fmt(_get(r, 'variants', 'tl_jax', 'checkpoint_extra_ms'), 0)} ms per save "
             f"synchronously, {fmt(_get(r, 'variants', 'tl_jax_async_checkpoint', 'checkpoint_extra_ms'), 0)} ms "
