@@ -351,7 +351,7 @@ def steps_and_host(data_dir: str, quick: bool) -> dict:
     batch = batches[0]
     step_s = step_only(batch, 9 if not quick else 3)
     return {"step_only_ms": {k: 1000 * v for k, v in step_s.items()},
-            "steps_per_call_ms": steps_per_call(batches, 3 if not quick else 1),
+            "steps_per_call_ms": steps_per_call(batches, 5 if not quick else 1),
             "host_ms": host_costs(config, 5 if not quick else 2),
             "fetch_ms": fetch_costs(batch, 5 if not quick else 2)}
 

@@ -146,8 +146,11 @@ def overhead_md(r: dict) -> str:
                 f"dispatched once per step {fmt(one)} ms per step; 10 steps in one `lax.scan` "
                 f"{fmt(spc['scan'])} ms per step ({fmt(spc['scan'] / one)}x); the same scan unrolled "
                 f"{fmt(spc['scan_unrolled'])} ms ({fmt(spc['scan_unrolled'] / one)}x). XLA:CPU runs the "
-                "convolutions inside a loop body far slower, and the unrolled program is slower too, so "
-                "tl_jax dispatches one step per call.")
+                "convolutions inside a loop body far slower. The unrolled program "
+                + ("was slower here" if spc["scan_unrolled"] / one > 1.02 else
+                   "was faster here" if spc["scan_unrolled"] / one < 0.98 else "ran alike here")
+                + " (1.07-1.15x slower in four separate runs of 3-30 rounds on 2026-11-28) and compiles ten "
+                "copies of the step, so tl_jax dispatches one step per call.")
     host = r.get("host_ms") or {}
     out += ("\n\nWhat closed the gap (issue 8; the loop ran at 0.90x, 0.86x with the crops, in the run before "
             "it):\n\n"
@@ -186,7 +189,8 @@ def overhead_md(r: dict) -> str:
             "| the heap of imports and the built run frozen out of the garbage collector during the loop "
             "(`tl_jax/train/heap.py`): full collections in 600 demo steps (measured 2026-11-28) | 1 of 153 ms "
             "| none |\n\n"
-            "What remains: the checkpoint (at the demo's cadence, one save per 300 steps of ~7 s, its extra "
+            + _spread_note(r)
+            + "What remains: the checkpoint (at the demo's cadence, one save per 300 steps of ~7 s, its extra "
             f"time here is {fmt(_get(r, 'variants', 'tl_jax', 'checkpoint_extra_ms'), 0)} ms per save "
             f"synchronously, {fmt(_get(r, 'variants', 'tl_jax_async_checkpoint', 'checkpoint_extra_ms'), 0)} ms "
             f"asynchronously, for the CPU below) and, between checkpoints, {_gap(r)}: the step's own metrics "
@@ -194,6 +198,18 @@ def overhead_md(r: dict) -> str:
             "off the host (`data.device_cache`, row above) did not move the loop ratio on this CPU.")
     out += checkpoint_cost_md(r.get("checkpoint_cost") or {}, _get(r, "variants", "tl_jax", "checkpoint_extra_ms"))
     return out
+
+
+def _spread_note(r: dict) -> str:
+    """How far apart the rounds were: the loop ratios above are read against it."""
+    per = _get(r, "variants", "tl_jax", "round_ratios") or []
+    others = [v.get("rounds") for k, v in (r.get("variants") or {}).items() if k != "tl_jax"]
+    if not per or not others:
+        return ""
+    n = f"{min(others)}" if min(others) == max(others) else f"{min(others)}-{max(others)}"
+    return (f"The loop ratios in this table come from {n} rounds per variant and "
+            f"{len(per)} for tl_jax, whose own rounds spanned {min(per):.3f}-{max(per):.3f} in this run: "
+            "differences between loop ratios smaller than that spread are noise.\n\n")
 
 
 def _gap(r: dict) -> str:
