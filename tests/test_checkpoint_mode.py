@@ -41,16 +41,22 @@ def test_bad_setting_names_the_config_key():
         config_lib.validate(c)
 
 
-@pytest.mark.slow
-def test_sync_and_async_saves_hold_the_same_run(tmp_path, tfds_data_dir, monkeypatch):
-    modes = []
+def _record_checkpoints_kwarg(monkeypatch, name: str, default) -> list:
+    """The value of ``Checkpoints(..., name=...)`` for every Checkpoints made from now on, in order."""
+    seen = []
     init = checkpoint_lib.Checkpoints.__init__
 
-    def recording_init(self, *args, async_save=True, **kwargs):
-        modes.append(async_save)
-        init(self, *args, async_save=async_save, **kwargs)
+    def recording_init(self, *args, **kwargs):
+        seen.append(kwargs.get(name, default))
+        init(self, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_lib.Checkpoints, "__init__", recording_init)
+    return seen
+
+
+@pytest.mark.slow
+def test_sync_and_async_saves_hold_the_same_run(tmp_path, tfds_data_dir, monkeypatch):
+    modes = _record_checkpoints_kwarg(monkeypatch, "async_save", True)
     saved = {}
     for setting in ("auto", True):
         c = config_lib.load_config(TINY)
@@ -123,14 +129,7 @@ def test_compression_is_off_by_default_and_either_kind_restores(tmp_path):
 
 
 def test_checkpoint_compression_from_the_config(tmp_path, tfds_data_dir, monkeypatch):
-    seen = []
-    init = checkpoint_lib.Checkpoints.__init__
-
-    def recording_init(self, *args, compression=False, **kwargs):
-        seen.append(compression)
-        init(self, *args, compression=compression, **kwargs)
-
-    monkeypatch.setattr(checkpoint_lib.Checkpoints, "__init__", recording_init)
+    seen = _record_checkpoints_kwarg(monkeypatch, "compression", False)
     c = config_lib.load_config(TINY)
     config_lib.apply_overrides(c, [f"data.data_dir={tfds_data_dir}", "train.steps=2",
                                    "train.checkpoint_compression=true"])
