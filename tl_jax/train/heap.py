@@ -5,8 +5,9 @@ tensorflow_datasets and built its model and data: ~300,000 objects tracked by
 Python's cyclic garbage collector. The loop's own allocations (metric dicts,
 batches, orbax's save machinery) trigger collections, and every so often a
 full (generation-2) one walks all of them: 153 ms on the 2-core demo, once
-per ~600 steps, with the devices idle for lack of the next step
-(``benchmarks/overhead_bench.py``, 2026-11-28). :func:`frozen_heap` moves
+per ~600 steps, with the devices idle for lack of the next step (timed with
+:data:`gc.callbacks` over the demo's source stage with a save every 50 steps,
+2026-11-28). :func:`frozen_heap` moves
 every object to the collector's permanent generation (:func:`gc.freeze`) for
 the length of the loop, so full collections only walk what the loop itself
 allocated (none ran in the same 600 steps). It does not collect first: at the
