@@ -173,9 +173,12 @@ def step_only(batch: dict, rounds: int) -> dict:
     """Seconds per step of the hand-written step and of tl_jax's ``make_train_step`` on one device batch.
 
     tl_jax's step also computes what it logs: accuracy, the finiteness check
-    and the step counter on every step, the gradient norm on the logged steps
-    (``grad_norm_every = log_every``, as the loop runs it). ``tl_jax_norm_every_step``
-    computes the norm on every step (``nan_policy='skip'``, or the step before issue 8).
+    and the step counter. ``tl_jax``: the program the loop runs on most steps
+    (``grad_norm=False``, ``train.grad_norm_program='separate'``);
+    ``tl_jax_logged_step``: the one it runs on the logged steps, with the
+    gradient norm (also every step under ``nan_policy='skip'``);
+    ``tl_jax_cond``: one program for every step, the norm in a ``lax.cond``
+    (``train.grad_norm_program='cond'``).
     """
     import jax
     import jax.numpy as jnp
@@ -189,27 +192,20 @@ def step_only(batch: dict, rounds: int) -> dict:
     hand = HandWritten([batch])
     model, tx, params = hand.model, hand.tx, hand.init_params
     loss = Objective(config_lib.base_config(), model).loss
-    tl = jax.jit(make_train_step(loss, tx, grad_norm_every=LOG_EVERY), donate_argnums=0)
-    tl_every = jax.jit(make_train_step(loss, tx), donate_argnums=0)
     copy = functools.partial(jax.tree.map, jnp.copy)
+    fns = {"hand_written": hand.dispatch}
+    for name, flag in (("tl_jax", False), ("tl_jax_logged_step", True), ("tl_jax_cond", None)):
+        step = jax.jit(make_train_step(loss, tx, grad_norm_every=LOG_EVERY, grad_norm=flag), donate_argnums=0)
+        state = [TrainState(step=jnp.zeros((), jnp.int32), params=copy(params), batch_stats={},
+                            opt_state=tx.init(params), rng=jax.random.PRNGKey(1), skipped=jnp.zeros((), jnp.int32),
+                            aux={})]
 
-    def fresh_state():
-        return TrainState(step=jnp.zeros((), jnp.int32), params=copy(params), batch_stats={},
-                          opt_state=tx.init(params), rng=jax.random.PRNGKey(1), skipped=jnp.zeros((), jnp.int32),
-                          aux={})
+        def run(step=step, state=state):
+            state[0], metrics = step(state[0], batch)
+            return metrics["train/loss"]
 
-    t, te = [fresh_state()], [fresh_state()]
-
-    def run_tl():
-        t[0], metrics = tl(t[0], batch)
-        return metrics["train/loss"]
-
-    def run_tl_every():
-        te[0], metrics = tl_every(te[0], batch)
-        return metrics["train/loss"]
-
-    return interleaved({"hand_written": hand.dispatch, "tl_jax": run_tl, "tl_jax_norm_every_step": run_tl_every},
-                       rounds=rounds, reps=10, sync=jax.block_until_ready)
+        fns[name] = run
+    return interleaved(fns, rounds=rounds, reps=10, sync=jax.block_until_ready)
 
 
 def steps_per_call(batches: list[dict], rounds: int) -> dict:
@@ -306,7 +302,7 @@ def fetch_costs(batch: dict, rounds: int) -> dict:
     hand = HandWritten([batch])
     tx, params = hand.tx, hand.init_params
     loss = Objective(config_lib.base_config(), hand.model).loss
-    step = jax.jit(PackedMetrics(make_train_step(loss, tx, grad_norm_every=LOG_EVERY)), donate_argnums=0)
+    step = jax.jit(PackedMetrics(make_train_step(loss, tx, grad_norm=False)), donate_argnums=0)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
                        rng=jax.random.PRNGKey(1), skipped=jnp.zeros((), jnp.int32), aux={})
     ways = {"device_get": jax.device_get, "fetch": fetch}
@@ -409,7 +405,8 @@ def run(data_dir: str, quick: bool = False) -> dict:
     return {"variants": variants, "per_round": per_round, "steps": steps, "chunk": CHUNK, "rounds": rounds, **extra,
             "checkpoint_cost": ckpt,
             "step_only_ratio": step_ms["hand_written"] / step_ms["tl_jax"],
-            "step_only_ratio_norm_every_step": step_ms["hand_written"] / step_ms["tl_jax_norm_every_step"],
+            "step_only_ratio_logged_step": step_ms["hand_written"] / step_ms["tl_jax_logged_step"],
+            "step_only_ratio_cond": step_ms["hand_written"] / step_ms["tl_jax_cond"],
             "ratio": variants["tl_jax"]["ratio"], "ratio_median_round": variants["tl_jax"]["median_round_ratio"],
             "ratio_device_batches": variants.get("tl_jax_device_batches", {}).get("ratio"),
             "ratio_prefetch_thread": variants.get("tl_jax_prefetch_thread", {}).get("ratio"),

@@ -133,11 +133,14 @@ def overhead_md(r: dict) -> str:
         ms = r["step_only_ms"]
         out += (f"\n\nThe train steps alone, interleaved on one device batch: hand-written "
                 f"{fmt(ms['hand_written'])} ms, tl_jax {fmt(ms['tl_jax'])} ms (ratio {fmt(r['step_only_ratio'])}). "
-                "tl_jax's step also computes the accuracy, a finiteness check and the skip count on every step "
-                "and the gradient norm on the logged steps (`grad_norm_every = log_every`, a `lax.cond`); "
-                f"computed on every step (as under `nan_policy='skip'`) the norm costs more "
-                f"({fmt(ms.get('tl_jax_norm_every_step'))} ms, ratio {fmt(r.get('step_only_ratio_norm_every_step'))}"
-                "): a reduction over all gradients that XLA:CPU does not fuse into the update.")
+                "tl_jax's step also computes the accuracy, a finiteness check and the skip count on every step. "
+                "The gradient norm is computed on the logged steps only (`train.grad_norm_program='separate'`): "
+                "the loop compiles the step twice and runs the one with the norm on those steps "
+                f"({fmt(ms.get('tl_jax_logged_step'))} ms, ratio {fmt(r.get('step_only_ratio_logged_step'))}; "
+                "a reduction over all gradients that XLA:CPU does not fuse into the update, also what every step "
+                "costs under `nan_policy='skip'`). One program with the norm in a `lax.cond` "
+                f"(`grad_norm_program='cond'`) ran {fmt(ms.get('tl_jax_cond'))} ms (ratio "
+                f"{fmt(r.get('step_only_ratio_cond'))}) on the steps whose condition was false.")
     spc = r.get("steps_per_call_ms") or {}
     if spc:
         one = spc["one_step_per_call"]
@@ -175,7 +178,10 @@ def overhead_md(r: dict) -> str:
             f"{fmt(host.get('chunked'))}, {fmt(r.get('ratio'))} | {fmt(host.get('recipes'))}, "
             f"{fmt(r.get('ratio_device_batches'))} |\n"
             "| gradient norm on the logged steps only: ms per step (measured here) | "
-            f"{fmt(_get(r, 'step_only_ms', 'tl_jax_norm_every_step'))} | {fmt(_get(r, 'step_only_ms', 'tl_jax'))} |\n"
+            f"{fmt(_get(r, 'step_only_ms', 'tl_jax_logged_step'))} | {fmt(_get(r, 'step_only_ms', 'tl_jax_cond'))} |\n"
+            "| ... in a program of its own instead of a `lax.cond` (`train.grad_norm_program='separate'`: one more "
+            "compile per run): ms per unlogged step (measured here) | "
+            f"{fmt(_get(r, 'step_only_ms', 'tl_jax_cond'))} | {fmt(_get(r, 'step_only_ms', 'tl_jax'))} |\n"
             "| a step's metrics as one float32 vector, fetched once the next step is queued behind its window "
             "(the devices never wait for logging) | 7 arrays per step, an idle gap per log | 1, none |\n"
             "| a window's vectors read with `np.asarray` on CPU devices (`train_metrics.fetch`) instead of "

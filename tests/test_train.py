@@ -142,6 +142,39 @@ def test_grad_norm_on_logged_steps_only_same_updates():
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))
 
 
+def test_grad_norm_flag_programs_match_the_cond_step():
+    """``grad_norm=True``/``False`` (the loop's two programs): ‖g‖ every step / 0 with no ``lax.cond``;
+    the same params as the ``lax.cond`` step; ``False`` under ``nan_policy='skip'`` is refused."""
+    model = get_model("cnn", 4)
+    batch = fixed_batch()
+    tx = optax.sgd(0.05)
+    loss_fn = classification_loss(model)
+    steps = {flag: jax.jit(make_train_step(loss_fn, tx, grad_norm_every=2, grad_norm=flag))
+             for flag in (None, True, False)}
+    state = make_state(model, tx, batch["image"])
+    for flag in (True, False):
+        assert "conditional" not in steps[flag].lower(state, batch).compile().as_text()
+    states = dict.fromkeys(steps, state)
+    for step in range(1, 4):
+        grads = jax.grad(lambda p: loss_fn(p, {}, {}, batch, jax.random.fold_in(state.rng, state.step),
+                                           state.step)[0])(states[None].params)
+        want = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(grads)))
+        out = {}
+        for flag, fn in steps.items():
+            states[flag], out[flag] = fn(states[flag], batch)
+        np.testing.assert_allclose(float(out[True]["train/grad_norm"]), want, rtol=1e-5)
+        assert float(out[False]["train/grad_norm"]) == 0.0
+        assert float(out[None]["train/grad_norm"]) == (float(out[True]["train/grad_norm"]) if step == 2 else 0.0)
+        for flag in (True, False):
+            assert float(out[flag]["train/finite"]) == 1.0
+            np.testing.assert_allclose(float(out[flag]["train/loss"]), float(out[None]["train/loss"]), rtol=1e-6)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         jax.device_get(states[flag].params), jax.device_get(states[None].params))
+        state = states[None]
+    with pytest.raises(ValueError, match="nan_policy='skip' needs the gradient norm"):
+        make_train_step(loss_fn, tx, nan_policy="skip", grad_norm=False)
+
+
 def test_grad_norm_every_rejects_bad_values():
     with pytest.raises(ValueError, match="grad_norm_every must be an int >= 1"):
         make_train_step(classification_loss(get_model("cnn", 4)), optax.sgd(0.1), grad_norm_every=0)

@@ -230,9 +230,12 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     step = int(jax.device_get(state.step))
     strategy.prepare_objective(objective)  # tl_jax/parallel/: sharded jit or pmap
     state = strategy.to_device(state)
-    step_fn = pure_train_step(config, objective, tx, state.params, strategy.axis_name)
-    packed = PackedMetrics(device_data.wrap(step_fn) if device_data is not None else step_fn)
-    train_step = strategy.train_step(packed)
+    # {grad_norm: program}: with 'separate', the steps that log train/grad_norm run their own program.
+    norm_step = grad_norm_steps(config)
+    flags = grad_norm_flags(config)
+    packs = {flag: PackedMetrics(_wrap(pure_train_step(config, objective, tx, state.params, strategy.axis_name,
+                                                       grad_norm=flag), device_data)) for flag in flags}
+    train_steps = {flag: strategy.train_step(p) for flag, p in packs.items()}
     eval_step = strategy.eval_step(make_eval_step(objective))
     ahead = auto_size(config.data.prefetch)  # batches made ahead in a thread go to the devices there
     put = strategy.put_batch if ahead else strategy.loop_batch
@@ -261,12 +264,13 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     def host_metrics(items: list) -> list:
         """``(step, metrics)`` pairs on the host, as dicts (one fetch for all)."""
         values = fetch_metrics([m for _, m in items])  # np.asarray on CPUs (device_get costs more host time)
+        packed = next(p for p in packs.values() if p.names)  # a traced program (both pack the same names)
         return [(s, packed.unpack(v)) for (s, _), v in zip(items, values)]
 
     def flush(n: int) -> None:
         nonlocal pending, last_train
         last_train = log_window(host_metrics(pending[:n]), wd, is_main, tc.nan_policy, state,
-                                norm_steps=grad_norm_steps(config))
+                                norm_steps=norm_step)
         pending = pending[n:]
         progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
 
@@ -279,9 +283,10 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                 if not compiled:
                     compiled = True
                     t0 = time.time()
-                    train_step = strategy.compile(train_step, state, batch)
+                    train_steps = {flag: strategy.compile(fn, state, batch) for flag, fn in train_steps.items()}
                     compile_s = time.time() - t0
-                state, metrics = train_step(state, batch)
+                flag = None if None in train_steps else bool(norm_step(step + 1))
+                state, metrics = train_steps[flag](state, batch)
                 step += 1
                 pending.append((step, metrics))
                 progress.update(1)
@@ -330,12 +335,28 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     return summary
 
 
-def pure_train_step(config, objective, tx, params, axis_name: str | None = None):
-    """The run's pure ``(state, batch[, hparams]) -> (state, metrics)`` (also vmapped by tl_jax/sweep)."""
+def pure_train_step(config, objective, tx, params, axis_name: str | None = None, grad_norm: bool | None = None):
+    """The run's pure ``(state, batch[, hparams]) -> (state, metrics)`` (also vmapped by tl_jax/sweep).
+
+    ``grad_norm``: see :func:`tl_jax.train.step.make_train_step` (``None``: a ``lax.cond`` on the logged steps).
+    """
     return make_train_step(objective.loss, tx, nan_policy=config.train.nan_policy, axis_name=axis_name,
                            value_and_grad=getattr(objective, "value_and_grad", None),
                            trainable=_trainable(config, objective, params),
-                           grad_norm_every=config.train.log_every, last_step=config.train.steps)
+                           grad_norm_every=config.train.log_every, last_step=config.train.steps, grad_norm=grad_norm)
+
+
+def grad_norm_flags(config) -> tuple[bool | None, ...]:
+    """The ``grad_norm`` of each program the loop compiles: ``(False, True)`` for
+    ``config.train.grad_norm_program='separate'`` (the plain step, and the one the logged steps run), else
+    ``(None,)`` (one program, a ``lax.cond``; also under ``nan_policy='skip'``, which needs ‖g‖ every step)."""
+    tc = config.train
+    return (False, True) if tc.grad_norm_program == "separate" and tc.nan_policy == "error" else (None,)
+
+
+def _wrap(step_fn, device_data: device_batches.DeviceBatches | None):
+    """The step as the loop calls it: with ``config.data.device_cache``, the batch made inside from a recipe."""
+    return device_data.wrap(step_fn) if device_data is not None else step_fn
 
 
 def _trainable(config, objective, params) -> Any:

@@ -45,7 +45,8 @@ def is_grad_norm_step(step: Any, every: int, last_step: int | None = None) -> An
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_policy: str = "error",
                     axis_name: str | None = None, value_and_grad: Callable | None = None,
                     trainable: PyTree | None = None, grad_norm_every: int = 1,
-                    last_step: int | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    last_step: int | None = None,
+                    grad_norm: bool | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     ``value_and_grad``: optional replacement for ``jax.value_and_grad(loss_fn,
@@ -74,6 +75,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     which stops the run there. ``nan_policy='skip'`` must know before every
     update, so it computes the norm on every step.
 
+    ``grad_norm``: ``None`` (default) is the ``lax.cond`` above, one program for
+    every step (vmapped sweeps). ``True``/``False`` build a step that computes
+    the norm on every step / on none (0, finiteness from the loss alone), with
+    no ``lax.cond``: the loop compiles both and runs the first on the steps
+    :func:`is_grad_norm_step` picks (``config.train.grad_norm_program``). On
+    XLA:CPU the conditional cost ~1 % of the demo CNN's step even when its
+    predicate was false; on GPUs a conditional also reads its predicate on
+    the host. ``grad_norm=False`` with ``nan_policy='skip'`` is an error.
+
     ``hparams`` (optional third argument; :mod:`tl_jax.sweep.vectorized` vmaps
     over it): ``{"loss": {config_key: value}}`` is passed to the loss as
     ``aux["hparams"]`` (see :func:`tl_jax.objectives.base.hparam`), and
@@ -84,7 +94,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         raise ValueError(f"config.train.nan_policy must be 'error' or 'skip', got {nan_policy!r}")
     if not isinstance(grad_norm_every, int) or grad_norm_every < 1:
         raise ValueError(f"grad_norm_every must be an int >= 1, got {grad_norm_every!r}")
-    every = 1 if nan_policy == "skip" else grad_norm_every
+    if grad_norm is False and nan_policy == "skip":
+        raise ValueError("grad_norm=False cannot skip non-finite updates (nan_policy='skip' needs the gradient "
+                         "norm on every step)")
+    every = 1 if nan_policy == "skip" or grad_norm else grad_norm_every
 
     def norm_of(grads: PyTree) -> jax.Array:
         return optax.tree.norm(grads).astype(jnp.float32)
@@ -106,14 +119,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         if hparams and hparams.get("update_scale") is not None:  # per-param lr factors of a vectorised sweep
             updates = jax.tree.map(lambda u, f: (u * f).astype(u.dtype), updates, hparams["update_scale"])
         params = optax.apply_updates(state.params, updates)
-        if every == 1:
-            grad_norm = norm_of(grads)
+        if grad_norm is False:
+            norm = jnp.zeros((), jnp.float32)
+        elif every == 1:
+            norm = norm_of(grads)
         else:
-            grad_norm = jax.lax.cond(is_grad_norm_step(state.step + 1, every, last_step), norm_of,
-                                     lambda g: jnp.zeros((), jnp.float32), grads)
+            norm = jax.lax.cond(is_grad_norm_step(state.step + 1, every, last_step), norm_of,
+                                lambda g: jnp.zeros((), jnp.float32), grads)
         # One reduction for both: a NaN/Inf anywhere in the grads makes their norm non-finite (as does a
         # norm that overflows float32); a separate isfinite pass over every gradient cost ~3% of a CNN step.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(norm)
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -121,7 +136,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
             kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
         metrics = dict(metrics)
-        metrics["train/grad_norm"] = grad_norm
+        metrics["train/grad_norm"] = norm
         metrics["train/finite"] = finite.astype(jnp.float32)
         metrics[SKIPPED] = new.skipped  # updates skipped so far: the loop logs it without reading the state
         return new, metrics
