@@ -50,13 +50,18 @@ def use_async_save(setting: Any, state: PyTree, platform: str | None = None) -> 
 
     ``'auto'``: in the background unless the devices are CPUs and ``state`` holds
     fewer than ``ASYNC_MIN_BYTES``. On a CPU backend XLA's threads already use
-    every core, so orbax's writer threads (~40 ms of CPU per save, ~1-2 ms per
-    array, ~1 ms per MB: ``benchmarks/checkpoint_bench.py``) preempt them. On
-    the 2-core demo (19 MB state, a save every 60 steps, 15 saves each way,
-    2026-11-27) a save cost the loop 164 ms (median) asynchronously and 124 ms
-    synchronously (the devices idle while it writes). On accelerators the host
-    cores are free, and big states are worth overlapping anyway (seconds of
-    writing). ``platform`` defaults to the first local device's.
+    every core, so orbax's writer threads (~20-40 ms of CPU per save, ~2 ms per
+    array, ~1.5 ms per MB: ``benchmarks/checkpoint_bench.py``) preempt them. On
+    the 2-core demo (19 MB state) the two cost the loop alike: a save every 60
+    steps, 15 saves each way (2026-11-27), 164 ms (median) asynchronously and
+    124 ms synchronously; a save every 50 steps, 6 fresh-process rounds of 10
+    saves each way against the hand-written loop (2026-11-28), pooled loop
+    ratios 0.918 asynchronously (rounds 0.87-0.97) and 0.907 synchronously
+    (0.89-0.92), a difference within the rounds' spread. Synchronous is kept
+    there: its cost stays in the save (the devices idle while it writes), not
+    spread over the steps after it. On accelerators the host cores are free,
+    and big states are worth overlapping anyway (seconds of writing).
+    ``platform`` defaults to the first local device's.
     """
     if setting in (True, False):
         return setting
