@@ -81,8 +81,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     no ``lax.cond``: the loop compiles both and runs the first on the steps
     :func:`is_grad_norm_step` picks (``config.train.grad_norm_program``). On
     XLA:CPU the conditional cost ~1 % of the demo CNN's step even when its
-    predicate was false; on GPUs a conditional also reads its predicate on
-    the host. ``grad_norm=False`` with ``nan_policy='skip'`` is an error.
+    predicate was false; on GPUs, XLA's conditional thunk copies its
+    predicate to the host and waits for it, inside every step. ``grad_norm=False`` with ``nan_policy='skip'`` is an error.
 
     ``hparams`` (optional third argument; :mod:`tl_jax.sweep.vectorized` vmaps
     over it): ``{"loss": {config_key: value}}`` is passed to the loss as
