@@ -5,6 +5,8 @@
         --config.init_from=runs/src --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
     tl-jax sweep --config experiments/freeze_depth.py --workdir runs/freeze [--jobs 2] [--vectorize auto]
     tl-jax report runs/demo [--group method,shots] [--metric test/accuracy]
+    tl-jax eval --workdir runs/ft [--checkpoint best] [--dataset optdigits --split test]  (tl_jax/eval_cli.py)
+    tl-jax predict --workdir runs/ft --image-folder DIR --out preds   (PREFIX.npz, PREFIX.csv)
     tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/byo_cli.py)
     tl-jax weights convert --from FILE --mapping bert --model bert --out DIR
 
@@ -20,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from tl_jax.byo_cli import cmd_data, cmd_weights  # `data prepare`, `weights convert` (light imports)
+from tl_jax.eval_cli import cmd_eval, cmd_predict  # `eval`, `predict` (light imports)
 
 # Errors a user can fix from the message alone: printed as one line, exit status 2.
 # TL_JAX_DEBUG=1 shows the full traceback instead.
@@ -123,13 +126,17 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "data": cmd_data, "weights": cmd_weights}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval,
+            "predict": cmd_predict, "data": cmd_data, "weights": cmd_weights}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: tl-jax {{{','.join(COMMANDS)}}} ...  (tl-jax COMMAND --help)", file=sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"tl-jax: error: unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return run_command(COMMANDS[argv[0]], argv[1:], prog=f"tl-jax {argv[0]}")
 

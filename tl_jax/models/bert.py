@@ -186,5 +186,5 @@ class Bert(Classifier):
                  return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Logits float32 ``[B, num_classes]`` (and features ``[B, D]`` if ``return_features``)."""
         feats = self.backbone(input_ids, attention_mask, train=train)
-        logits = self.head(self.dropout(feats, deterministic=not train)).astype(jnp.float32)
+        logits = self.head_logits(feats, train=train)
         return (logits, feats.astype(jnp.float32)) if return_features else logits

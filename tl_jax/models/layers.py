@@ -4,14 +4,18 @@ Every model in :mod:`tl_jax.models` derives from :class:`Classifier`, which fixe
 the public contract:
 
 * two submodules created in ``setup()``: ``backbone`` (all feature layers) and
-  ``head`` (``nn.Dense(num_classes)``), so every param lives under
+  ``head`` (``nn.Dense(num_classes)``, params ``head/{kernel,bias}``; or, with
+  ``head_hidden``, an MLP with params ``head/hidden_<i>/...`` and
+  ``head/logits/...``: :mod:`tl_jax.models.heads`), so every param lives under
   ``backbone/...`` or ``head/...``;
 * ``__call__(x, *, train=False, return_features=False)`` maps ``x`` float
   ``[B, H, W, C]`` to float32 logits ``[B, num_classes]`` (optionally also the
   float32 features ``[B, D]`` that were fed to the head);
 * ``embed(x, *, train=False)`` runs the backbone only;
-* dropout (rng stream ``'dropout'``) sits between backbone and head and is
-  active only when ``train=True``;
+* ``head_logits(features, *, train)`` runs what follows the backbone
+  (dropout -> head), the one place that does so;
+* dropout (rng stream ``'dropout'``) sits between backbone and head (and after
+  each hidden layer of an MLP head) and is active only when ``train=True``;
 * ``frozen_norms`` names BatchNorm layers (``'/'``-joined paths such as
   ``'backbone/layer1_0/bn2'``) that stay in inference mode when ``train=True``.
 """
@@ -22,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tl_jax.models.heads import call_head, make_head
 
 Dtype = Any
 
@@ -67,7 +73,7 @@ def batch_norm(
 
 
 class Classifier(nn.Module):
-    """Base class: ``backbone`` -> dropout -> ``head`` (Dense).
+    """Base class: ``backbone`` -> dropout -> ``head`` (Dense, or an MLP with ``head_hidden``).
 
     Subclasses implement :meth:`make_backbone` (returning a module whose
     ``__call__(x, *, train)`` maps ``[B, H, W, C]`` to ``[B, D]`` and which
@@ -84,6 +90,11 @@ class Classifier(nn.Module):
         norm_axis_name: under ``jax.pmap``, the axis name over which
             BatchNorm layers compute batch statistics (set by
             ``config.parallel.mode='pmap'``); ``None`` = this device's batch.
+        head_hidden: hidden layer widths of the head; ``()`` = one Dense layer
+            (``config.model.head.hidden``, see :mod:`tl_jax.models.heads`).
+        head_activation: activation after each hidden layer (a name of
+            :data:`tl_jax.models.heads.ACTIVATIONS`).
+        head_dropout: dropout after each hidden activation (train mode only).
     """
 
     num_classes: int
@@ -91,6 +102,9 @@ class Classifier(nn.Module):
     frozen_norms: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
     norm_axis_name: str | None = None
+    head_hidden: tuple[int, ...] = ()
+    head_activation: str = "relu"
+    head_dropout: float = 0.0
 
     def make_backbone(self, frozen: tuple[str, ...]) -> nn.Module:
         """Build the backbone; ``frozen`` are norm paths relative to it."""
@@ -115,7 +129,18 @@ class Classifier(nn.Module):
             )
         self.backbone = self.make_backbone(sub_paths(frozen, BACKBONE))
         self.dropout = nn.Dropout(rate=self.dropout_rate)
-        self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
+        self.head = make_head(self.num_classes, self.head_hidden, self.head_activation, self.head_dropout,
+                              dtype=self.dtype)
+
+    def head_logits(self, features: jax.Array, *, train: bool = False) -> jax.Array:
+        """What follows the backbone: features ``[B, D]`` -> dropout -> head -> float32 logits ``[B, C]``.
+
+        Dropout (between backbone and head, and inside an MLP head) is active
+        only when ``train``. :mod:`tl_jax.train.feature_cache` calls this on
+        cached features, so it must stay the only code path after the backbone.
+        """
+        x = self.dropout(features, deterministic=not train)
+        return call_head(self.head, x, train=train).astype(jnp.float32)
 
     def embed(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Backbone features: ``x`` [B, H, W, C] -> float32 ``[B, D]``."""
@@ -133,12 +158,11 @@ class Classifier(nn.Module):
         Returns:
             float32 logits ``[B, num_classes]``, or ``(logits, features)`` with
             float32 features ``[B, D]`` (the backbone output, before dropout)
-            when ``return_features``. With dropout off,
+            when ``return_features``. With dropout off and a linear head,
             ``logits == features @ head.kernel + head.bias`` (up to ``dtype``).
         """
         feats = self.backbone(x, train=train)
-        logits = self.head(self.dropout(feats, deterministic=not train))
-        logits = logits.astype(jnp.float32)
+        logits = self.head_logits(feats, train=train)
         if return_features:
             return logits, feats.astype(jnp.float32)
         return logits

@@ -34,15 +34,19 @@ import numpy as np
 
 from tl_jax.losses.classification import accuracy
 from tl_jax.losses.distill import distillation_loss
-from tl_jax.models import get_model
+from tl_jax.models import get_model, model_from_config
+from tl_jax.models.heads import head_dims
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 
 KEY = "config.objective.distill"
 
 
 def teacher_model_config(path: str) -> dict:
-    """``model`` group of the ``config.json`` next to checkpoint ``path`` (workdir, checkpoints/ or step dir)."""
-    p = pathlib.Path(path).expanduser().absolute()
+    """``model`` group of the ``config.json`` next to checkpoint ``path`` (workdir, checkpoints/ or step dir;
+    a ``:best``/``:STEP`` suffix is allowed)."""
+    from tl_jax.train.checkpoint import parse_step_spec  # lazy: tl_jax.train imports the objectives
+
+    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.json").is_file():
             return json.loads((d / "config.json").read_text())["model"]
@@ -80,12 +84,13 @@ class DistillObjective(Objective):
                 raise ValueError(f"{KEY}.teacher_kwargs is set but {KEY}.teacher_model is empty; set both, or "
                                  f"neither to read them from the teacher's config.json")
             mc = teacher_model_config(self.teacher_path)
-            name, kwargs, classes = mc["name"], dict(mc.get("kwargs") or {}), mc.get("num_classes") or model.num_classes
+            name, kwargs, classes = mc["name"], None, mc.get("num_classes") or model.num_classes
         if classes != model.num_classes:
             raise ValueError(f"{KEY}.teacher has {classes} classes but the student has {model.num_classes} "
                              f"(config.model.num_classes): their logits must match")
-        try:
-            self.teacher_model = get_model(name, classes, **kwargs)
+        try:  # the teacher's own model group (reference, kwargs, head) unless teacher_model names one
+            self.teacher_model = (model_from_config(mc, classes) if kwargs is None else
+                                  get_model(name, classes, **kwargs))
         except ValueError as e:
             raise ValueError(f"{KEY}.teacher_model/teacher_kwargs: {e}") from None
 
@@ -93,10 +98,10 @@ class DistillObjective(Objective):
         """No trainable additions; ``aux = {'teacher': {'params', 'batch_stats'?}}`` from the checkpoint."""
         from tl_jax.train.checkpoint import load_variables  # lazy: tl_jax.train imports the objectives
 
-        teacher = load_variables(self.teacher_path)
-        kernel = teacher["params"].get("head", {}).get("kernel")
-        if kernel is not None and kernel.shape[-1] != self.model.num_classes:
-            raise ValueError(f"{KEY}.teacher={self.teacher_path!r} has a {kernel.shape[-1]}-class head but the "
+        teacher = load_variables(self.teacher_path, where=f"{KEY}.teacher")
+        dims = head_dims(teacher["params"].get("head", {}))  # (D, C) of a linear or MLP head
+        if dims is not None and dims[1] != self.model.num_classes:
+            raise ValueError(f"{KEY}.teacher={self.teacher_path!r} has a {dims[1]}-class head but the "
                              f"student has {self.model.num_classes} classes")
         return {}, {"teacher": jax.tree.map(np.asarray, teacher)}
 

@@ -50,6 +50,7 @@ import numpy as np
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.losses.domain_adaptation import (coral_loss, dann_lambda, domain_adversarial_loss, gradient_reversal,
                                              mmd_loss)
+from tl_jax.models.heads import head_dims
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, register
 
 LAYERS = ("features", "logits")
@@ -193,10 +194,11 @@ class DANN(UnsupervisedDA):
         self.discriminator = DomainDiscriminator(self.cfg.hidden, self.cfg.depth, bool(self.cfg.layer_norm))
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
-        head = params.get("head", {}).get("kernel")
-        if head is None:
-            raise ValueError(f"{self.name}: the model has no head/kernel to read the feature size from")
-        dim = head.shape[0] if self.cfg.layer == "features" else head.shape[1]
+        dims = head_dims(params.get("head", {}))  # (D, C) of a linear or MLP head
+        if dims is None:
+            raise ValueError(f"{self.name}: the model has no head/kernel (or head/logits/kernel) to read the "
+                             f"feature size from")
+        dim = dims[0] if self.cfg.layer == "features" else dims[1]
         disc = self.discriminator.init(rng, jnp.zeros((1, dim), jnp.float32))["params"]
         return {"discriminator": disc}, {}
 

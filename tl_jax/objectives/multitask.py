@@ -22,7 +22,9 @@ Config group ``config.objective.multitask`` (select with ``config.objective.name
   task i's gradient exactly (it is left out of the sum / the Jacobian).
 
 Params: the base model's ``backbone/...`` and ``head/<task>/{kernel,bias}`` (Dense to
-the task's classes), so ``param_rules`` such as ``backbone/.*`` keep working and
+the task's classes; with ``config.model.head.hidden`` one MLP per task,
+``head/<task>/hidden_<i>/...`` and ``head/<task>/logits/...``), so ``param_rules``
+such as ``backbone/.*`` keep working and
 ``dont_load=['head/.*']`` drops a pretrained single head.
 
 Logged: ``train/loss`` (total), ``train/loss/<task>`` (L_i), ``train/weight/<task>`` (λ_i
@@ -44,6 +46,7 @@ import ml_collections
 
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.losses.multitask import pcgrad, uncertainty_weighted, weighted_sum
+from tl_jax.models.heads import call_head, make_head
 from tl_jax.models.layers import BACKBONE, Classifier, sub_paths
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, register
 
@@ -59,15 +62,24 @@ TASKS: dict[str, tuple[int | None, Callable[[jax.Array], jax.Array]]] = {
 
 
 class TaskHeads(nn.Module):
-    """One Dense head per task: features ``[B, D]`` -> ``{task: logits [B, C_task]}`` (float32)."""
+    """One head per task: features ``[B, D]`` -> ``{task: logits [B, C_task]}`` (float32).
+
+    Each head is what the base model's head options build
+    (:func:`tl_jax.models.heads.make_head`): a Dense at ``head/<task>/{kernel,bias}``,
+    or with ``hidden`` an MLP at ``head/<task>/hidden_<i>/...``, ``head/<task>/logits/...``.
+    """
 
     tasks: tuple[tuple[str, int], ...]
     dtype: Any = jnp.float32
+    hidden: tuple[int, ...] = ()
+    activation: str = "relu"
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        return {name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x).astype(jnp.float32)
-                for name, n in self.tasks}
+    def __call__(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        heads = {name: make_head(n, self.hidden, self.activation, self.dropout, dtype=self.dtype, name=name)
+                 for name, n in self.tasks}
+        return {name: call_head(head, x, train=train).astype(jnp.float32) for name, head in heads.items()}
 
 
 def _multi_head_setup(self) -> None:
@@ -77,12 +89,13 @@ def _multi_head_setup(self) -> None:
         raise ValueError(f"{type(self).__name__}: unknown BatchNorm path(s) in frozen_norms: {unknown}")
     self.backbone = self.make_backbone(sub_paths(tuple(self.frozen_norms), BACKBONE))
     self.dropout = nn.Dropout(rate=self.dropout_rate)
-    self.head = TaskHeads(tuple(self.tasks), dtype=self.dtype)
+    self.head = TaskHeads(tuple(self.tasks), dtype=self.dtype, hidden=tuple(self.head_hidden),
+                          activation=self.head_activation, dropout=self.head_dropout)
 
 
 def _multi_head_call(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
     feats = self.backbone(x, train=train)
-    out = self.head(self.dropout(feats, deterministic=not train))
+    out = self.head(self.dropout(feats, deterministic=not train), train=train)
     return (out, feats.astype(jnp.float32)) if return_features else out
 
 

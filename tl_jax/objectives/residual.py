@@ -15,7 +15,8 @@
   (fresh, or from ``config.init_from``) and covered by ``config.param_rules``:
   ``[["backbone/.*", null], [".*", 1.0]]`` makes it a linear head on copied
   source features, ``[[".*", 1.0]]`` a whole second network. With
-  ``zero_init_head`` its head starts at 0, so training starts exactly at P_source.
+  ``zero_init_head`` its head (an MLP head's last layer, ``head/logits``)
+  starts at 0, so training starts exactly at P_source.
 
 ``residual_params`` (config group ``config.objective.residual_params``)::
 
@@ -52,6 +53,7 @@ import numpy as np
 
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.losses.residual import apply_delta, init_lora, merge, residual_logits
+from tl_jax.models.heads import LOGITS, logits_layer
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, model_inputs, register
 
 # Freezes every param outside the objective's own top-level keys ``delta`` and ``alpha``.
@@ -79,14 +81,15 @@ def _eval_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
 def source_model_for(path: str, config: ml_collections.ConfigDict, num_classes: int):
     """The source classifier: the architecture in ``path``'s ``config.json`` (searched in the
     path and up to two parents, i.e. a workdir, its checkpoints/ or a step dir), else ``config.model``."""
-    from tl_jax.models import get_model
+    from tl_jax.models import model_from_config
+    from tl_jax.train.checkpoint import parse_step_spec  # lazy: tl_jax.train imports the objectives
 
-    p = pathlib.Path(path).expanduser().absolute()
+    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.json").is_file():
-            model_cfg = json.loads((d / "config.json").read_text())["model"]
-            return get_model(model_cfg["name"], num_classes, **dict(model_cfg.get("kwargs") or {}))
-    return get_model(config.model.name, num_classes, **dict(config.model.kwargs))
+            return model_from_config(json.loads((d / "config.json").read_text())["model"], num_classes,
+                                     dropout_rate=0.0)
+    return model_from_config(config.model, num_classes, dropout_rate=0.0)
 
 
 @register
@@ -111,15 +114,21 @@ class ResidualOutput(Objective):
     def init_params(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> PyTree:
         if not self.config.objective.residual_output.zero_init_head:
             return params
-        if "head" not in params:
-            raise ValueError("config.objective.residual_output.zero_init_head needs a model with a 'head'")
-        return {**params, "head": jax.tree.map(jnp.zeros_like, params["head"])}
+        head = params.get("head")
+        if head is None or logits_layer(head) is None:
+            raise ValueError("config.objective.residual_output.zero_init_head needs a model with a 'head' "
+                             "(head/kernel or head/logits/kernel)")
+        if "kernel" in head:  # linear head: all of it
+            return {**params, "head": jax.tree.map(jnp.zeros_like, head)}
+        # MLP head: only its last layer, so z_diff = 0 while the hidden layers keep their random init
+        return {**params, "head": {**head, LOGITS: jax.tree.map(jnp.zeros_like, head[LOGITS])}}
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
         from tl_jax.train.checkpoint import load_variables
 
         source = load_variables(self.source)
-        head = source["params"].get("head", {}).get("kernel")
+        last = logits_layer(source["params"].get("head", {}))
+        head = None if last is None else last.get("kernel")
         if head is None or head.shape[-1] != self.model.num_classes:
             got = None if head is None else head.shape[-1]
             raise ValueError(f"config.objective.residual_output.source {self.source!r}: the source head has {got} "

@@ -117,6 +117,10 @@ def blocker(configs: list[ml_collections.ConfigDict]) -> str | None:
         return f"{jax.process_count()} processes (vectorised sweeps run in one process)"
     if jax.device_count() > 1:
         return f"{jax.device_count()} devices (a vectorised sweep runs on one device; each run would use all)"
+    with_val = [c for c in configs if c.data.val_fraction is not None or c.data.val_split is not None]
+    if with_val or any(c.train.early_stopping.metric for c in configs):
+        return ("a validation set or early stopping (config.data.val_fraction / val_split, "
+                "config.train.early_stopping): vectorised sweeps evaluate the test split only")
     return None
 
 

@@ -5,7 +5,8 @@ training preprocessing feeds the same images through the same frozen backbone
 every epoch. When that holds, :func:`maybe_enable` computes the backbone
 features of this process's training examples once, and the run trains on
 batches of ``{"features": [B, D], "label": [B]}`` with an objective whose loss
-runs only ``dropout -> head``:
+runs only ``dropout -> head`` (:meth:`Classifier.head_logits`, the same code
+the whole model runs after its backbone, so an MLP head works too):
 
 * same batches: the feature batches come from the same grain chain as the
   image batches (:func:`tl_jax.data.cache.array_dataset`, same seed, same
@@ -32,7 +33,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -62,8 +62,8 @@ class CachedFeaturesObjective(Objective):
 
 
 def _head_logits(model: Classifier, features: jax.Array) -> jax.Array:
-    """What ``Classifier.__call__(x, train=True)`` does after the backbone."""
-    return model.head(model.dropout(features, deterministic=False)).astype(jnp.float32)
+    """What ``Classifier.__call__(x, train=True)`` does after the backbone (linear or MLP head)."""
+    return model.head_logits(features, train=True)
 
 
 def _backbone(model: Classifier, x: jax.Array, train: bool) -> jax.Array:

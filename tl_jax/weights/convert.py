@@ -11,8 +11,11 @@
 4. refuses, with ONE error listing every problem, a source tensor left unused
    (no rule, or a path the model lacks), a shape mismatch, two tensors for one
    path, or a target variable left unfilled. ``head/*`` is a target only when
-   the source has a classifier (then ``num_classes`` comes from it); buffers
-   and names matched by ``ignore`` regexes are dropped on purpose;
+   the source has a classifier (then ``num_classes`` comes from it, and an
+   MLP head, ``head_hidden`` in ``model_kwargs``, is refused: the classifier
+   is one linear layer); without one the head, linear or MLP, is left to its
+   fresh init. Buffers and names matched by ``ignore`` regexes are dropped on
+   purpose;
 5. writes ``out/state`` (orbax, ``{'params', 'batch_stats'}``), the layout
    :func:`tl_jax.train.checkpoint.load_variables` reads, and
    ``out/tl_jax_weights.json`` (model name, kwargs, what was dropped).
@@ -169,6 +172,10 @@ def convert_weights(
             raise ValueError(f"num_classes={num_classes} but the classifier {heads[0]} of {source} has {n_src} "
                              "outputs; leave num_classes out, or --ignore the classifier tensors")
         num_classes = n_src
+        if kwargs.get("head_hidden"):
+            raise ValueError(f"the classifier {heads[0]} of {source} is a linear head (head/kernel) but "
+                             f"head_hidden={list(kwargs['head_hidden'])} builds an MLP head: --ignore the "
+                             "classifier tensors to keep the MLP head at its fresh init, or drop head_hidden")
     num_classes = num_classes or 1  # no head in the source: the head is not converted
     targets = target_shapes(model, num_classes, kwargs, m.sample_input(tensors, kwargs))
     flat, dropped = map_tensors(tensors, m, targets, ignore, source=str(source))
