@@ -25,3 +25,12 @@ def tfds_data_dir(tmp_path_factory) -> str:
     if env:
         return env
     return str(tmp_path_factory.getbasetemp() / "tfds")
+
+
+RUN_FILES = [".lock.0", "checkpoints", "config.json", "events.out.tfevents.*", "metrics.jsonl", "summary.json"]
+
+
+def workdir_files(workdir) -> list[str]:
+    """A workdir's entries, TensorBoard event files shown as one ``events.out.tfevents.*`` (compare with RUN_FILES)."""
+    names = {("events.out.tfevents.*" if n.startswith("events.out.tfevents.") else n) for n in os.listdir(workdir)}
+    return sorted(names)

@@ -9,6 +9,7 @@ import pytest
 
 from tl_jax import config as config_lib
 from tl_jax.train.loop import train
+from conftest import RUN_FILES, workdir_files
 
 TINY = "tests/configs/tiny.py"
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def test_cli_writes_contract_and_refuses_other_config(tmp_path, tfds_data_dir):
     args = ["--config", TINY, "--workdir", wd, f"--config.data.data_dir={tfds_data_dir}"]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     summary = json.load(open(os.path.join(wd, "summary.json")))
     for key in ("test/accuracy", "test/loss", "steps", "wall_s"):
         assert key in summary

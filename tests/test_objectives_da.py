@@ -14,6 +14,7 @@ from tl_jax.losses import coral_loss, cross_entropy, domain_adversarial_loss, mm
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from tl_jax.transfer.param_rules import flatten_paths
+from conftest import RUN_FILES, workdir_files
 
 SRC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14}]
 TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
@@ -174,7 +175,7 @@ def test_train_writes_contract_and_evaluates_the_target(tmp_path, tfds_data_dir,
     wd = str(tmp_path / name)
     config = tiny(tfds_data_dir, name, **{"train.checkpoint_every": 2})
     summary = train(config, wd)
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     assert summary["steps"] == 4 and 0.0 <= summary["test/accuracy"] <= 1.0
     assert all(f"train/da/{name}" in m for m in metrics(wd) if "train/loss" in m)
     if name == "dann":  # resume after a crash at step 2 repeats the uninterrupted run exactly

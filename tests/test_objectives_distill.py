@@ -14,6 +14,7 @@ from tl_jax.objectives import build_objective
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import make_train_step
 from tl_jax.transfer.param_rules import flatten_paths, path_str
+from conftest import RUN_FILES, workdir_files
 
 RNG = jax.random.PRNGKey(0)
 
@@ -129,7 +130,7 @@ def test_train_end_to_end_with_teacher_from_workdir(tmp_path, tfds_data_dir):
     c.objective.distill.teacher = str(tmp_path / "teacher")  # architecture read from its config.json
     wd = str(tmp_path / "student")
     s = train(c, wd)
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     assert s["test/teacher_accuracy"] == pytest.approx(t_sum["test/accuracy"], abs=1e-6)
     assert {"train/ce", "train/kd", "train/teacher_accuracy", "test/accuracy"} <= set(s)
     assert [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl"))

@@ -12,6 +12,7 @@ from tl_jax import config as config_lib
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from tl_jax.objectives.multidomain import domain_share
+from conftest import RUN_FILES, workdir_files
 
 PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 8}]
 DIGITS_PP = [{"op": "rescale", "in_max": 16.0}]  # optdigits is 8x8 already
@@ -155,7 +156,7 @@ def test_train_end_to_end_reports_each_domain(tmp_path, tfds_data_dir):
     c.objective.multidomain.weights = [1.0, 2.0]
     wd = str(tmp_path / "md")
     s = train(c, wd)
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     accs = [s["test/accuracy/mnist5k"], s["test/accuracy/optdigits"]]
     assert all(0.0 <= a <= 1.0 for a in accs)
     np.testing.assert_allclose(s["test/accuracy"], np.mean(accs), atol=1e-6)

@@ -15,6 +15,7 @@ from tl_jax.objectives import build_objective
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import make_train_step
 from tl_jax.transfer.param_rules import flatten_paths
+from conftest import RUN_FILES, workdir_files
 
 RNG = jax.random.PRNGKey(3)
 
@@ -171,7 +172,7 @@ def test_train_pcgrad_end_to_end_writes_contract(tmp_path, tfds_data_dir):
     c.objective.multitask.weighting = "pcgrad"
     wd = str(tmp_path / "mt")
     summary = train(c, wd)
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     for t in ("digit", "parity", "ge5"):
         assert 0.0 <= summary[f"test/accuracy/{t}"] <= 1.0
         assert f"train/loss/{t}" in summary and summary[f"train/weight/{t}"] == 1.0

@@ -15,6 +15,7 @@ from tl_jax.objectives.regularizers import ANCHOR_KEY, Regularized, add_regulari
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import make_train_step
 from tl_jax.transfer.param_rules import flatten_paths
+from conftest import RUN_FILES, workdir_files
 
 RULES = [["backbone/conv.*", None], [".*", 1.0]]  # conv layers frozen, fc + head trainable
 
@@ -136,7 +137,7 @@ def test_train_with_l2_sp_writes_terms_and_contract(tmp_path, tfds_data_dir):
     train(tiny(), src)
     wd = str(tmp_path / "ft")
     summary = train(tiny(init_from=src, param_rules=RULES, **{"loss.l2_sp": 0.01, "loss.l2": 1e-4}), wd)
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     assert summary["steps"] == 4 and "test/accuracy" in summary
     logged = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     train_rows = [m for m in logged if "train/loss" in m]

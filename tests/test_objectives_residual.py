@@ -13,6 +13,7 @@ from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from tl_jax.objectives.residual import SOURCE_RULE, merged_params, write_merged_checkpoint
 from tl_jax.transfer import param_rules as pr
+from conftest import RUN_FILES, workdir_files
 
 
 def setup(name, seed=0, **group):
@@ -153,7 +154,7 @@ def test_train_residual_params_source_bit_identical_and_merged_checkpoint(tmp_pa
         "objective.name": "residual_params", "objective.residual_params.lora_rules": ["backbone/.*"],
         "objective.residual_params.alpha": 0.5})
     summary = train(cfg, wd)
-    assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert workdir_files(wd) == RUN_FILES
     before, after = load_variables(src)["params"], load_variables(wd)["params"]
     for path, leaf in pr.flatten_paths(before).items():
         np.testing.assert_array_equal(pr.flatten_paths(after)[path], leaf, err_msg=path)  # frozen source

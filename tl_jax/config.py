@@ -40,7 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key of a training run, with defaults and types (the schema)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dict(name="cnn", num_classes=10, dropout_rate=0.0, kwargs={})
+    # head: hidden layer widths ([] = one Dense layer), their activation and dropout (tl_jax/models/heads.py).
+    c.model = dict(name="cnn", num_classes=10, dropout_rate=0.0, kwargs={},
+                   head=dict(hidden=[], activation="relu", dropout=0.0))
     c.data = dict(
         name="mnist5k", data_dir=config_dict.placeholder(str), train_split="train", test_split="test",
         shots=config_dict.placeholder(int), shots_seed=0, data_seed=config_dict.placeholder(int),
@@ -55,7 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
         # Keep those cached rows on the devices and make each batch inside the compiled step from row
         # indices and draws (tl_jax/data/device_batches.py): false (default: no loop speed-up measured on
         # CPUs) | 'auto' (when eligible and the table fits device_cache_max_mb) | true. Same batches.
-        device_cache=config_dict.FieldReference(False, field_type=object), device_cache_max_mb=256.0)
+        device_cache=config_dict.FieldReference(False, field_type=object), device_cache_max_mb=256.0,
+        # Validation set for model selection and early stopping (tl_jax/data/validation.py), one of: val_fraction
+        # (a stratified subset of train_split, seeded by val_seed, carved out before `shots` are drawn) or
+        # val_split (a split spec such as 'validation' or 'train[90%:]'); null = none. Evaluated with eval_pp.
+        val_fraction=config_dict.placeholder(float), val_split=config_dict.placeholder(str), val_seed=0)
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
                        warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
     # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
@@ -70,8 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective = dict(name="classification", **default_configs())
     c.train = dict(steps=500, log_every=50, eval_every=0, checkpoint_every=250, keep_checkpoints=2,
                    # Retention keeps the newest keep_checkpoints steps and the best by best_metric
-                   # ('max': highest, 'min': lowest, e.g. for test/loss).
-                   best_metric="test/accuracy", best_mode="max", nan_policy="error", progress=True,
+                   # ('max': highest, 'min': lowest, e.g. for val/loss). 'auto': val/accuracy with a validation
+                   # set (config.data.val_*), else no best tracking; '' = none; test/* is refused with validation.
+                   best_metric="auto", best_mode="max", nan_policy="error", progress=True,
+                   # Stop when `metric` (a val/* metric; '' = off) has not improved by more than min_delta for
+                   # `patience` evals (every eval_every steps); mode 'max' | 'min' (tl_jax/train/early_stopping.py).
+                   early_stopping=dict(metric="", patience=5, min_delta=0.0, mode="max"),
                    # Frozen backbone + deterministic train_pp: compute the backbone features once and train
                    # the head on them (tl_jax/train/feature_cache.py): 'auto' (when eligible) | true | false.
                    feature_cache=config_dict.FieldReference("auto", field_type=object),
@@ -87,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
                    # ~1 % of the demo CNN's step on CPU) | 'cond': one program, the norm inside a lax.cond.
                    grad_norm_program="separate")
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
+    # Where metrics go besides metrics.jsonl (tl_jax/train/trackers.py); not part of a run's identity.
+    c.tracking = dict(tensorboard=True, wandb=False, wandb_project="tl_jax", wandb_mode="offline", mlflow=False,
+                      mlflow_tracking_uri="")
     # Devices and hosts (tl_jax/parallel/, README "Multi-device and multi-host").
     c.parallel = dict(
         mode="jit",  # 'jit': one program sharded over the mesh | 'pmap': jax.pmap with lax.pmean
@@ -135,6 +148,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f"--config: no such file {path!r}")
+    if file.suffix != ".py":
+        raise ConfigError(f"--config: {path} is not a Python file: a config is a .py file defining "
+                          f"get_config(arg) (a run's config.json is read by tl-jax eval --workdir)")
     mod_spec = importlib.util.spec_from_file_location(f"tl_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(mod_spec)
     try:
@@ -270,6 +286,7 @@ _CHOICES = {
     "train.grad_norm_program": ("separate", "cond"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
+    "tracking.wandb_mode": ("offline", "online", "disabled"),
 }
 _POSITIVE_INTS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "data.batch_size", "data.eval_batch_size")
@@ -304,6 +321,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
+    from tl_jax.models.heads import check_head_options
+
+    try:
+        check_head_options(config.model.head.hidden, config.model.head.activation, config.model.head.dropout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("data.cache", "data.device_cache", "train.feature_cache", "train.checkpoint_async"):
         if _get(config, key) not in ("auto", True, False) or isinstance(_get(config, key), int) and \
                 not isinstance(_get(config, key), bool):
@@ -314,3 +337,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("data.cache_max_mb", "data.device_cache_max_mb"):
         if not _get(config, key) > 0:
             raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)}")
+    _validate_validation(config)
+
+
+def _validate_validation(config: ml_collections.ConfigDict) -> None:
+    """``config.data.val_*``, ``config.train.best_metric`` and ``config.train.early_stopping`` (one line each).
+
+    Whether a metric is actually logged by the objective is checked once the
+    objective is built (``tl_jax.train.loop.prepare_run``), still before the workdir is touched.
+    """
+    dc, tc = config.data, config.train
+    fraction, split = dc.val_fraction, dc.val_split
+    if fraction is not None and split is not None:
+        raise ConfigError(f"config.data.val_fraction ({fraction}) and config.data.val_split ({split!r}) are mutually "
+                          f"exclusive; set one of them")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ConfigError(f"config.data.val_fraction must be in (0, 1) (or null for no validation set), got {fraction}")
+    if split is not None and not split.strip():
+        raise ConfigError("config.data.val_split must be a split spec such as 'validation' or 'train[90%:]' "
+                          "(or null for no validation set), got ''")
+    has_val = fraction is not None or split is not None
+    best = tc.best_metric
+    if has_val and best.startswith("test/"):
+        raise ConfigError(f"config.train.best_metric={best!r} selects checkpoints on the test set while a validation "
+                          f"set exists; use a val/* metric (or 'auto': val/accuracy)")
+    if not has_val and best.startswith("val/"):
+        raise ConfigError(f"config.train.best_metric={best!r} needs a validation set: set config.data.val_fraction "
+                          f"or config.data.val_split")
+    es = tc.early_stopping
+    if not es.metric:
+        return
+    if not es.metric.startswith("val/"):
+        raise ConfigError(f"config.train.early_stopping.metric={es.metric!r} must be a val/* metric "
+                          f"(e.g. 'val/accuracy'), or '' for no early stopping")
+    if not has_val:
+        raise ConfigError(f"config.train.early_stopping.metric={es.metric!r} needs a validation set: set "
+                          f"config.data.val_fraction or config.data.val_split")
+    if tc.eval_every <= 0:
+        raise ConfigError(f"config.train.early_stopping.metric={es.metric!r} needs periodic evals: set "
+                          f"config.train.eval_every > 0 (patience is counted in evals)")
+    if es.mode not in ("max", "min"):
+        raise ConfigError(f"config.train.early_stopping.mode must be one of ('max', 'min'), got {es.mode!r}")
+    if isinstance(es.patience, bool) or not isinstance(es.patience, int) or es.patience < 1:
+        raise ConfigError(f"config.train.early_stopping.patience must be a positive integer, got {es.patience!r}")
+    if not es.min_delta >= 0:
+        raise ConfigError(f"config.train.early_stopping.min_delta must be >= 0, got {es.min_delta}")

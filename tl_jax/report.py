@@ -254,4 +254,23 @@ def write_report(root: str, group_by: list[str] | None = None, metric: str = "te
     (out / "results.md").write_text(table + "\n")
     plot_results(stats, group_by, metric, out / "results.png")
     plot_curves(runs, group_by, metric, out / "curves.png")
+    _tensorboard_images(out, ["results.png", "curves.png"], table)
     return table
+
+
+def _tensorboard_images(root: pathlib.Path, names: list[str], table: str) -> None:
+    """The study's plots and table as TensorBoard images/text in ``root`` (the runs are its sub-folders)."""
+    from tl_jax.train.trackers import TensorBoardWriter
+    from tl_jax.train.workdir import EVENTS_GLOB
+
+    for old in root.glob(EVENTS_GLOB):  # one report at a time
+        old.unlink()
+    try:
+        writer = TensorBoardWriter(root)
+    except ImportError:  # tensorboardX missing: the PNGs are there anyway
+        return
+    for name in names:
+        if (root / name).is_file():
+            writer.image(f"study/{name.removesuffix('.png')}", root / name)
+    writer.text("study/results", table)
+    writer.close()

@@ -126,8 +126,8 @@ def barrier(name: str) -> None:
 
 
 def run_identity(cfg_dict: dict) -> dict:
-    """The config a workdir records and compares: without the per-launch keys of ``parallel``."""
-    out = dict(cfg_dict)
+    """The config a workdir records and compares: without the per-launch keys of ``parallel`` and ``tracking``."""
+    out = {k: v for k, v in cfg_dict.items() if k != "tracking"}  # trackers are views of a run, not its identity
     if isinstance(out.get("parallel"), dict):
         out["parallel"] = {k: v for k, v in out["parallel"].items() if k not in LAUNCH_KEYS}
     return out

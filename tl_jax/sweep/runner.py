@@ -31,6 +31,7 @@ import ml_collections
 
 from tl_jax import config as config_lib
 from tl_jax.sweep import spec as spec_lib
+from tl_jax.train import progress as progress_lib
 
 log = logging.getLogger("tl_jax")
 VECTORIZE = ("auto", "on", "off")
@@ -124,6 +125,13 @@ class Sweep:
                              "points": {p.name: {"point": spec_lib.run_fields(p.point), "phase": p.phase}
                                         for p in points}}
         self.done = 0
+        self._timed: list[float] = []  # wall seconds of the points trained by this process, for the ETA
+
+    def announce(self, p: SweepPoint) -> None:
+        """``[k/n] name ... ETA``: before a point runs (the mean time of the points run so far x those left)."""
+        left = len(self.points) - self.done
+        eta = progress_lib.format_eta(sum(self._timed) / len(self._timed) * left) if self._timed else "?"
+        log.info("[%d/%d] %s ... ETA %s", self.done + 1, len(self.points), p.name, eta)
 
     def save(self) -> None:
         (self.root / "sweep.json").write_text(json.dumps(self.record, indent=2, default=str) + "\n")
@@ -229,12 +237,15 @@ class Sweep:
                 run.ckpts.close()
             return self._run_processes(todo)
         for p in todo:
+            self.announce(p)
+            t0 = time.time()
             run = prepared.pop(p.name, None)
             if run is not None:
                 run.t_start = time.time()
                 summary = run.loop()
             else:
                 summary = train(p.config, str(p.workdir))
+            self._timed.append(time.time() - t0)
             self._finished(p, summary, "sequential")
 
     def command(self, p: SweepPoint) -> list[str]:

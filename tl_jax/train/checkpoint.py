@@ -12,9 +12,9 @@ One checkpoint step holds two items written atomically by one
 Saves are asynchronous (orbax writes in background threads while training
 goes on) or synchronous, by ``config.train.checkpoint_async`` (:func:`use_async_save`).
 Arrays are written uncompressed unless ``config.train.checkpoint_compression``
-(zstd, orbax's default: 7-14 % fewer bytes for the demo's float32 training
-state, at 20-40 ms more CPU per save of its 19 MB, ``benchmarks/checkpoint_bench.py``;
-any checkpoint restores either way, its codec is in its metadata).
+(zstd, orbax's default): float32 weights and optimizer moments compress
+poorly, so the codec costs more CPU per save than it saves bytes. Any
+checkpoint restores either way (its codec is in its metadata).
 
 Retention keeps the newest ``keep`` steps AND the best step by
 ``best_metric`` (highest for ``best_mode='max'``, lowest for ``'min'``;
@@ -27,7 +27,9 @@ tried (:meth:`Checkpoints.restore_latest`).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import pathlib
 import time
 import warnings
@@ -49,19 +51,13 @@ def use_async_save(setting: Any, state: PyTree, platform: str | None = None) -> 
     """Whether ``config.train.checkpoint_async`` (``'auto'`` | ``True`` | ``False``) saves in the background.
 
     ``'auto'``: in the background unless the devices are CPUs and ``state`` holds
-    fewer than ``ASYNC_MIN_BYTES``. On a CPU backend XLA's threads already use
-    every core, so orbax's writer threads (~20-40 ms of CPU per save, ~2 ms per
-    array, ~1.5 ms per MB: ``benchmarks/checkpoint_bench.py``) preempt them. On
-    the 2-core demo (19 MB state) the two cost the loop alike: a save every 60
-    steps, 15 saves each way (2026-11-27), 164 ms (median) asynchronously and
-    124 ms synchronously; a save every 50 steps, 6 fresh-process rounds of 10
-    saves each way against the hand-written loop (2026-11-28), pooled loop
-    ratios 0.918 asynchronously (rounds 0.87-0.97) and 0.907 synchronously
-    (0.89-0.92), a difference within the rounds' spread. Synchronous is kept
-    there: its cost stays in the save (the devices idle while it writes), not
-    spread over the steps after it. On accelerators the host cores are free,
-    and big states are worth overlapping anyway (seconds of writing).
-    ``platform`` defaults to the first local device's.
+    fewer than ``ASYNC_MIN_BYTES``. Synchronous on CPUs: XLA's threads already
+    use every core and orbax's writer threads would compete with them, so a
+    background save costs the loop about what a synchronous one does, only
+    spread over the steps after it; synchronous keeps the cost inside the save.
+    On accelerators the host cores are free, and big states are worth
+    overlapping anyway (seconds of writing). BENCHMARKS.md (goal 1) has the
+    measurements. ``platform`` defaults to the first local device's.
     """
     if setting in (True, False):
         return setting
@@ -147,28 +143,186 @@ class Checkpoints:
         self.manager.close()
 
 
-def resolve_init_dir(path: str) -> pathlib.Path:
-    """``init_from`` may be a workdir, its ``checkpoints/`` dir, or one step dir."""
-    p = pathlib.Path(path).expanduser().absolute()
+def resolve_init_dir(path: str, where: str = "config.init_from") -> pathlib.Path:
+    """The step dir ``init_from`` names: a workdir, its ``checkpoints/`` dir or one step dir,
+    optionally followed by ``:latest`` (default), ``:best`` or ``:STEP`` (see :func:`parse_step_spec`)."""
+    base, which = parse_step_spec(path)
+    p = pathlib.Path(base).expanduser().absolute()
     if not p.exists():
-        raise FileNotFoundError(f"config.init_from: {path!r} does not exist")
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if (p / "state").is_dir():
-        return p
-    steps = sorted((int(d.name) for d in p.iterdir() if d.is_dir() and d.name.isdigit()), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"config.init_from: {path!r} holds no checkpoint (expected a workdir, its "
-                                f"checkpoints/ dir, or a step dir)")
-    return p / str(steps[0])
+        raise FileNotFoundError(f"{where}: {base!r} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{where}: {base!r} is a file; expected a workdir, its checkpoints/ dir, or a step dir")
+    if (p / "state").is_dir():  # a step dir (or a converted weights dir): the suffix may only name it
+        if which == "latest" or (p.name.isdigit() and which == int(p.name)):
+            return p
+        raise ValueError(f"{where}: {path!r} names one checkpoint step dir ({p}); a ':{which}' suffix "
+                         f"needs a workdir or its checkpoints/ dir")
+    return select_step(p, which, where=where)
 
 
-def load_variables(path: str) -> dict:
-    """``{'params': ..., 'batch_stats': ...}`` (numpy) from a tl_jax checkpoint or workdir."""
-    step_dir = resolve_init_dir(path)
+def load_variables(path: str, where: str = "config.init_from") -> dict:
+    """``{'params': ..., 'batch_stats': ...}`` (numpy) from a tl_jax checkpoint or workdir
+    (``PATH[:best|latest|STEP]``; errors name ``where``)."""
+    step_dir = resolve_init_dir(path, where)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(step_dir / "state")
     variables = {"params": restored["params"]}
     if restored.get("batch_stats"):
         variables["batch_stats"] = restored["batch_stats"]
     return jax.tree.map(np.asarray, variables)
+
+# -- Choosing a step: latest | best | STEP ------------------------------------------------------------------------
+
+STEP_WORDS = ("latest", "best")
+
+
+def parse_step_spec(spec: str) -> tuple[str, str | int]:
+    """``'PATH:best'`` -> ``('PATH', 'best')``; ``'PATH:120'`` -> ``('PATH', 120)``;
+    ``'PATH'`` -> ``('PATH', 'latest')``.
+
+    Only a suffix after the LAST ``':'`` that is ``latest``, ``best`` or digits is
+    taken, so paths holding other colons are left whole.
+    """
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and head and (tail in STEP_WORDS or tail.isdigit()):
+        return head, int(tail) if tail.isdigit() else tail
+    return str(spec), "latest"
+
+
+def parse_which(which: str | int, where: str = "--checkpoint") -> str | int:
+    """``'latest'`` | ``'best'`` | a step number (int or digits) -> ``'latest'``/``'best'``/int."""
+    if isinstance(which, int) and not isinstance(which, bool) and which >= 0:
+        return which
+    if isinstance(which, str) and (which in STEP_WORDS or which.isdigit()):
+        return int(which) if which.isdigit() else which
+    raise ValueError(f"{where} must be 'latest', 'best' or a step number, got {which!r}")
+
+
+def checkpoints_dir(path: str | pathlib.Path, where: str = "--workdir") -> pathlib.Path:
+    """``path/checkpoints`` for a workdir, else ``path`` itself (a ``checkpoints/`` dir)."""
+    p = pathlib.Path(path).expanduser().absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"{where}: {str(path)!r} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{where}: {str(path)!r} is a file; expected a workdir or its checkpoints/ dir")
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def complete_steps(ckpt_dir: pathlib.Path) -> list[int]:
+    """Steps with a finished checkpoint: dirs named by digits holding ``state/`` (orbax writes into
+    ``N.orbax-checkpoint-tmp-*`` and renames when done, so half-written steps are never listed)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+
+
+def step_metrics(step_dir: pathlib.Path) -> dict | None:
+    """The metrics orbax stored with one step: its ``metrics`` item (written when the manager tracks a
+    best step with ``best_fn``), else the ``metrics`` field of ``_CHECKPOINT_METADATA``; None if neither."""
+    item = step_dir / "metrics" / "metrics"
+    if item.is_file():
+        return dict(json.loads(item.read_text()))
+    meta = step_dir / "_CHECKPOINT_METADATA"
+    if meta.is_file():
+        metrics = json.loads(meta.read_text()).get("metrics")
+        if metrics:
+            return dict(metrics)
+    return None
+
+
+def logged_metrics(workdir: pathlib.Path) -> dict[int, dict]:
+    """``{step: merged records}`` of the workdir's ``metrics.jsonl`` (empty if absent)."""
+    out: dict[int, dict] = {}
+    f = workdir / "metrics.jsonl"
+    if not f.is_file():
+        return out
+    for line in f.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if isinstance(record, dict) and "step" in record:
+            out.setdefault(int(record["step"]), {}).update(record)
+    return out
+
+
+def best_rule(workdir: pathlib.Path) -> tuple[str, str]:
+    """``(metric, mode)`` of the run's ``config.train.best_metric`` / ``best_mode`` (its config.json).
+
+    ``'auto'`` is ``val/accuracy`` when the run had a validation set (``config.data.val_fraction`` or
+    ``val_split``), else ``''``: no best step was tracked (as ``tl_jax.train.early_stopping.resolve_best_metric``).
+    """
+    f = workdir / "config.json"
+    cfg = json.loads(f.read_text()) if f.is_file() else {}
+    train, data = cfg.get("train", {}), cfg.get("data", {})
+    metric, mode = train.get("best_metric", "test/accuracy"), train.get("best_mode", "max")
+    if metric == "auto":
+        has_val = data.get("val_fraction") is not None or data.get("val_split") is not None
+        metric = "val/accuracy" if has_val else ""
+    return metric or "", mode
+
+
+def best_step(ckpt_dir: pathlib.Path, steps: list[int], metric: str, mode: str,
+              where: str = "--checkpoint") -> int:
+    """The step whose recorded ``metric`` is highest (``mode='max'``) or lowest (``'min'``).
+
+    Per step, the metric comes from orbax's record (:func:`step_metrics`), else from the
+    ``metrics.jsonl`` record of that step: the value the loop passed to ``Checkpoints.save``
+    (the eval at the checkpoint's own step). Ties go to the newest step.
+    """
+    if not metric:
+        raise ValueError(f"{where}=best: the run tracked no best checkpoint (config.train.best_metric names no "
+                         f"metric in {ckpt_dir.parent / 'config.json'}); use 'latest' or a step of {steps}")
+    logged = logged_metrics(ckpt_dir.parent)
+    scored = []
+    for s in steps:
+        m = step_metrics(ckpt_dir / str(s)) or logged.get(s, {})
+        value = m.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            scored.append((float(value) if mode == "max" else -float(value), s))
+    if not scored:
+        raise ValueError(f"{where}=best: no checkpoint of {ckpt_dir} has a recorded {metric!r} (steps {steps}); "
+                         f"use 'latest' or a step number")
+    return max(scored)[1]
+
+
+def select_step(path: str | pathlib.Path, which: str | int = "latest", *, where: str = "--checkpoint",
+                best_metric: str | None = None, best_mode: str | None = None) -> pathlib.Path:
+    """The step dir of a workdir (or its ``checkpoints/`` dir) chosen by ``which``.
+
+    ``'latest'``: the newest complete step; ``'best'``: the step with the best recorded
+    ``config.train.best_metric`` by ``best_mode`` (read from the workdir's config.json unless
+    given); an int: that step. Errors are one line naming ``where`` and the path (listing the
+    available steps).
+    """
+    which = parse_which(which, where)
+    ckpt_dir = checkpoints_dir(path, where)
+    steps = complete_steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"{where}: {ckpt_dir} holds no checkpoint (expected a workdir, its checkpoints/ "
+                                f"dir, or a step dir)")
+    if which == "latest":
+        step = steps[-1]
+    elif which == "best":
+        metric, mode = best_rule(ckpt_dir.parent)
+        step = best_step(ckpt_dir, steps, best_metric or metric, best_mode or mode, where)
+    elif which in steps:
+        step = which
+    else:
+        raise ValueError(f"{where}: no checkpoint step {which} in {ckpt_dir}; available steps: {steps}")
+    return ckpt_dir / str(step)
+
+
+def restore_state(step_dir: pathlib.Path, target: PyTree) -> PyTree:
+    """The ``state`` item of one step dir, restored into ``target``'s structure, dtypes and shardings
+    (as :meth:`Checkpoints.restore` does, read-only: no manager, nothing written)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+            return ckptr.restore(pathlib.Path(step_dir) / "state",
+                                 args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
+    except Exception as e:  # noqa: BLE001  (TensorStore raises bare Exception; a changed model: ValueError)
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise ValueError(f"checkpoint {step_dir} cannot be restored into the run's state "
+                         f"({type(e).__name__}: {first})") from None

@@ -10,6 +10,7 @@ periodic full-test-split eval, checkpoints) -> ``summary.json``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -21,25 +22,33 @@ import ml_collections
 import numpy as np
 
 from tl_jax import config as config_lib
-from tl_jax.data import build_preprocess, device_batches, eval_batches, load_split, sample_shots, train_dataset
+from tl_jax.data import build_preprocess, device_batches, eval_batches, load_split, train_dataset
 from tl_jax.data.shuffle import train_iterator
-from tl_jax.models import get_model, norm_paths
+from tl_jax.data.validation import train_and_val_indices, validation_split
+from tl_jax.models import check_logits, model_from_config, norm_paths
+from tl_jax.references import absolute_reference, is_reference
 from tl_jax.parallel import distributed, make_strategy
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
+from tl_jax.train import early_stopping as es_lib
 from tl_jax.train.checkpoint import Checkpoints, load_variables, use_async_save
 from tl_jax.train import feature_cache
 from tl_jax.train.heap import frozen_heap
-from tl_jax.train.optim import make_group_tx
-from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill
+from tl_jax.train.optim import learning_rates, make_group_tx
+from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill, maybe_pause
 from tl_jax.train.prefetch import Prefetcher, auto_size
+from tl_jax.train.progress import Progress
+from tl_jax.train.trackers import open_trackers
 from tl_jax.train.state import TrainState
 from tl_jax.objectives import build_objective, model_inputs
+from tl_jax.objectives.base import Objective
 from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.train.step import make_eval_step, make_train_step
 from tl_jax.train.train_metrics import NonFiniteError, PackedMetrics, grad_norm_steps, log_window  # noqa: F401
 from tl_jax.train.train_metrics import fetch as fetch_metrics
+from tl_jax.train import lock as workdir_lock
+from tl_jax.train import workdir as workdir_lib
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
 from tl_jax.transfer.merge import merge_params
@@ -67,12 +76,13 @@ def evaluate(eval_step, state: TrainState, split, preprocess, batch_size: int, m
 
 def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh):
     """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
-    kwargs = dict(config.model.kwargs)
-    model = get_model(config.model.name, num_classes, dropout_rate=config.model.dropout_rate, **kwargs)
-    objective = build_objective(config, model)
+    model = model_from_config(config.model, num_classes)  # a zoo name or the user's factory (models/references.py)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
     args, kwargs = model_inputs(sample)
+    if is_reference(config.model.name):  # the user's model: logits [B, num_classes], before anything else runs
+        check_logits(model, init_rng, sample, num_classes, config.model.name)
+    objective = build_objective(config, model)
     variables = jax.jit(lambda r: objective.model.init(r, *args, train=False, **kwargs))(init_rng)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
@@ -91,8 +101,13 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
     params = {**params, **extra}
     rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
     frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
-    if frozen_norms:
+    if frozen_norms and hasattr(objective.model, "frozen_norms"):  # zoo models and NNX: inference-mode norms
         objective.model = objective.model.clone(frozen_norms=frozen_norms)
+    elif frozen_norms:  # the user's linen module cannot switch them: their statistics are kept fixed instead
+        log.warning("the model has no frozen_norms attribute: its BatchNorm layers %s, whose params are frozen, "
+                    "still normalise with batch statistics in training; their running statistics are kept "
+                    "fixed", list(frozen_norms))
+        objective.loss = keep_frozen_stats(objective.loss, frozen_norms)
     tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
     log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
     objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
@@ -104,6 +119,20 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
 
     state = jax.jit(init_state, out_shardings=repl)(params, batch_stats, aux)
     return objective, tx, state
+
+
+def keep_frozen_stats(loss_fn, frozen_norms: tuple[str, ...]):
+    """``loss_fn`` whose returned batch statistics keep the old values under ``frozen_norms`` (module paths)."""
+    prefixes = tuple(p + "/" for p in frozen_norms)
+
+    def loss(params, batch_stats, aux, batch, rng, step):
+        value, (new_stats, metrics) = loss_fn(params, batch_stats, aux, batch, rng, step)
+        kept = jax.tree_util.tree_map_with_path(
+            lambda path, new, old: old if rules_lib.path_str(path).startswith(prefixes) else new, new_stats,
+            batch_stats)
+        return value, (kept, metrics)
+
+    return loss
 
 
 @dataclasses.dataclass
@@ -125,16 +154,61 @@ class Run:
     step0: int
     device_data: device_batches.DeviceBatches | None = None  # config.data.device_cache: batches made in the step
 
+    lock: Any = None  # this process's hold on the workdir (tl_jax/train/lock.py), released after the loop
+    val_split: Any = None  # config.data.val_fraction / val_split: evaluated for val/* (None: no validation set)
+
     def loop(self) -> dict:
         """Run :func:`run_loop` on this run; returns the summary."""
-        return run_loop(self.config, self.wd, self.ckpts, self.strategy, self.state, self.data_iter, self.tx,
-                        self.objective, self.test_split, self.eval_pp, self.t_start, pending=self.pending,
-                        device_data=self.device_data)
+        if jax.process_index() == 0:  # config.tracking: TensorBoard events etc. beside metrics.jsonl
+            self.wd.trackers = open_trackers(self.config.tracking, self.wd.path, config_lib.to_dict(self.config),
+                                             self.step0)
+        try:
+            return run_loop(self.config, self.wd, self.ckpts, self.strategy, self.state, self.data_iter, self.tx,
+                            self.objective, self.test_split, self.eval_pp, self.t_start, pending=self.pending,
+                            device_data=self.device_data, val_split=self.val_split)
+        finally:
+            if self.wd.trackers is not None:
+                self.wd.trackers.close()
+                self.wd.trackers = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
-    """Train (or resume) the run described by ``config`` in ``workdir``; returns the summary."""
+    """Train (or resume) the run described by ``config`` in ``workdir``; returns the summary.
+
+    A finished run (its ``summary.json`` written for this very config) is not run again: its
+    summary is returned and no file is touched. A larger ``config.train.steps`` continues it.
+    """
+    if not overwrite:
+        done = finished_summary(config, workdir)
+        if done is not None:
+            log.info("%s is finished (%d steps): nothing to do; its summary.json is kept as is", workdir,
+                     done.get("steps", 0))
+            return done
     return prepare_run(config, workdir, overwrite=overwrite).loop()
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict:
+    """The validated config as the workdir records it (``config.json``); file references made absolute."""
+    config_lib.validate(config)
+    for group in (config.model, config.data):  # file references ('x.py:f') recorded absolute in config.json
+        group.name = absolute_reference(group.name)
+    return distributed.run_identity(config_lib.to_dict(config))
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """``summary.json`` of ``workdir`` if it holds a finished run of exactly ``config``, else ``None``."""
+    wd = Workdir(workdir)
+    summary = wd.read_summary() if wd.config_file.is_file() else None
+    if summary is None:
+        return None
+    cfg_dict = run_identity(config)
+    wd.check(cfg_dict)  # another config: the one-line refusal, before anything else
+    recorded = json.loads(wd.config_file.read_text())
+    same = not workdir_lib.config_diff(recorded, cfg_dict)  # a larger train.steps differs: it continues
+    return summary if same else None
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
@@ -145,9 +219,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
     (for callers with their own step, e.g. vectorised sweeps).
     """
     t_start = time.time()
-    config_lib.validate(config)
+    cfg_dict = run_identity(config)
     distributed.initialize(config.parallel)  # before any JAX op; no-op unless multi-host (the CLI did it)
-    cfg_dict = distributed.run_identity(config_lib.to_dict(config))
     wd = Workdir(workdir)
     is_main = jax.process_index() == 0
     wd.check(cfg_dict, overwrite=overwrite)
@@ -161,11 +234,15 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
     dc = config.data
     train_split = load_split(dc.name, dc.train_split, dc.data_dir)
     test_split = load_split(dc.name, dc.test_split, dc.data_dir)
-    indices = None
-    if dc.shots is not None:
-        indices = sample_shots(train_split.labels(), dc.shots, dc.shots_seed, name=f"{dc.name}:{dc.train_split}")
+    indices = val_indices = None  # config.data.val_fraction: carved out of train first, shots drawn from the rest
+    if dc.shots is not None or dc.val_fraction is not None:
+        indices, val_indices = train_and_val_indices(
+            train_split.labels(), val_fraction=dc.val_fraction, val_seed=dc.val_seed, shots=dc.shots,
+            shots_seed=dc.shots_seed, name=f"{dc.name}:{dc.train_split}")
+    val_split = validation_split(dc, train_split, val_indices)  # None without config.data.val_*
     train_pp = build_preprocess(list(dc.train_pp), where="config.data.train_pp")
     eval_pp = build_preprocess(list(dc.eval_pp), where="config.data.eval_pp")
+    warn_small_train_set(config.data.batch_size, len(train_split) if indices is None else len(indices))
     example = train_pp(train_split.source[0], np.random.default_rng(0))
     sample = {k: np.asarray(v)[None] for k, v in example.items()}  # a batch of one, for shapes
     num_classes = config.model.num_classes or train_split.num_classes
@@ -185,19 +262,23 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
                                 cache=dc.cache, cache_max_mb=dc.cache_max_mb, **shard.kwargs)  # config.data.cache
         dataset = shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed,
                                                        **shard.kwargs))
+    if val_split is not None:  # before the workdir is touched: the metrics that select and stop must be logged
+        check_validation(config, objective, state, val_split, eval_pp)
     test_split, eval_pp = objective.eval_data(test_split, eval_pp)
     on_device = device_batches.maybe_enable(dc.device_cache if device_data else False, dataset, strategy,
                                             dc.device_cache_max_mb)  # config.data.device_cache
     if on_device is not None:
         dataset = on_device.recipes  # same batches, as row indices and draws: the step makes the pixels
 
+    lock = workdir_lock.acquire(wd.path, jax.process_index())  # one run per workdir (and process index)
     if is_main:
         wd.prepare(cfg_dict, overwrite=overwrite)
     distributed.barrier("tl_jax:workdir")  # the other processes check config.json once it is written
     if not is_main:
         wd.prepare(cfg_dict, overwrite=overwrite, write=False)
     async_save = use_async_save(config.train.checkpoint_async, state)  # 'auto': sync on CPUs for small states
-    ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
+    best_metric = es_lib.resolve_best_metric(config.train.best_metric, val_split is not None)  # 'auto': val/accuracy
+    ckpts = Checkpoints(wd.checkpoints, keep=config.train.keep_checkpoints, best_metric=best_metric,
                         best_mode=config.train.best_mode, async_save=async_save,
                         compression=config.train.checkpoint_compression)
     log.info("checkpoints: %s saves (config.train.checkpoint_async=%r)", "asynchronous" if async_save else
@@ -214,15 +295,42 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
         wd.truncate_metrics(step0)
 
     return Run(config, wd, ckpts, strategy, state, data_iter, tx, objective, test_split, eval_pp, t_start,
-               pending, step0, on_device)
+               pending, step0, on_device, lock, val_split=val_split)
+
+
+def check_validation(config, objective, state: TrainState, val_split, eval_pp) -> None:
+    """One-line errors for a validation set the run cannot use: an objective that evaluates its own data
+    (``eval_data``: domain adaptation, multi-domain), or a ``best_metric`` / ``early_stopping.metric`` that
+    the objective's ``eval_sums`` never produces (traced on one example with ``jax.eval_shape``: nothing runs)."""
+    key = "config.data.val_fraction" if config.data.val_fraction is not None else "config.data.val_split"
+    if type(objective).eval_data is not Objective.eval_data:
+        raise ValueError(f"{key}: objective {objective.name!r} evaluates its own test data (eval_data); a "
+                         f"validation set is only supported for objectives evaluated on config.data's splits")
+    batch = next(eval_batches(val_split, eval_pp, batch_size=1))
+    sums = jax.eval_shape(make_eval_step(objective), state, batch)
+    names = [f"val/{k}" for k in sums if k != "count"]
+    es_lib.check_logged(es_lib.resolve_best_metric(config.train.best_metric, True), "train.best_metric", names)
+    es_lib.check_logged(config.train.early_stopping.metric, "train.early_stopping.metric", names)
+
+
+def warn_small_train_set(batch_size: int, n_train: int) -> None:
+    """Warn when one batch holds more examples than the training set (an epoch is shorter than a step)."""
+    if batch_size > n_train:
+        log.warning("config.data.batch_size=%d exceeds the %d training examples: the shuffled epochs are "
+                    "concatenated, so each batch holds every example %.1f times on average (fine for few-shot "
+                    "runs; lower the batch size for one pass per step)", batch_size, n_train, batch_size / n_train)
 
 
 def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainState, data_iter, tx, objective,
              test_split, eval_pp, t_start: float, pending: list | None = None,
-             device_data: device_batches.DeviceBatches | None = None) -> dict:
+             device_data: device_batches.DeviceBatches | None = None, val_split=None) -> dict:
     """The step loop; returns the summary written to ``summary.json``.
 
     ``device_data``: ``data_iter`` yields recipes and the step makes the batch from the table on the devices.
+    ``val_split``: the validation set (evaluated with ``eval_pp``). With it, the periodic evals log ``val/*``
+    only and the final eval ``val/*`` and ``test/*``; every eval step is checkpointed when checkpoints are
+    ranked (``config.train.best_metric``), so the best val step is always one; ``config.train.early_stopping``
+    stops at the eval :mod:`tl_jax.train.early_stopping` says, from the val records of ``metrics.jsonl``.
     """
     tc = config.train
     is_main = jax.process_index() == 0
@@ -241,16 +349,37 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     put = strategy.put_batch if ahead else strategy.loop_batch
     prefetch = Prefetcher(data_iter, device_data.put(put) if device_data is not None else put, size=ahead)
 
-    def run_eval(step: int) -> dict:
-        res = evaluate(eval_step, state, test_split, eval_pp, config.data.eval_batch_size, strategy.mesh,
-                       put_batch=strategy.put_batch)
-        count = res.pop("count")
-        record = {"step": step, **{f"test/{k}": v for k, v in res.items()}}
+    has_val = val_split is not None
+    best_metric = es_lib.resolve_best_metric(tc.best_metric, has_val)
+    es_cfg = tc.early_stopping
+    es_rule = dict(patience=es_cfg.patience, min_delta=es_cfg.min_delta, mode=es_cfg.mode)
+    es_metric = es_cfg.metric if has_val else ""
+    # The val evals logged so far (metrics.jsonl, truncated to the restored step): early stopping and the
+    # best step are functions of these records, so a resumed run decides as the uninterrupted one did.
+    val_history = _logged_evals(wd, step) if has_val else []
+    stopped_at = es_lib.replay(val_history, es_metric, **es_rule).stopped_at if es_metric else None
+
+    def run_eval(step: int, prefixes: tuple[str, ...]) -> dict:
+        """``{"step", "<prefix>/<metric>"...}`` over the whole val / test split (not logged here)."""
+        record = {"step": step}
+        for prefix in prefixes:
+            split = val_split if prefix == "val" else test_split
+            res = evaluate(eval_step, state, split, eval_pp, config.data.eval_batch_size, strategy.mesh,
+                           put_batch=strategy.put_batch)
+            count = res.pop("count")
+            record.update({f"{prefix}/{k}": v for k, v in res.items()})
+            log.info("step %d: %s (%d examples)", step, " ".join(f"{prefix}/{k}={v:.4f}" for k, v in res.items()),
+                     count)
+        return record
+
+    def log_eval(record: dict) -> None:
         if is_main:
             wd.log(record)
-        log.info("step %d: %s (%d examples)", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()
-                                                              if k != "step"), count)
-        return record
+        if has_val:
+            val_history.append(record)
+
+    def final_prefixes() -> tuple[str, ...]:
+        return ("val", "test") if has_val else ("test",)
 
     compile_s, compiled = 0.0, False
     pending = [tuple(p) for p in pending or []]  # (step, metrics) not yet logged
@@ -258,7 +387,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     last_train: dict = {}
     last_eval: dict | None = None
     t_loop = time.time()
-    progress = _progress(step, total, tc.progress and is_main)
+    progress = Progress(step, total, tc.progress and is_main)  # a bar on a terminal, else a log line per window
     timer = compile_cache.CompileTimer()  # every compile in the loop (train and eval steps), for compile_s
 
     def host_metrics(items: list) -> list:
@@ -267,18 +396,23 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
         packed = next(p for p in packs.values() if p.names)  # a traced program (both pack the same names)
         return [(s, packed.unpack(v)) for (s, _), v in zip(items, values)]
 
+    lrs = learning_rates(config.optimizer, total, rules_lib.group_multipliers(
+        state.params, objective.fixed_rules() + [list(r) for r in config.param_rules]))
+
     def flush(n: int) -> None:
         nonlocal pending, last_train
         last_train = log_window(host_metrics(pending[:n]), wd, is_main, tc.nan_policy, state,
                                 norm_steps=norm_step)
         pending = pending[n:]
-        progress.set_postfix(loss=f"{last_train.get('train/loss', float('nan')):.4f}")
+        steps_per_s = progress.window(last_train)
+        if wd.trackers is not None:  # TensorBoard & co.: the rates, beside the logged record
+            wd.trackers.scalars(last_train["step"], {"train/steps_per_s": steps_per_s, **lrs(last_train["step"])})
 
     log_every, eval_every, ckpt_every = tc.log_every, tc.eval_every, tc.checkpoint_every  # read once, not per step
     try:
         # frozen_heap: full GC passes skip the ~300k objects of the imports and the built run (tl_jax/train/heap.py)
         with StopSignal() as stop, timer, frozen_heap():
-            while step < total:
+            while step < total and stopped_at is None:
                 data_state, batch = next(prefetch)
                 if not compiled:
                     compiled = True
@@ -296,22 +430,39 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                 if step % log_every == 0 or step == total:
                     closed = len(pending)
                 maybe_kill("kill_after_step", step)
+                maybe_pause(step)
                 evaluating = (eval_every and step % eval_every == 0) or step == total
                 stopping = stop.should_stop(step)
-                saving = step % ckpt_every == 0 or step == total or stopping
+                saving = step % ckpt_every == 0 or step == total or stopping or \
+                    bool(evaluating and has_val and best_metric)  # the best val step is always a checkpoint
                 if closed and (evaluating or saving):  # in sync anyway; a checkpoint comes after its step's logs
                     flush(closed)
                     closed = 0
                 if evaluating:
-                    last_eval = run_eval(step)
+                    last_eval = run_eval(step, final_prefixes() if step == total else ("val",) if has_val
+                                         else ("test",))
+                    if es_metric:
+                        decided = es_lib.replay([*val_history, last_eval], es_metric, **es_rule)
+                        if decided.stopped_at == step and step < total:
+                            stopped_at, saving = step, True
+                            if pending:  # the partial window ends here, as the last one does at the last step
+                                flush(len(pending))
+                                closed = 0
+                            last_eval.update(run_eval(step, ("test",)))
+                    log_eval(last_eval)
                 if saving:
                     # The not-yet-logged per-step metrics travel with the checkpoint, so a
                     # resume from any step logs exactly the same windows.
                     host_pending = [[s, {k: float(v) for k, v in m.items()}] for s, m in host_metrics(pending)]
                     ckpts.save(step, strategy.to_global(state),
                                {"iterator": data_state, "pending_metrics": host_pending},
-                               _best(last_eval, step, tc.best_metric))
+                               _best(last_eval, step, best_metric))
                     maybe_kill("kill_during_save", step)
+                if stopped_at is not None:
+                    log.info("early stopping at step %d/%d: %s has not improved by more than %g for %d evals "
+                             "(config.train.early_stopping)", step, total, es_metric, es_cfg.min_delta,
+                             es_cfg.patience)
+                    break
                 if stopping and step < total:
                     ckpts.wait()
                     name = signal.Signals(stop.signum).name if stop.signum else "preemption notice"
@@ -322,14 +473,20 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
         progress.close()
         prefetch.close()
         ckpts.close()
-    if last_eval is None:  # resumed a finished run: evaluate the restored state
+    if last_eval is None:  # resumed a finished (or early-stopped) run: evaluate the restored state
         with timer:
-            last_eval = run_eval(step)
+            last_eval = run_eval(step, final_prefixes())
+        log_eval(last_eval)
     compile_s = max(compile_s, timer.seconds)
     summary = {"steps": step, "wall_s": time.time() - t_start, "train_s": time.time() - t_loop - compile_s,
                "compile_s": compile_s, "skipped_steps": int(strategy.fetch_state(state.skipped)),
                **{k: v for k, v in last_train.items() if k != "step"},
                **{k: v for k, v in last_eval.items() if k != "step"}}
+    if stopped_at is not None and stopped_at < total:
+        summary["stopped_early"] = stopped_at
+    best = es_lib.best_eval(val_history, best_metric, tc.best_mode) if has_val and best_metric else None
+    if best is not None:  # the checkpoint retention keeps (config.train.best_metric)
+        summary["best_step"], summary[f"best/{best_metric}"] = best
     if is_main:
         wd.write_summary(summary)
     return summary
@@ -364,15 +521,22 @@ def _trainable(config, objective, params) -> Any:
     return rules_lib.trainable_mask(params, objective.fixed_rules() + [list(r) for r in config.param_rules])
 
 
-def _best(last_eval: dict | None, step: int, metric: str) -> dict | None:
-    if last_eval is None or last_eval.get("step") != step or metric not in last_eval:
+def _logged_evals(wd: Workdir, step: int) -> list[dict]:
+    """The records of ``metrics.jsonl`` up to ``step`` holding ``val/*`` metrics (lines cut short are skipped)."""
+    if not wd.metrics_file.exists():
+        return []
+    out = []
+    for line in wd.metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash (the main process truncates it away)
+            continue
+        if record.get("step", 0) <= step and any(k.startswith(es_lib.VAL) for k in record):
+            out.append(record)
+    return out
+
+
+def _best(last_eval: dict | None, step: int, metric: str | None) -> dict | None:
+    if metric is None or last_eval is None or last_eval.get("step") != step or metric not in last_eval:
         return None
     return {metric: last_eval[metric]}
-
-
-def _progress(initial: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    # disable=None: shown on a terminal only, so logs of `make demo > log` stay clean.
-    return tqdm(total=total, initial=initial, disable=True if not enabled else None, desc="train", unit="step",
-                leave=False)

@@ -48,3 +48,19 @@ def make_group_tx(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[
         return tx
 
     return make_tx
+
+
+def learning_rates(cfg: ml_collections.ConfigDict, total_steps: int, multipliers: dict[str, float]
+                   ) -> Callable[[int], dict[str, float]]:
+    """``step -> {'train/lr/<group>': m · lr(step)}`` for each trained group (host floats, for the trackers).
+
+    ``multipliers``: ``{group label: m}`` of the groups that train (frozen ones have no learning rate).
+    """
+    schedule = make_schedule(cfg, total_steps)
+
+    def at(step: int) -> dict[str, float]:
+        lr = float(schedule(step))
+        return {f"train/lr/{label}": m * lr for label, m in multipliers.items()}
+
+    return at
+

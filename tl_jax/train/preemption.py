@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import threading
 
 import jax
@@ -73,3 +74,9 @@ def maybe_kill(kind: str, step: int) -> None:
     """SIGKILL this process if ``TL_JAX_FAULT`` asks for it at ``step``."""
     if _fault(kind) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_pause(step: int) -> None:
+    """Sleep ``TL_JAX_FAULT``'s ``pause_s`` seconds (default 60) after ``pause_after_step`` (tests: a live run)."""
+    if _fault("pause_after_step") == step:
+        time.sleep(_fault("pause_s") or 60)

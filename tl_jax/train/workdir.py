@@ -9,9 +9,11 @@
   ``steps``, ``wall_s``;
 * ``checkpoints/``: orbax checkpoints (see :mod:`tl_jax.train.checkpoint`).
 
-Running again with the same config resumes; another config on a non-empty
-workdir is an error unless ``overwrite=True``, which removes exactly the files
-above (nothing else in DIR is touched).
+Running again with the same config resumes (a finished run is left as it is:
+:func:`tl_jax.train.loop.train`); a larger ``train.steps`` continues it; another
+config on a non-empty workdir is an error unless ``overwrite=True``, which
+removes exactly the files above (nothing else in DIR is touched). While a run
+trains, its process holds ``.lock.<process index>`` (:mod:`tl_jax.train.lock`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import pathlib
 import shutil
 from typing import Any
 
-OWNED = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "run.log")
+OWNED = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "run.log", "wandb", "mlruns")
+EVENTS_GLOB = "events.out.tfevents.*"
 
 
 class WorkdirError(ValueError):
@@ -43,9 +46,22 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``'key: old -> new'`` for every recorded key whose value differs (keys new to the schema ignored)."""
+    return _diff(old, new)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """:func:`config_diff` less what a run may change on resume: a larger ``train.steps`` continues it."""
+    steps = (old.get("train") or {}).get("steps"), (new.get("train") or {}).get("steps")
+    longer = all(isinstance(v, int) for v in steps) and steps[1] > steps[0]
+    return [c for c in _diff(old, new) if not (longer and c.startswith("train.steps:"))]
+
+
 class Workdir:
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path).expanduser().absolute()
+        self.trackers = None  # tl_jax.train.trackers.Trackers: every logged record also goes there
 
     @property
     def config_file(self) -> pathlib.Path:
@@ -71,7 +87,7 @@ class Workdir:
             return
         if self.config_file.exists():
             old = json.loads(self.config_file.read_text())
-            changes = _diff(old, config)
+            changes = config_changes(old, config)
             if changes:
                 raise WorkdirError(
                     f"--workdir {self.path} holds a run with another config ({'; '.join(changes[:5])}"
@@ -92,6 +108,8 @@ class Workdir:
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
+            for p in self.path.glob(EVENTS_GLOB):  # the run's TensorBoard events (tl_jax/train/trackers.py)
+                p.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -114,6 +132,8 @@ class Workdir:
     def log(self, record: dict) -> None:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+        if self.trackers is not None:
+            self.trackers.scalars(record.get("step", 0), record)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_file.exists():

@@ -131,6 +131,11 @@ def build_optimizer(params: PyTree, rules: Sequence[Sequence[Any]],
     return optax.partition(transforms, label_tree(params, rules))
 
 
+def group_multipliers(params: PyTree, rules: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """``{group label: lr multiplier}`` of the groups that train (the rows of :func:`summary_table` but frozen)."""
+    return {group_label(m): m for m in match_rules(params, rules).values() if m is not None}
+
+
 def summary_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
     """Markdown table: one row per rule group with its #tensors and #params."""
     mults = match_rules(params, rules)
