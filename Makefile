@@ -1,9 +1,12 @@
 # The two set-up commands of README.md: `make demo` and `make test`.
-# Each creates (or reuses) .venv and installs the project from pyproject.toml.
+# Each creates (or reuses) .venv and installs the project from pyproject.toml:
+# `make demo` only what the demo needs (`pip install -e .`), `make test` also the
+# test extras (`.[test]`: pytest, torch and transformers for the weight-import checks).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tl_jax-installed
+DEMO_STAMP := $(VENV)/.tl_jax-demo-installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -15,9 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(DEMO_STAMP)
+
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) experiments/mnist_to_digits.py --workdir $(WORKDIR)
 
 test: $(STAMP)

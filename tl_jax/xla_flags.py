@@ -1,9 +1,8 @@
 """XLA:CPU defaults that tl_jax sets in ``XLA_FLAGS`` when it is imported (before JAX starts its backend).
 
-Measured on this project's machines (``BENCHMARKS.md``, "The CPU convolution
-gap"): with jaxlib 0.10's default YNNPACK library fusions, the demo CNN's train
-step was 10-25% slower than with XLA's own (Eigen) kernels, in every
-alternation of processes. So ``import tl_jax`` appends::
+With jaxlib 0.10's default YNNPACK library fusions, a small CNN's train step
+on XLA:CPU is slower than with XLA's own (Eigen) kernels (``BENCHMARKS.md``,
+"The CPU convolution gap"). So ``import tl_jax`` appends::
 
     --xla_cpu_experimental_ynn_fusion_type=
 

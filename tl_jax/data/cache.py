@@ -2,9 +2,9 @@
 
 A training pipeline reads every example of a small dataset once per epoch and
 runs the same deterministic ops on it every time (``rescale``, ``resize``,
-``pad``, ``normalize``, ...): the demo's optdigits pipeline spent ~19 ms per
-batch of 32 (with the per-read decoding; grain's shuffle of a few-shot subset
-cost more still, see :mod:`tl_jax.data.shuffle`), more than the train step.
+``pad``, ``normalize``, ...): for a small model, redoing them (and the
+per-read decoding) every epoch can cost the host more than the train step
+(grain's shuffle of a few-shot subset more still, see :mod:`tl_jax.data.shuffle`).
 :func:`materialize` runs the ops *before the first random op* (the
 deterministic prefix) once over this process's training examples and keeps the
 results as one numpy array; the pipeline then gathers whole batches of rows of

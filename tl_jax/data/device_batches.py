@@ -17,14 +17,13 @@ So the batches are the host path's, value for value (tested op by op and batch
 by batch), the iterator state is the same ``{"next_index": k}`` (exact resume),
 and the host's share of a step shrinks to a few index lookups: no gather, crop
 or normalisation of pixels on the host and no pixel transfer. The batch is
-materialised before the model (an optimisation barrier): fused into the demo
-CNN's im2col first layer, the crop made its step 5 % slower.
+materialised before the model (an optimisation barrier): fused into a first
+layer such as the CNN's im2col conv, the crop would be recomputed per use.
 
-Measured on the 2-core CPU demo (2026-11-27): the host's time per batch fell
-from 0.12 ms to 0.02 ms, but the loop ran no faster (between checkpoints 0.982
-vs 0.980 of the hand-written loop, 4 order-balanced rounds), so it is off by
-default (``false``). It is for machines where the host is the bottleneck:
-small models on accelerators, whose host cores also feed the transfers.
+On CPU devices it takes batch making off the host without making the loop
+faster (the host was not the bottleneck), so it is off by default
+(``false``). It is for machines where the host is the bottleneck: small
+models on accelerators, whose host cores also feed the transfers.
 
 Eligible (``'auto'``): a :class:`GatherBatches` dataset (cached rows, no
 objective-specific wrapping), the ``jit`` strategy in one process, every suffix
@@ -84,7 +83,7 @@ def make_batch(table: dict[str, jax.Array], recipe: dict[str, jax.Array], ops: t
     if ops:
         out["image"] = apply_ops(out["image"], ops, {k: v for k, v in recipe.items() if k != ROWS})
     # Materialised before the model: fused into its first layer (e.g. an im2col conv) the crop and
-    # normalisation would be recomputed per use, which made the demo's step 5 % slower.
+    # normalisation would be recomputed per use.
     return jax.lax.optimization_barrier(out)
 
 

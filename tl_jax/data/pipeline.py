@@ -84,8 +84,8 @@ def train_dataset(
       i32 [B]}``. ``iter(ds)`` gives a grain ``DatasetIterator`` with
       ``get_state()`` / ``set_state()`` (a small dict, ``{"next_index": k}``)
       that resumes on the exact next batch. ``iter(ds)`` uses grain's default
-      ``ReadOptions`` (16 threads, 500-element prefetch buffer), which on a
-      2-core machine is 2x slower than none: the loop uses
+      ``ReadOptions`` (16 threads, 500-element prefetch buffer), whose threads
+      contend for the GIL and the cores on a small machine: the loop uses
       ``tl_jax.data.shuffle.train_iterator(ds)`` (threads sized to the
       machine). ``ds[i]`` is random access to batch ``i``.
     """

@@ -2,9 +2,9 @@
 
 grain's ``MapDataset.shuffle`` computes each position with ``index_shuffle``
 (a Feistel permutation with cycle walking), whose cost per element grows as
-the dataset shrinks: measured here, ~10 us per element for 4,000 examples,
-~1.6 ms for 100 and ~22 ms for 10. A few-shot run (1 or 10 labelled examples
-per class) then spent most of its input pipeline time choosing the order.
+the dataset shrinks (cycle walking over a power-of-two domain), to
+milliseconds per element for a 10-example few-shot set, which would then spend
+most of its input pipeline time choosing the order.
 
 :class:`EpochShuffle` draws a whole epoch's permutation at once
 (``numpy.random.Generator.permutation`` seeded by ``(seed, epoch)``), keeps the

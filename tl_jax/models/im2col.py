@@ -1,8 +1,8 @@
 """A 3x3 SAME convolution written as one matmul over image patches (im2col), for few input channels.
 
 XLA:CPU's convolution kernels are slow for a first layer with 1 or 3 input
-channels, above all for the kernel gradient (``BENCHMARKS.md``: conv1 as a
-matmul made the demo CNN's train step 5-20% faster). :class:`Conv3x3` has the
+channels, above all for the kernel gradient, while one matmul over patches
+uses its fast GEMM (``BENCHMARKS.md``, "CPU convolution gap"). :class:`Conv3x3` has the
 params of ``nn.Conv(features, (3, 3))`` (``kernel`` ``[3, 3, C, F]`` with the
 same ``lecun_normal`` init, ``bias`` ``[F]`` zeros), so checkpoints and
 ``init`` values are interchangeable with it, and computes the same function:

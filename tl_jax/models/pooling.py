@@ -1,9 +1,8 @@
 """2x2 / stride-2 max pooling that is fast to differentiate on XLA:CPU.
 
 ``flax.linen.max_pool`` lowers to ``reduce_window``, whose gradient is XLA's
-``select_and_scatter``: on the CPU that backward pass alone cost about as much
-as the rest of the demo CNN's train step (``BENCHMARKS.md``, "CPU convolution
-gap"). :func:`max_pool_2x2` computes the same forward values with a reshape and
+``select_and_scatter``, which is slow on the CPU: a large share of a small
+CNN's train step (``BENCHMARKS.md``, "CPU convolution gap"). :func:`max_pool_2x2` computes the same forward values with a reshape and
 a max, and defines its derivative with ``jax.custom_jvp`` as "the tangent of the
 first maximum of each window, in row-major window order": exactly the choice
 ``select_and_scatter`` makes (it keeps the earlier element on ties), so values

@@ -4,15 +4,12 @@ By the time the loop starts, a run has imported jax, flax, optax, orbax and
 tensorflow_datasets and built its model and data: ~300,000 objects tracked by
 Python's cyclic garbage collector. The loop's own allocations (metric dicts,
 batches, orbax's save machinery) trigger collections, and every so often a
-full (generation-2) one walks all of them: 153 ms on the 2-core demo, once
-per ~600 steps, with the devices idle for lack of the next step (timed with
-:data:`gc.callbacks` over the demo's source stage with a save every 50 steps,
-2026-11-28). :func:`frozen_heap` moves
-every object to the collector's permanent generation (:func:`gc.freeze`) for
-the length of the loop, so full collections only walk what the loop itself
-allocated (none ran in the same 600 steps). It does not collect first: at the
-demo's loop start a full collection took 160 ms and found 10-33 unreachable
-objects, with no change in RSS.
+full (generation-2) one walks all of them, for a noticeable pause with the
+devices idle for lack of the next step. :func:`frozen_heap` moves every
+object to the collector's permanent generation (:func:`gc.freeze`) for the
+length of the loop, so full collections only walk what the loop itself
+allocated. It does not collect first: at a loop start there is next to no
+unreachable garbage, so a full collection would cost its pause for nothing.
 
 Nothing changes for memory that reference counting frees (almost all of it).
 A reference cycle among objects that existed before the loop and that becomes

@@ -9,10 +9,9 @@ thread keeps ready; ``0`` reads and places each batch in the caller's thread
 when it asks for it. JAX dispatches the step asynchronously, so the caller
 makes batch ``k + 1`` while the devices run step ``k`` either way; the thread
 only helps when the caller waits (metrics, checkpoints, eval) or the pipeline
-is slower than the step. On a 2-core machine the thread's wake-ups and GIL
-hand-offs cost more than that (``make bench``, goal 1: the demo loop ran at
-0.86-0.87x the hand-written loop with the thread, 0.96x without), hence
-:func:`auto_size`.
+is slower than the step. On a machine of 2 cores or fewer the thread's
+wake-ups and GIL hand-offs take the cores from XLA and cost the loop more
+than they save, hence :func:`auto_size` (BENCHMARKS.md, goal 1).
 """
 from __future__ import annotations
 

@@ -68,8 +68,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     gradient leaves) is computed only on the steps where
     :func:`is_grad_norm_step` holds (a ``lax.cond``; 0 on the others). A
     reduction over every gradient that XLA:CPU does not fuse into the update
-    cost 5-9 % of a small CNN's step, so the loop computes it on the steps it
-    logs (``config.train.log_every``). The finiteness check is then
+    is a noticeable share of a small model's step, so the loop computes it on
+    the steps it logs (``config.train.log_every``). The finiteness check is then
     ``isfinite(loss)`` on every step plus ``isfinite(‖g‖)`` on those steps: a
     NaN/Inf gradient under a finite loss makes the next step's loss non-finite,
     which stops the run there. ``nan_policy='skip'`` must know before every
@@ -79,11 +79,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     every step (vmapped sweeps). ``True``/``False`` build a step that computes
     the norm on every step / on none (0, finiteness from the loss alone), with
     no ``lax.cond``: the loop compiles both and runs the first on the steps
-    :func:`is_grad_norm_step` picks (``config.train.grad_norm_program``). On
-    XLA:CPU the conditional cost the demo CNN's step 1.1 % (median of 7 runs
-    of 30-80 interleaved rounds, -0.8 to +1.4 %) even when its predicate
-    was false; on GPUs, XLA's conditional thunk copies its
-    predicate to the host and waits for it, inside every step. ``grad_norm=False`` with ``nan_policy='skip'`` is an error.
+    :func:`is_grad_norm_step` picks (``config.train.grad_norm_program``): a
+    conditional costs a little even when its predicate is false, and on GPUs
+    XLA's conditional thunk copies its predicate to the host and waits for it,
+    inside every step. ``grad_norm=False`` with ``nan_policy='skip'`` is an error.
 
     ``hparams`` (optional third argument; :mod:`tl_jax.sweep.vectorized` vmaps
     over it): ``{"loss": {config_key: value}}`` is passed to the loss as
@@ -128,7 +127,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
             norm = jax.lax.cond(is_grad_norm_step(state.step + 1, every, last_step), norm_of,
                                 lambda g: jnp.zeros((), jnp.float32), grads)
         # One reduction for both: a NaN/Inf anywhere in the grads makes their norm non-finite (as does a
-        # norm that overflows float32); a separate isfinite pass over every gradient cost ~3% of a CNN step.
+        # norm that overflows float32), instead of a second pass over every gradient.
         finite = jnp.isfinite(loss) & jnp.isfinite(norm)
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
