@@ -105,7 +105,11 @@ def resolve(ref: str, where: str = "config.model.name") -> Callable[..., Any]:
 def parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
     """``(named parameters, takes **kwargs)`` of ``factory`` (a class: its ``__init__``)."""
     try:
-        sig = inspect.signature(factory)
+        if isinstance(factory, type) and "__signature__" not in vars(factory):  # a class: its __init__ (NNX
+            sig = inspect.signature(factory.__init__)  # modules' metaclass hides it behind (*args, **kwargs))
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        else:
+            sig = inspect.signature(factory)
     except (TypeError, ValueError):  # builtins and some C types: assume anything goes
         return set(), True
     names = {p.name for p in sig.parameters.values()
