@@ -31,7 +31,7 @@ import numpy as np
 
 from tl_jax import references
 from tl_jax.data.cache import ArraySource
-from tl_jax.data.split import DataSplit
+from tl_jax.data.split import DataSplit, wrap_index
 
 INPUT_KEYS = ("image", "input_ids")
 _REGISTRY: dict[str, dict[str, DataSplit]] = {}
@@ -50,10 +50,8 @@ class SequenceSource:
         return self._len
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not -self._len <= index < self._len:
-            raise IndexError(f"index {index} out of range for {self._len} examples")
-        ex = self._seq[index % self._len]
+        index = wrap_index(index, self._len)
+        ex = self._seq[index]
         if not isinstance(ex, Mapping) or "label" not in ex:
             raise ValueError(f"{self.where}[{index}] must be a dict with 'label', got "
                              f"{sorted(ex) if isinstance(ex, Mapping) else type(ex).__name__}")

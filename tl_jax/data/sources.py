@@ -21,11 +21,9 @@ channel axis). No TensorFlow is needed: data is read from ``array_record`` files
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
 import fcntl
 import logging
-import functools
 import os
 import re
 from typing import Any
@@ -34,6 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tl_jax.data.builders import Mnist5k, Optdigits
+from tl_jax.data.in_memory import is_in_memory, load_in_memory
+from tl_jax.data.split import DataSplit, wrap_index
 from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
 
 EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
@@ -47,76 +47,52 @@ class ExampleSource:
     """Wraps a tfds data source: ``src[i] -> {"image": HxWxC, "label": int}``.
 
     Indexes one element at a time (tfds sources' ``__getitems__`` is unusable
-    without TensorFlow); drops every other feature (``id``, ...).
+    without TensorFlow); drops every other feature (``id``, ...) except the
+    integer ``label_fields`` asked for (e.g. cifar100's ``coarse_label``), kept
+    as ``int`` under their own names (:meth:`with_label_fields`).
     """
 
     def __init__(self, data_source: Any, image_key: str = "image", label_key: str = "label",
-                 text_keys: tuple[str, ...] = ()):
+                 text_keys: tuple[str, ...] = (), label_fields: tuple[str, ...] = ()):
         self._source = data_source
         self._len = len(data_source)
         self.image_key = image_key
         self.label_key = label_key
         self.text_keys = text_keys  # token datasets: these keys instead of "image"
+        self.label_fields = tuple(label_fields)
+
+    def with_label_fields(self, fields: tuple[str, ...], where: str = "label_fields") -> "ExampleSource":
+        """This source also returning the integer features ``fields``; one-line ``ValueError``
+        naming ``where`` and the first field the dataset lacks."""
+        have = sorted(self._source[0].keys()) if self._len else []
+        for key in fields:
+            if key not in have:
+                raise ValueError(f"{where}: the dataset has no feature {key!r}; it has {have}")
+        return ExampleSource(self._source, self.image_key, self.label_key, self.text_keys, tuple(fields))
+
+    def field_num_classes(self, key: str) -> int | None:
+        """``num_classes`` of feature ``key`` when the tfds features declare it a ClassLabel, else None."""
+        info = getattr(self._source, "dataset_info", None)
+        features = getattr(info, "features", None)
+        feature = features[key] if features is not None and key in features else None
+        return getattr(feature, "num_classes", None) or None
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not -self._len <= index < self._len:
-            raise IndexError(f"index {index} out of range for {self._len} examples")
-        example = self._source[index % self._len]
+        example = self._source[wrap_index(index, self._len)]
+        fields = {k: int(example[k]) for k in self.label_fields}
         if self.text_keys:  # {"input_ids": int [L], "attention_mask": int [L], "label": int}
-            return {**{k: np.asarray(example[k]) for k in self.text_keys}, "label": int(example[self.label_key])}
+            return {**{k: np.asarray(example[k]) for k in self.text_keys}, "label": int(example[self.label_key]),
+                    **fields}
         image = np.asarray(example[self.image_key])
         if image.ndim == 2:
             image = image[..., None]
-        return {"image": image, "label": int(example[self.label_key])}
+        return {"image": image, "label": int(example[self.label_key]), **fields}
 
     def __repr__(self) -> str:
         return f"ExampleSource(len={self._len}, source={type(self._source).__name__})"
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSplit:
-    """One split of one dataset, with random access and metadata.
-
-    Attributes:
-      name: dataset name (``mnist5k``, ``cifar10``, ...).
-      split: tfds split spec (``train``, ``test``, ``train[:90%]``, ...).
-      source: ``len(source)``; ``source[i] -> {"image": uint8 HxWxC, "label": int}``.
-      num_classes: number of classes of the label feature.
-      image_shape: ``(H, W, C)`` of the stored images, or ``(L,)`` for token ids.
-    """
-
-    name: str
-    split: str
-    source: Any
-    num_classes: int
-    image_shape: tuple[int, int, int]
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    @functools.cached_property
-    def _labels(self) -> np.ndarray:
-        labels = np.fromiter(
-            (self.source[i]["label"] for i in range(len(self.source))),
-            dtype=np.int64,
-            count=len(self.source),
-        )
-        labels.flags.writeable = False
-        return labels
-
-    def labels(self) -> np.ndarray:
-        """All labels, int64 ``[len(self)]`` (read once, then cached; read-only)."""
-        return self._labels
-
-    def __repr__(self) -> str:
-        return (
-            f"DataSplit({self.name}:{self.split}, n={len(self)}, "
-            f"num_classes={self.num_classes}, image_shape={self.image_shape})"
-        )
 
 
 def _split_names(split: str) -> list[str]:
@@ -219,6 +195,8 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> DataSplit:
     """
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty string for dataset {name!r}, got {split!r}")
+    if is_in_memory(name):  # register_dataset(...) or a 'file.py:load' reference (tl_jax/data/in_memory.py)
+        return load_in_memory(name, split)
     if name in EMBEDDED:
         builder = prepare_embedded(name, data_dir)
         _check_split(builder, name, split)

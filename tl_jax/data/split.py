@@ -53,3 +53,12 @@ class DataSplit:
             f"DataSplit({self.name}:{self.split}, n={len(self)}, "
             f"num_classes={self.num_classes}, image_shape={self.image_shape})"
         )
+
+
+def wrap_index(index: int, n: int) -> int:
+    """``index`` in ``[-n, n)`` as a position in ``[0, n)`` (Python's negative indexing); IndexError otherwise."""
+    index = int(index)
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for {n} examples")
+    return index % n
+

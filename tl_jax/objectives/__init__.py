@@ -9,5 +9,6 @@ from tl_jax.objectives import multidomain  # noqa: F401,E402  (registers 'multid
 from tl_jax.objectives import distill  # noqa: F401,E402  (registers 'distill')
 from tl_jax.objectives import residual  # noqa: F401,E402  (registers 'residual_output', 'residual_params')
 from tl_jax.objectives import domain_adaptation  # noqa: F401,E402  (registers 'dann', 'coral', 'mmd')
+from tl_jax.objectives import joint  # noqa: F401,E402  (registers 'joint')
 
 __all__ = ["Objective", "apply_model", "build_objective", "default_configs", "model_inputs", "register"]
