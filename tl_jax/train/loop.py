@@ -1,11 +1,13 @@
 """``train(config, workdir)``: build a run from its config and train it.
 
-The pieces, in order: workdir check -> data (tfds split, shots, grain) -> model
-init (+ ``merge_params`` from ``init_from``) -> freezing rules -> optimizer ->
-resume from the newest good checkpoint -> the loop (pure step compiled by a
-``tl_jax.parallel`` strategy: sharded jit or pmap,
-prefetched sharded batches, metrics fetched every ``log_every`` steps,
-periodic full-test-split eval, checkpoints) -> ``summary.json``.
+The pieces, in order: workdir check (a finished run is returned as it is) ->
+data (tfds or in-memory split, validation carved out, shots, grain) -> model,
+objective, freezing rules, optimizer and state (:mod:`tl_jax.train.build`,
+``init_from`` merged in) -> the workdir lock -> resume from the newest good
+checkpoint -> the loop (pure step compiled by a ``tl_jax.parallel`` strategy:
+sharded jit or pmap, metrics fetched every ``log_every`` steps, periodic
+validation or test evals (:mod:`tl_jax.train.evals`), early stopping,
+checkpoints, trackers) -> ``summary.json``.
 """
 from __future__ import annotations
 
@@ -17,33 +19,28 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from tl_jax import config as config_lib
-from tl_jax.data import build_preprocess, device_batches, eval_batches, load_split, train_dataset
+from tl_jax.data import build_preprocess, device_batches, load_split, train_dataset
 from tl_jax.data.shuffle import train_iterator
 from tl_jax.data.validation import train_and_val_indices, validation_split
-from tl_jax.models import check_logits, model_from_config, norm_paths
-from tl_jax.references import absolute_reference, is_reference
 from tl_jax.parallel import distributed, make_strategy
+from tl_jax.references import absolute_reference
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
 from tl_jax.train import early_stopping as es_lib
-from tl_jax.train.checkpoint import Checkpoints, load_variables, use_async_save
+from tl_jax.train.checkpoint import Checkpoints, use_async_save
 from tl_jax.train import feature_cache
 from tl_jax.train.heap import frozen_heap
-from tl_jax.train.optim import learning_rates, make_group_tx
+from tl_jax.train.optim import learning_rates
 from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill, maybe_pause
 from tl_jax.train.prefetch import Prefetcher, auto_size
 from tl_jax.train.progress import Progress
 from tl_jax.train.trackers import open_trackers
 from tl_jax.train.state import TrainState
-from tl_jax.objectives import build_objective, model_inputs
-from tl_jax.objectives.base import Objective
-from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.train.step import make_eval_step, make_train_step
 from tl_jax.train.train_metrics import NonFiniteError, PackedMetrics, grad_norm_steps, log_window  # noqa: F401
 from tl_jax.train.train_metrics import fetch as fetch_metrics
@@ -51,88 +48,12 @@ from tl_jax.train import lock as workdir_lock
 from tl_jax.train import workdir as workdir_lib
 from tl_jax.train.workdir import Workdir
 from tl_jax.transfer import param_rules as rules_lib
-from tl_jax.transfer.merge import merge_params
+
+from tl_jax.train.build import build_model_and_state
+from tl_jax.train.evals import best_record, check_validation, evaluate, logged_evals  # noqa: F401
 
 log = logging.getLogger("tl_jax")
 PyTree = Any
-
-
-def evaluate(eval_step, state: TrainState, split, preprocess, batch_size: int, mesh, *,
-             put_batch=None) -> dict[str, float]:
-    """``{metric: Σ sums / Σ count}`` over the WHOLE split (last batch padded and masked).
-
-    ``put_batch`` places a process's batch on the devices (default: sharded over ``mesh``).
-    """
-    put_batch = put_batch or (lambda b: mesh_lib.shard_batch(b, mesh))
-    sums = None
-    for batch in eval_batches(split, preprocess, batch_size=batch_size // jax.process_count(),
-                              process_index=jax.process_index(), process_count=jax.process_count()):
-        out = eval_step(state, put_batch(batch))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    n = max(float(sums["count"]), 1.0)
-    return {**{k: float(v) / n for k, v in sums.items() if k != "count"}, "count": int(sums["count"])}
-
-
-def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh):
-    """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
-    model = model_from_config(config.model, num_classes)  # a zoo name or the user's factory (models/references.py)
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
-    args, kwargs = model_inputs(sample)
-    if is_reference(config.model.name):  # the user's model: logits [B, num_classes], before anything else runs
-        check_logits(model, init_rng, sample, num_classes, config.model.name)
-    objective = build_objective(config, model)
-    variables = jax.jit(lambda r: objective.model.init(r, *args, train=False, **kwargs))(init_rng)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    if config.init_from:
-        loaded = load_variables(config.init_from)
-        params = merge_params(loaded["params"], params, config.dont_load, source=f"init_from {config.init_from}")
-        if batch_stats:
-            batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
-                                       source=f"init_from {config.init_from} (batch_stats)", check_rules=False)
-        log.info("loaded %s (kept fresh: %s)", config.init_from, list(config.dont_load))
-    params = objective.init_params(jax.random.fold_in(extra_rng, 1), params, batch_stats)
-    extra, aux = objective.init_extra(extra_rng, params, batch_stats)
-    clash = sorted(set(extra) & set(params))
-    if clash:
-        raise ValueError(f"objective {objective.name!r} adds params {clash} that the model already has")
-    params = {**params, **extra}
-    rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
-    frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
-    if frozen_norms and hasattr(objective.model, "frozen_norms"):  # zoo models and NNX: inference-mode norms
-        objective.model = objective.model.clone(frozen_norms=frozen_norms)
-    elif frozen_norms:  # the user's linen module cannot switch them: their statistics are kept fixed instead
-        log.warning("the model has no frozen_norms attribute: its BatchNorm layers %s, whose params are frozen, "
-                    "still normalise with batch statistics in training; their running statistics are kept "
-                    "fixed", list(frozen_norms))
-        objective.loss = keep_frozen_stats(objective.loss, frozen_norms)
-    tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
-    log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
-    objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
-    repl = mesh_lib.replicated(mesh)
-
-    def init_state(params, batch_stats, aux):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                          opt_state=tx.init(params), rng=train_rng, skipped=jnp.zeros((), jnp.int32), aux=aux)
-
-    state = jax.jit(init_state, out_shardings=repl)(params, batch_stats, aux)
-    return objective, tx, state
-
-
-def keep_frozen_stats(loss_fn, frozen_norms: tuple[str, ...]):
-    """``loss_fn`` whose returned batch statistics keep the old values under ``frozen_norms`` (module paths)."""
-    prefixes = tuple(p + "/" for p in frozen_norms)
-
-    def loss(params, batch_stats, aux, batch, rng, step):
-        value, (new_stats, metrics) = loss_fn(params, batch_stats, aux, batch, rng, step)
-        kept = jax.tree_util.tree_map_with_path(
-            lambda path, new, old: old if rules_lib.path_str(path).startswith(prefixes) else new, new_stats,
-            batch_stats)
-        return value, (kept, metrics)
-
-    return loss
 
 
 @dataclasses.dataclass
@@ -298,21 +219,6 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
                pending, step0, on_device, lock, val_split=val_split)
 
 
-def check_validation(config, objective, state: TrainState, val_split, eval_pp) -> None:
-    """One-line errors for a validation set the run cannot use: an objective that evaluates its own data
-    (``eval_data``: domain adaptation, multi-domain), or a ``best_metric`` / ``early_stopping.metric`` that
-    the objective's ``eval_sums`` never produces (traced on one example with ``jax.eval_shape``: nothing runs)."""
-    key = "config.data.val_fraction" if config.data.val_fraction is not None else "config.data.val_split"
-    if type(objective).eval_data is not Objective.eval_data:
-        raise ValueError(f"{key}: objective {objective.name!r} evaluates its own test data (eval_data); a "
-                         f"validation set is only supported for objectives evaluated on config.data's splits")
-    batch = next(eval_batches(val_split, eval_pp, batch_size=1))
-    sums = jax.eval_shape(make_eval_step(objective), state, batch)
-    names = [f"val/{k}" for k in sums if k != "count"]
-    es_lib.check_logged(es_lib.resolve_best_metric(config.train.best_metric, True), "train.best_metric", names)
-    es_lib.check_logged(config.train.early_stopping.metric, "train.early_stopping.metric", names)
-
-
 def warn_small_train_set(batch_size: int, n_train: int) -> None:
     """Warn when one batch holds more examples than the training set (an epoch is shorter than a step)."""
     if batch_size > n_train:
@@ -356,7 +262,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
     es_metric = es_cfg.metric if has_val else ""
     # The val evals logged so far (metrics.jsonl, truncated to the restored step): early stopping and the
     # best step are functions of these records, so a resumed run decides as the uninterrupted one did.
-    val_history = _logged_evals(wd, step) if has_val else []
+    val_history = logged_evals(wd, step) if has_val else []
     stopped_at = es_lib.replay(val_history, es_metric, **es_rule).stopped_at if es_metric else None
 
     def run_eval(step: int, prefixes: tuple[str, ...]) -> dict:
@@ -456,7 +362,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                     host_pending = [[s, {k: float(v) for k, v in m.items()}] for s, m in host_metrics(pending)]
                     ckpts.save(step, strategy.to_global(state),
                                {"iterator": data_state, "pending_metrics": host_pending},
-                               _best(last_eval, step, best_metric))
+                               best_record(last_eval, step, best_metric))
                     maybe_kill("kill_during_save", step)
                 if stopped_at is not None:
                     log.info("early stopping at step %d/%d: %s has not improved by more than %g for %d evals "
@@ -519,24 +425,3 @@ def _wrap(step_fn, device_data: device_batches.DeviceBatches | None):
 def _trainable(config, objective, params) -> Any:
     """Bool tree like ``params``: which leaves ``config.param_rules`` (after the objective's) train."""
     return rules_lib.trainable_mask(params, objective.fixed_rules() + [list(r) for r in config.param_rules])
-
-
-def _logged_evals(wd: Workdir, step: int) -> list[dict]:
-    """The records of ``metrics.jsonl`` up to ``step`` holding ``val/*`` metrics (lines cut short are skipped)."""
-    if not wd.metrics_file.exists():
-        return []
-    out = []
-    for line in wd.metrics_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash (the main process truncates it away)
-            continue
-        if record.get("step", 0) <= step and any(k.startswith(es_lib.VAL) for k in record):
-            out.append(record)
-    return out
-
-
-def _best(last_eval: dict | None, step: int, metric: str | None) -> dict | None:
-    if metric is None or last_eval is None or last_eval.get("step") != step or metric not in last_eval:
-        return None
-    return {metric: last_eval[metric]}

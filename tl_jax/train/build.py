@@ -1,0 +1,84 @@
+"""Build a run's model, objective, optimizer and initial state from its config (``init_from`` merged in)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tl_jax.models import check_logits, model_from_config, norm_paths
+from tl_jax.objectives import build_objective, model_inputs
+from tl_jax.objectives.regularizers import add_regularizers
+from tl_jax.parallel import mesh as mesh_lib
+from tl_jax.references import is_reference
+from tl_jax.train.checkpoint import load_variables
+from tl_jax.train.optim import make_group_tx
+from tl_jax.train.state import TrainState
+from tl_jax.transfer import param_rules as rules_lib
+from tl_jax.transfer.merge import merge_params
+
+log = logging.getLogger("tl_jax")
+PyTree = Any
+
+
+def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh):
+    """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
+    model = model_from_config(config.model, num_classes)  # a zoo name or the user's factory (models/references.py)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
+    args, kwargs = model_inputs(sample)
+    if is_reference(config.model.name):  # the user's model: logits [B, num_classes], before anything else runs
+        check_logits(model, init_rng, sample, num_classes, config.model.name)
+    objective = build_objective(config, model)
+    variables = jax.jit(lambda r: objective.model.init(r, *args, train=False, **kwargs))(init_rng)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    if config.init_from:
+        loaded = load_variables(config.init_from)
+        params = merge_params(loaded["params"], params, config.dont_load, source=f"init_from {config.init_from}")
+        if batch_stats:
+            batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
+                                       source=f"init_from {config.init_from} (batch_stats)", check_rules=False)
+        log.info("loaded %s (kept fresh: %s)", config.init_from, list(config.dont_load))
+    params = objective.init_params(jax.random.fold_in(extra_rng, 1), params, batch_stats)
+    extra, aux = objective.init_extra(extra_rng, params, batch_stats)
+    clash = sorted(set(extra) & set(params))
+    if clash:
+        raise ValueError(f"objective {objective.name!r} adds params {clash} that the model already has")
+    params = {**params, **extra}
+    rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
+    frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
+    if frozen_norms and hasattr(objective.model, "frozen_norms"):  # zoo models and NNX: inference-mode norms
+        objective.model = objective.model.clone(frozen_norms=frozen_norms)
+    elif frozen_norms:  # the user's linen module cannot switch them: their statistics are kept fixed instead
+        log.warning("the model has no frozen_norms attribute: its BatchNorm layers %s, whose params are frozen, "
+                    "still normalise with batch statistics in training; their running statistics are kept "
+                    "fixed", list(frozen_norms))
+        objective.loss = keep_frozen_stats(objective.loss, frozen_norms)
+    tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
+    log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
+    objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
+    repl = mesh_lib.replicated(mesh)
+
+    def init_state(params, batch_stats, aux):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                          opt_state=tx.init(params), rng=train_rng, skipped=jnp.zeros((), jnp.int32), aux=aux)
+
+    state = jax.jit(init_state, out_shardings=repl)(params, batch_stats, aux)
+    return objective, tx, state
+
+
+def keep_frozen_stats(loss_fn, frozen_norms: tuple[str, ...]):
+    """``loss_fn`` whose returned batch statistics keep the old values under ``frozen_norms`` (module paths)."""
+    prefixes = tuple(p + "/" for p in frozen_norms)
+
+    def loss(params, batch_stats, aux, batch, rng, step):
+        value, (new_stats, metrics) = loss_fn(params, batch_stats, aux, batch, rng, step)
+        kept = jax.tree_util.tree_map_with_path(
+            lambda path, new, old: old if rules_lib.path_str(path).startswith(prefixes) else new, new_stats,
+            batch_stats)
+        return value, (kept, metrics)
+
+    return loss
