@@ -34,7 +34,7 @@ import tl_jax  # noqa: E402,F401  (tl_jax's XLA:CPU defaults, before any backend
 from benchmarks import common  # noqa: E402
 from benchmarks.report import render  # noqa: E402
 
-SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "gpu")
+SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "byo", "gpu")
 
 
 def _optional(module: str, **kwargs: Any) -> Callable[[], dict]:
@@ -50,7 +50,7 @@ def _optional(module: str, **kwargs: Any) -> Callable[[], dict]:
 
 
 def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
-    from benchmarks import cache_bench, compile_bench, conv_bench, gpu_bench, memory_bench, overhead_bench
+    from benchmarks import byo_bench, cache_bench, compile_bench, conv_bench, gpu_bench, memory_bench, overhead_bench
 
     return {
         "overhead": lambda: overhead_bench.run(data_dir, quick=quick),
@@ -60,6 +60,7 @@ def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
         "conv": lambda: conv_bench.run(quick=quick),
         "parallel": _optional("benchmarks.parallel_bench"),
         "sweep": _optional("benchmarks.sweep_bench", data_dir=data_dir),
+        "byo": lambda: byo_bench.run(data_dir, quick=quick),
         "gpu": lambda: gpu_bench.run(quick=quick, platforms=_PLATFORMS),
     }
 

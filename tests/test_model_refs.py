@@ -170,3 +170,9 @@ def test_bad_reference_leaves_the_workdir_untouched(user_file, tmp_path, tfds_da
     code = cli.main(["train", "--config", TINY, "--workdir", str(wd), f"--config.data.data_dir={tfds_data_dir}",
                      f"--config.model.name={user_file}:wrong_shape"])
     assert code == 2 and not wd.exists()
+
+
+def test_a_head_on_a_model_without_head_options_names_the_config_key():
+    with pytest.raises(ValueError, match=r"config.model.head: model 'cnn_nnx' has no configurable head"):
+        model_from_config({"name": "cnn_nnx", "num_classes": 3,
+                           "head": {"hidden": [8], "activation": "relu", "dropout": 0.0}})
