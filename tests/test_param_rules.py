@@ -107,3 +107,40 @@ def test_property_first_match_and_coverage(patterns, mults):
             pr.match_rules(PARAMS, rules)
     else:
         assert pr.match_rules(PARAMS, rules) == expected
+
+
+def test_param_groups_is_what_the_free_functions_give(monkeypatch):
+    from tl_jax.transfer.param_rules import (ParamGroups, build_optimizer, frozen_module_paths, label_tree,
+                                             summary_table, trainable_mask)
+
+    params = {"backbone": {"bn": {"scale": np.ones(3), "bias": np.zeros(3)}, "conv": {"kernel": np.ones((2, 3))}},
+              "head": {"kernel": np.ones((3, 4)), "bias": np.zeros(4)}}
+    rules = [["backbone/bn/.*", None], ["backbone/.*", 0.1], [".*", 1.0]]
+    g = ParamGroups.resolve(params, rules)
+    assert jax.tree.leaves(g.labels()) == jax.tree.leaves(label_tree(params, rules))
+    assert jax.tree.leaves(g.trainable()) == jax.tree.leaves(trainable_mask(params, rules)) == \
+        [False, False, True, True, True]  # leaf order: bn bias, bn scale, conv kernel, head bias, head kernel
+    assert g.frozen_modules(["backbone/bn", "backbone/conv"]) == ("backbone/bn",) == \
+        frozen_module_paths(params, rules, ["backbone/bn", "backbone/conv"])
+    assert g.trained() == {"lr_x0.1": 0.1, "lr_x1": 1.0}
+    assert g.table() == summary_table(params, rules) and "| frozen | 2 | 6 | 21.4% |" in g.table()  # 6 of 28
+    tx = g.optimizer(lambda m: optax.sgd(m))
+    state = tx.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(build_optimizer(params, rules, optax.sgd).init(params))
+
+
+def test_a_run_matches_its_rules_once(tmp_path, tfds_data_dir, monkeypatch):
+    """prepare_run resolves config.param_rules into one ParamGroups that everything else reads."""
+    from tl_jax import config as config_lib
+    from tl_jax.train import loop
+    from tl_jax.transfer import param_rules as pr
+
+    calls = []
+    original = pr.match_rules
+    monkeypatch.setattr(pr, "match_rules", lambda *a, **k: calls.append(1) or original(*a, **k))
+    c = config_lib.load_config("tests/configs/tiny.py:steps=2")
+    c.data.data_dir = tfds_data_dir
+    c.param_rules = [["backbone/conv1/.*", None], ["backbone/.*", 0.1], [".*", 1.0]]
+    c.loss.l2 = 1e-4
+    loop.train(c, str(tmp_path / "wd"))
+    assert len(calls) == 1

@@ -53,9 +53,10 @@ def regularizer_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
     return out
 
 
-def trainable_paths(params: PyTree, rules: list) -> list[tuple]:
-    """Key tuples (``('backbone', 'conv1', 'kernel')``) of the trainable leaves, in tree order."""
-    mask = rules_lib.trainable_mask(params, rules)
+def trainable_paths(params: PyTree, rules: list, groups: Any = None) -> list[tuple]:
+    """Key tuples (``('backbone', 'conv1', 'kernel')``) of the trainable leaves, in tree order
+    (``groups``: the run's resolved :class:`~tl_jax.transfer.param_rules.ParamGroups`, if any)."""
+    mask = groups.trainable() if groups is not None else rules_lib.trainable_mask(params, rules)
     flat = jax.tree_util.tree_flatten_with_path(mask)[0]
     out = []
     for key_path, trainable in flat:
@@ -146,7 +147,7 @@ def add_regularizers(objective: Any, config: ml_collections.ConfigDict, params: 
     weights = regularizer_weights(config)
     if not weights:
         return objective, aux
-    paths = trainable_paths(params, rules)
+    paths = trainable_paths(params, rules, getattr(objective, "param_groups", None))
     if not paths:
         raise ValueError(f"config.loss.{'/'.join(weights)} > 0 but config.param_rules freezes every param")
     if "l2_sp" in weights:

@@ -49,7 +49,8 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
         raise ValueError(f"objective {objective.name!r} adds params {clash} that the model already has")
     params = {**params, **extra}
     rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
-    frozen_norms = rules_lib.frozen_module_paths(params, rules, norm_paths(batch_stats)) if batch_stats else ()
+    groups = objective.param_groups = rules_lib.ParamGroups.resolve(params, rules)  # the rules, matched once
+    frozen_norms = groups.frozen_modules(norm_paths(batch_stats)) if batch_stats else ()
     if frozen_norms and hasattr(objective.model, "frozen_norms"):  # zoo models and NNX: inference-mode norms
         objective.model = objective.model.clone(frozen_norms=frozen_norms)
     elif frozen_norms:  # the user's linen module cannot switch them: their statistics are kept fixed instead
@@ -57,8 +58,8 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
                     "still normalise with batch statistics in training; their running statistics are kept "
                     "fixed", list(frozen_norms))
         objective.loss = keep_frozen_stats(objective.loss, frozen_norms)
-    tx = rules_lib.build_optimizer(params, rules, make_group_tx(config.optimizer, config.train.steps))
-    log.info("param groups (config.param_rules):\n%s", rules_lib.summary_table(params, rules))
+    tx = groups.optimizer(make_group_tx(config.optimizer, config.train.steps))
+    log.info("param groups (config.param_rules):\n%s", groups.table())
     objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
     repl = mesh_lib.replicated(mesh)
 
@@ -82,3 +83,13 @@ def keep_frozen_stats(loss_fn, frozen_norms: tuple[str, ...]):
         return value, (kept, metrics)
 
     return loss
+
+
+def param_groups(config: ml_collections.ConfigDict, objective: Any, params: PyTree) -> rules_lib.ParamGroups:
+    """The run's resolved :class:`~tl_jax.transfer.param_rules.ParamGroups` (set by
+    :func:`build_model_and_state`; resolved here for an objective built otherwise)."""
+    groups = getattr(objective, "param_groups", None)
+    if groups is None:
+        groups = rules_lib.ParamGroups.resolve(params, objective.fixed_rules() + [list(r) for r in config.param_rules])
+    return groups
+

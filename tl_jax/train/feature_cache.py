@@ -42,7 +42,7 @@ from tl_jax.data.preprocess import RANDOM_OPS
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.models.layers import Classifier
 from tl_jax.objectives.base import Objective
-from tl_jax.transfer import param_rules as rules_lib
+from tl_jax.train.build import param_groups
 
 log = logging.getLogger("tl_jax")
 PyTree = Any
@@ -78,8 +78,7 @@ def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params:
         return f"model {type(objective.model).__name__} is not a backbone/head Classifier"
     if train_pp.is_random:
         return f"config.data.train_pp has random ops {[o for o in train_pp.op_names if o in RANDOM_OPS]}"
-    rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
-    mults = rules_lib.match_rules(params, rules)
+    mults = param_groups(config, objective, params).multipliers
     trainable_backbone = [p for p, m in mults.items() if p.startswith("backbone/") and m is not None]
     if trainable_backbone:
         return f"backbone params train ({trainable_backbone[0]}, ...)"

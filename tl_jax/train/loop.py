@@ -47,9 +47,8 @@ from tl_jax.train.train_metrics import fetch as fetch_metrics
 from tl_jax.train import lock as workdir_lock
 from tl_jax.train import workdir as workdir_lib
 from tl_jax.train.workdir import Workdir
-from tl_jax.transfer import param_rules as rules_lib
 
-from tl_jax.train.build import build_model_and_state
+from tl_jax.train.build import build_model_and_state, param_groups
 from tl_jax.train.evals import best_record, check_validation, evaluate, logged_evals  # noqa: F401
 
 log = logging.getLogger("tl_jax")
@@ -302,8 +301,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
         packed = next(p for p in packs.values() if p.names)  # a traced program (both pack the same names)
         return [(s, packed.unpack(v)) for (s, _), v in zip(items, values)]
 
-    lrs = learning_rates(config.optimizer, total, rules_lib.group_multipliers(
-        state.params, objective.fixed_rules() + [list(r) for r in config.param_rules]))
+    lrs = learning_rates(config.optimizer, total, param_groups(config, objective, state.params).trained())
 
     def flush(n: int) -> None:
         nonlocal pending, last_train
@@ -424,4 +422,4 @@ def _wrap(step_fn, device_data: device_batches.DeviceBatches | None):
 
 def _trainable(config, objective, params) -> Any:
     """Bool tree like ``params``: which leaves ``config.param_rules`` (after the objective's) train."""
-    return rules_lib.trainable_mask(params, objective.fixed_rules() + [list(r) for r in config.param_rules])
+    return param_groups(config, objective, params).trainable()

@@ -17,6 +17,7 @@ optimizer with learning rate ``m * lr(step)``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -91,27 +92,85 @@ def group_label(mult: float | None) -> str:
     return FROZEN if mult is None else f"lr_x{mult:g}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """A rule table resolved against one params tree, once: each param path's multiplier (``None`` = frozen).
+
+    Everything a run derives from ``param_rules`` reads this one value: the optimizer's partition,
+    the trainable mask of the step, the BatchNorm layers to freeze, the groups table of the log,
+    the learning rates the trackers show and the feature cache's eligibility. It holds paths and
+    shapes only, so linen and NNX models (the same path-keyed params) share it.
+    """
+
+    multipliers: dict[str, float | None]  # '/'-joined param path -> multiplier, in the tree's leaf order
+    sizes: dict[str, int]  # param path -> number of elements
+    treedef: Any  # the params' pytree structure
+
+    @classmethod
+    def resolve(cls, params: PyTree, rules: Sequence[Sequence[Any]], where: str = "config.param_rules"
+                ) -> "ParamGroups":
+        """Match ``rules`` against ``params`` (errors on unmatched params and dead rules, naming them)."""
+        leaves = flatten_paths(params)
+        return cls(match_rules(params, rules, where), {k: int(np.prod(np.shape(v))) for k, v in leaves.items()},
+                   jax.tree_util.tree_structure(params))
+
+    def _tree(self, values: list) -> PyTree:
+        return jax.tree_util.tree_unflatten(self.treedef, values)
+
+    def labels(self) -> PyTree:
+        """Pytree of group labels ('frozen', 'lr_x1', 'lr_x0.1', ...) shaped like the params."""
+        return self._tree([group_label(m) for m in self.multipliers.values()])
+
+    def trainable(self) -> PyTree:
+        """Bool pytree: True where the param trains."""
+        return self._tree([m is not None for m in self.multipliers.values()])
+
+    def trained(self) -> dict[str, float]:
+        """``{group label: multiplier}`` of the groups that train."""
+        return {group_label(m): m for m in self.multipliers.values() if m is not None}
+
+    def frozen_modules(self, modules: Sequence[str]) -> tuple[str, ...]:
+        """The given module paths (e.g. BatchNorm layers) whose params are ALL frozen."""
+        out = []
+        for mod in modules:
+            owned = [m for p, m in self.multipliers.items() if p.startswith(mod + "/")]
+            if owned and all(m is None for m in owned):
+                out.append(mod)
+        return tuple(out)
+
+    def optimizer(self, make_tx: Callable[[float], optax.GradientTransformation]) -> optax.GradientTransformation:
+        """One ``optax.partition`` over the groups: frozen -> ``set_to_zero`` (no state), else ``make_tx(m)``."""
+        transforms: dict[str, optax.GradientTransformation] = {}
+        for m in self.multipliers.values():
+            transforms.setdefault(group_label(m), optax.set_to_zero() if m is None else make_tx(m))
+        return optax.partition(transforms, self.labels())
+
+    def table(self) -> str:
+        """Markdown table: one row per group with its #tensors and #params."""
+        rows: dict[str, list[int]] = {}
+        for path, m in self.multipliers.items():
+            r = rows.setdefault(group_label(m), [0, 0])
+            r[0] += 1
+            r[1] += self.sizes[path]
+        total = sum(r[1] for r in rows.values()) or 1
+        lines = ["| group | tensors | params | share |", "|---|---:|---:|---:|"]
+        lines += [f"| {label} | {n} | {size:,} | {100 * size / total:.1f}% |" for label, (n, size) in rows.items()]
+        return "\n".join(lines)
+
+
 def label_tree(params: PyTree, rules: Sequence[Sequence[Any]], where: str = "config.param_rules") -> PyTree:
     """Pytree of group labels ('frozen', 'lr_x1', 'lr_x0.1', ...) shaped like ``params``."""
-    mults = match_rules(params, rules, where)
-    labels = [group_label(m) for m in mults.values()]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
+    return ParamGroups.resolve(params, rules, where).labels()
 
 
 def trainable_mask(params: PyTree, rules: Sequence[Sequence[Any]]) -> PyTree:
     """Bool pytree: True where the param trains (multiplier not None)."""
-    return jax.tree.map(lambda label: label != FROZEN, label_tree(params, rules))
+    return ParamGroups.resolve(params, rules).trainable()
 
 
 def frozen_module_paths(params: PyTree, rules: Sequence[Sequence[Any]], modules: Sequence[str]) -> tuple[str, ...]:
     """The given module paths (e.g. BatchNorm layers) whose params are ALL frozen."""
-    mults = match_rules(params, rules)
-    out = []
-    for mod in modules:
-        owned = [m for p, m in mults.items() if p.startswith(mod + "/")]
-        if owned and all(m is None for m in owned):
-            out.append(mod)
-    return tuple(out)
+    return ParamGroups.resolve(params, rules).frozen_modules(modules)
 
 
 def build_optimizer(params: PyTree, rules: Sequence[Sequence[Any]],
@@ -122,35 +181,12 @@ def build_optimizer(params: PyTree, rules: Sequence[Sequence[Any]],
     multiplied by ``m``. A multiplier of 0.0 is allowed (trainable with zero lr,
     still holding state); use ``None`` to freeze.
     """
-    mults = match_rules(params, rules)
-    transforms: dict[str, optax.GradientTransformation] = {}
-    for m in mults.values():
-        label = group_label(m)
-        if label not in transforms:
-            transforms[label] = optax.set_to_zero() if m is None else make_tx(m)
-    return optax.partition(transforms, label_tree(params, rules))
-
-
-def group_multipliers(params: PyTree, rules: Sequence[Sequence[Any]]) -> dict[str, float]:
-    """``{group label: lr multiplier}`` of the groups that train (the rows of :func:`summary_table` but frozen)."""
-    return {group_label(m): m for m in match_rules(params, rules).values() if m is not None}
+    return ParamGroups.resolve(params, rules).optimizer(make_tx)
 
 
 def summary_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
     """Markdown table: one row per rule group with its #tensors and #params."""
-    mults = match_rules(params, rules)
-    leaves = flatten_paths(params)
-    rows: dict[str, list[int]] = {}
-    for path, m in mults.items():
-        label = group_label(m)
-        r = rows.setdefault(label, [0, 0])
-        r[0] += 1
-        r[1] += int(np.prod(np.shape(leaves[path])))
-    total = sum(r[1] for r in rows.values()) or 1
-    lines = ["| group | tensors | params | share |", "|---|---:|---:|---:|"]
-    for label, (n, size) in rows.items():
-        lines.append(f"| {label} | {n} | {size:,} | {100 * size / total:.1f}% |")
-    return "\n".join(lines)
+    return ParamGroups.resolve(params, rules).table()
 
 
 def param_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
