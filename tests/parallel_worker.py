@@ -24,7 +24,8 @@ import numpy as np
 from tl_jax import config as config_lib
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.pmap import PmapStrategy
-from tl_jax.parallel.strategy import JitStrategy, make_strategy
+from tl_jax.parallel import make_strategy
+from tl_jax.parallel.strategy import JitStrategy
 from tl_jax.train import compile_cache
 from tl_jax.train.loop import build_model_and_state, train
 from tl_jax.train.step import make_train_step

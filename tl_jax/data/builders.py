@@ -185,3 +185,10 @@ class Optdigits(_EmbeddedBuilder):
         images, labels = _load_optdigits()
         train_idx, test_idx = _stratified_split(labels, self.NUM_TEST)
         yield from _generate(images, labels, train_idx if split == "train" else test_idx)
+
+
+# The embedded datasets, by config.data.name (prepared on first use: tl_jax.data.sources.prepare_embedded).
+EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "mnist5k": Mnist5k,
+    "optdigits": Optdigits,
+}

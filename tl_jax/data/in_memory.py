@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tl_jax import references
+from tl_jax.data.builders import EMBEDDED  # names that must keep meaning the embedded data
 from tl_jax.data.cache import ArraySource
 from tl_jax.data.split import DataSplit, wrap_index
 
@@ -154,8 +155,6 @@ def register_dataset(name: str, splits: Mapping[str, Any] | None = None, *, num_
     Raises:
         ValueError: a name of the embedded datasets or with ':', bad arrays (named by split and key).
     """
-    from tl_jax.data.sources import EMBEDDED  # the names that must keep meaning the embedded data
-
     if not isinstance(name, str) or not name or references.is_reference(name) or name in EMBEDDED:
         raise ValueError(f"in-memory dataset name must be a non-empty string without ':' and not one of "
                          f"{sorted(EMBEDDED)}, got {name!r}")

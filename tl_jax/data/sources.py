@@ -31,15 +31,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tl_jax.data.builders import Mnist5k, Optdigits
+from tl_jax.data.builders import EMBEDDED
 from tl_jax.data.in_memory import is_in_memory, load_in_memory
 from tl_jax.data.split import DataSplit, wrap_index
 from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
 
-EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "mnist5k": Mnist5k,
-    "optdigits": Optdigits,
-}
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from tl_jax.data.builders import EMBEDDED
+
 VERSION = "1.0.0"
 METADATA_KEY = "tl_jax"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -69,8 +71,6 @@ def default_data_dir() -> str:
 
 def check_name(name: str) -> None:
     """A new dataset name must be snake_case and not shadow an embedded/catalogue dataset."""
-    from tl_jax.data.sources import EMBEDDED
-
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"dataset name {name!r} must be lower snake_case ([a-z][a-z0-9_]*), e.g. 'my_flowers'")
     if name in EMBEDDED or name in tfds.list_builders(with_community_datasets=False):

@@ -299,18 +299,17 @@ def write_merged_checkpoint(workdir: str, out_dir: str) -> dict:
     """
     import orbax.checkpoint as ocp
 
-    from tl_jax import config as config_lib
-    from tl_jax.train.checkpoint import load_variables
+    from tl_jax.train.checkpoint import load_variables  # lazy: tl_jax.train imports the objectives
 
     cfg_file = pathlib.Path(workdir) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{workdir!r} has no config.json: not a tl_jax workdir")
-    config = config_lib.from_dict(json.loads(cfg_file.read_text()))
-    if config.objective.name != ResidualParams.name:
-        raise ValueError(f"{workdir!r} is a {config.objective.name!r} run, not {ResidualParams.name!r}")
+    objective = json.loads(cfg_file.read_text()).get("objective", {})
+    if objective.get("name") != ResidualParams.name:
+        raise ValueError(f"{workdir!r} is a {objective.get('name')!r} run, not {ResidualParams.name!r}")
+    alpha = objective.get(ResidualParams.name, {}).get("alpha", ResidualParams.defaults["alpha"])
     variables = load_variables(workdir)
-    merged = {"params": jax.tree.map(np.asarray, merged_params(variables["params"],
-                                                               config.objective.residual_params.alpha))}
+    merged = {"params": jax.tree.map(np.asarray, merged_params(variables["params"], alpha))}
     if variables.get("batch_stats"):
         merged["batch_stats"] = variables["batch_stats"]
     out = pathlib.Path(out_dir).expanduser().absolute()

@@ -16,7 +16,7 @@ cross-device reduction      inserted by XLA                   ``lax.pmean`` (``a
 checkpoints                 the state as is                   device 0's copy, as global arrays
 ==========================  ================================  ==================================
 
-:func:`make_strategy` builds one from ``config.parallel`` and checks the mesh.
+:func:`tl_jax.parallel.choose.make_strategy` builds one from ``config.parallel`` and checks the mesh.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -126,32 +125,3 @@ class JitStrategy(Strategy):
                                                                 sharding=sharding)
                                  if isinstance(v, np.ndarray) else v, batch)
         return fn.lower(state, batch).compile()
-
-
-def make_strategy(config: ml_collections.ConfigDict) -> Strategy:
-    """The strategy of ``config.parallel`` over all devices of all processes."""
-    pc = config.parallel
-    if pc.mode not in MODES:
-        raise ValueError(f"config.parallel.mode must be one of {MODES}, got {pc.mode!r}")
-    mesh = mesh_lib.build_mesh(dict(pc.mesh))
-    counts = {jax.local_device_count()}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        counts = set(np.asarray(multihost_utils.process_allgather(np.int32(jax.local_device_count()))).ravel())
-    if len(counts) > 1:
-        raise ValueError(f"every process needs the same number of devices, got {sorted(counts)}")
-    if pc.mode == "pmap":
-        if mesh.shape[mesh_lib.MODEL] != 1:
-            raise ValueError(f"config.parallel.mesh.model={mesh.shape[mesh_lib.MODEL]}: param sharding over "
-                             f"'model' needs config.parallel.mode='jit'")
-        from tl_jax.parallel.pmap import PmapStrategy
-
-        strategy: Strategy = PmapStrategy(mesh)
-    else:
-        if pc.fsdp_min_size < 1:
-            raise ValueError(f"config.parallel.fsdp_min_size must be >= 1, got {pc.fsdp_min_size}")
-        strategy = JitStrategy(mesh, pc.fsdp_min_size)
-    log.info("parallel: mode=%s mesh=%s over %d devices, %d process(es)", pc.mode, dict(mesh.shape),
-             mesh.devices.size, jax.process_count())
-    return strategy
