@@ -29,7 +29,8 @@ from ml_collections import config_dict
 
 
 # groups whose keys are not fixed by the schema (model kwargs, checked by the model)
-FREE_GROUPS = frozenset({"model.kwargs", "objective.distill.teacher_kwargs"})
+FREE_GROUPS = frozenset({"model.kwargs", "objective.distill.teacher_kwargs",
+                         "objective.feature_distill.teacher_kwargs"})
 
 
 class ConfigError(ValueError):
@@ -61,13 +62,20 @@ def base_config() -> ml_collections.ConfigDict:
         # Validation set for model selection and early stopping (tl_jax/data/validation.py), one of: val_fraction
         # (a stratified subset of train_split, seeded by val_seed, carved out before `shots` are drawn) or
         # val_split (a split spec such as 'validation' or 'train[90%:]'); null = none. Evaluated with eval_pp.
-        val_fraction=config_dict.placeholder(float), val_split=config_dict.placeholder(str), val_seed=0)
+        val_fraction=config_dict.placeholder(float), val_split=config_dict.placeholder(str), val_seed=0,
+        # N: a tfds catalogue dataset (mnist, cifar10, ...) is replaced by N random examples of its real features
+        # and shapes (tfds.testing.mock_data), to check a config's shapes, freezing and compile without its data
+        # (`tl-jax train --mock-data N`); recorded in config.json and summary.json. null = the real data.
+        mock_examples=config_dict.placeholder(int))
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
                        warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
     # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
     c.param_rules = [[".*", 1.0]]
     c.init_from = ""  # workdir or checkpoint dir of a pretrained run; '' = from scratch
     c.dont_load = ["head/.*"]  # params kept at their fresh init when loading init_from
+    # [regex, replacement | null] pairs renaming (null: dropping) init_from's param paths before they are
+    # matched (tl_jax/transfer/merge.py; layer_subset([0, 2, 4]) loads teacher layers 0,2,4 as layers 0,1,2).
+    c.init_map = []
     # Regularisers of the trainable params (tl_jax/objectives/regularizers.py): weights, 0 = off.
     c.loss = dict(label_smoothing=0.0, l1=0.0, l2=0.0, l2_sp=0.0)
     # The objective (tl_jax/objectives/): its name, and one config group per objective that has options.
@@ -89,12 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
                    # synchronous when the devices are CPUs and the state is < 256 MiB, where the writer threads
                    # would take XLA's cores (tl_jax/train/checkpoint.py: use_async_save; BENCHMARKS.md goal 1).
                    checkpoint_async=config_dict.FieldReference("auto", field_type=object),
-                   # zstd-compress the saved arrays: 7-14 % fewer bytes for float32 states, 20-40 ms more CPU per
-                   # save of the demo's 19 MB (tl_jax/train/checkpoint.py). Either kind restores whatever this says.
+                   # zstd-compress the saved arrays (float32 weights compress poorly, for more CPU per save;
+                   # tl_jax/train/checkpoint.py). Either kind restores whatever this says.
                    checkpoint_compression=False,
                    # train/grad_norm on the logged steps: 'separate' compiles the step twice, with and without
-                   # the norm, and runs the first on those steps (one more compile; no lax.cond in the step,
-                   # ~1 % of the demo CNN's step on CPU) | 'cond': one program, the norm inside a lax.cond.
+                   # the norm, and runs the first on those steps (one more compile, no lax.cond in the step)
+                   # | 'cond': one program, the norm inside a lax.cond.
                    grad_norm_program="separate")
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
     # Where metrics go besides metrics.jsonl (tl_jax/train/trackers.py); not part of a run's identity.
@@ -163,6 +171,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--config: {path}: get_config must return an ml_collections.ConfigDict")
     config.lock()
+    return normalize(config)
+
+
+def normalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Spellings with one meaning made one: ``config.data.shots=0`` -> ``None`` (all examples).
+
+    Applied to loaded configs, after overrides and before a run records its config, so a run with
+    ``shots=0`` and one with ``shots=null`` are the same run (same ``config.json``, same batches).
+    """
+    if "data" in config and "shots" in config.data and config.data.shots == 0 \
+            and not isinstance(config.data.shots, bool):
+        config.data.shots = None
     return config
 
 
@@ -264,7 +284,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ConfigError(f"override --config.{item} needs a value: --config.{item}=VALUE")
         key, raw = item.split("=", 1)
         set_value(config, key, _parse_value(raw))
-    return config
+    return normalize(config)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -315,8 +335,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lr = config.optimizer.learning_rate
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"config.optimizer.learning_rate must be a finite number > 0, got {lr!r}")
-    if config.data.shots is not None and config.data.shots < 1:
-        raise ConfigError(f"config.data.shots must be >= 1 (or null for all examples), got {config.data.shots}")
+    shots = config.data.shots
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise ConfigError(f"config.data.shots must be an int >= 1 per class, or 0 or null for all examples, "
+                          f"got {shots!r}")
+    mock = config.data.mock_examples
+    if mock is not None and (isinstance(mock, bool) or not isinstance(mock, int) or mock < 1):
+        raise ConfigError(f"config.data.mock_examples (--mock-data) must be a positive integer, or null for the "
+                          f"real data, got {mock!r}")
+    _validate_init_map(config.init_map)
     if not 0.0 <= config.loss.label_smoothing < 1.0:
         raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if not 0.0 <= config.model.dropout_rate < 1.0:
@@ -338,6 +365,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not _get(config, key) > 0:
             raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)}")
     _validate_validation(config)
+
+
+def _validate_init_map(init_map: Any) -> None:
+    """``config.init_map``: a list of ``[regex, replacement or null]`` pairs (one line per problem)."""
+    import re
+
+    if not isinstance(init_map, (list, tuple)):
+        raise ConfigError(f"config.init_map must be a list of [regex, replacement or null] pairs, got {init_map!r}")
+    for i, rule in enumerate(init_map):
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+                and (rule[1] is None or isinstance(rule[1], str))):
+            raise ConfigError(f"config.init_map[{i}] must be [regex, replacement or null], got {rule!r}")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ConfigError(f"config.init_map[{i}]: invalid regex {rule[0]!r}: {e}") from None
 
 
 def _validate_validation(config: ml_collections.ConfigDict) -> None:

@@ -46,11 +46,10 @@ def fetch(values: list) -> list:
     """Host values of per-step metric vectors (replicated ``jax.Array`` s; other items, e.g. dicts restored
     from a checkpoint, as they are), in order.
 
-    On CPU devices a vector already lives in host memory and ``np.asarray`` reads it; ``jax.device_get``
-    first queues an asynchronous host copy of each. On the 2-core demo a window of 50 cost 0.94 ms of host
-    CPU that way and 0.42 ms this way (``make bench``, 2026-11-28); in the loop, main-thread CPU per step fell
-    from 0.78 to 0.64 ms (6 alternating runs), host time that competes with XLA's threads for the cores.
-    On accelerators ``device_get`` overlaps the transfers: kept there.
+    On CPU devices a vector already lives in host memory and ``np.asarray`` reads it, where
+    ``jax.device_get`` would first queue an asynchronous host copy of each (host time that competes with
+    XLA's threads for the cores; BENCHMARKS.md has the measurement). On accelerators ``device_get``
+    overlaps the transfers: kept there.
     """
     arrays = [v for v in values if isinstance(v, jax.Array)]
     if arrays and any(d.platform != "cpu" for d in arrays[0].devices()):
