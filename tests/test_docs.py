@@ -189,7 +189,8 @@ def check_sweep(args: list[str], tmp: pathlib.Path) -> None:
     config_file, points = runner.load_points(option(rest, "--config"))
     assert points, "get_sweep returned no points"
     runner.resolve(config_file, points, tmp / "sweep", overrides)
-    known = {"--config", "--workdir", "--jobs", "--vectorize", "--no-report"}
+    known = {"--config", "--workdir", "--jobs", "--vectorize", "--no-report", "--list", "--index", "--shard",
+             "--no-wait", "--no-wait-code", "--poll-s", "--executor", "--address", "--retries"}
     for a in rest:
         if a.startswith("--"):
             assert a.split("=", 1)[0] in known, f"tl-jax sweep has no option {a}"

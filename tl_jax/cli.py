@@ -4,7 +4,9 @@
     tl-jax train --config experiments/mnist_to_digits.py:stage=target,shots=10 --workdir runs/ft \\
         --config.init_from=runs/src --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
     tl-jax sweep --config experiments/freeze_depth.py --workdir runs/freeze [--jobs 2] [--vectorize auto]
+    tl-jax sweep --config ... --workdir ROOT --list | --index K|auto | --shard I/N   (array tasks: docs/cluster.md)
     tl-jax report runs/demo [--group method,shots] [--metric test/accuracy]
+    tl-jax search --config FILE.py[:ARG] --workdir ROOT --trials N   (Optuna over get_search: tl_jax/sweep/search.py)
     tl-jax eval --workdir runs/ft [--checkpoint best] [--dataset optdigits --split test]  (tl_jax/eval_cli.py)
     tl-jax predict --workdir runs/ft --image-folder DIR --out preds   (PREFIX.npz, PREFIX.csv)
     tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/byo_cli.py)
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 
 from tl_jax.byo_cli import cmd_data, cmd_weights  # `data prepare`, `weights convert` (light imports)
 from tl_jax.eval_cli import cmd_eval, cmd_predict  # `eval`, `predict` (light imports)
+from tl_jax.rank_cli import cmd_fewshot, cmd_rank  # `rank`, `fewshot` (light imports)
 
 # Errors a user can fix from the message alone: printed as one line, exit status 2.
 # TL_JAX_DEBUG=1 shows the full traceback instead.
@@ -36,6 +39,9 @@ def _train_parser(prog: str = "tl-jax train") -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="output dir (config.json, metrics.jsonl, summary.json, checkpoints/)")
     p.add_argument("--overwrite", action="store_true", help="replace a run with another config in --workdir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--mock-data", type=int, default=None, metavar="N", help="train on N random tfds examples of "
+                   "the catalogue dataset's real features and shapes (config.data.mock_examples): checks shapes, "
+                   "freezing and compile without the data; recorded in config.json and summary.json")
     return p
 
 
@@ -67,6 +73,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     rest, overrides = split_overrides(argv)
     args = _train_parser().parse_args(rest)
     config = resolve_config(args.config, overrides)
+    if args.mock_data is not None:  # the same as --config.data.mock_examples=N
+        from tl_jax import config as config_lib
+
+        config_lib.set_value(config, "data.mock_examples", args.mock_data)
     if args.print_config:
         print(config)
         return 0
@@ -104,7 +114,8 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="tl-jax sweep", description="Run every point of a config file's get_sweep "
                                 "into its own sub-workdir (skips finished points, resumes unfinished ones).",
-                                epilog="Any --config.KEY=VALUE overrides a config key of every point.")
+                                epilog="Any --config.KEY=VALUE overrides a config key of every point. Array jobs: "
+                                "see docs/cluster.md.")
     p.add_argument("--config", required=True, help="experiments/FILE.py[:ARG]; ARG goes to get_sweep(ARG)")
     p.add_argument("--workdir", required=True, help="the study dir: one sub-workdir per point, sweep.json, reports")
     p.add_argument("--jobs", type=int, default=1, help="points run in up to N parallel processes (default 1)")
@@ -112,10 +123,47 @@ def cmd_sweep(argv: Sequence[str]) -> int:
                    help="train points that differ only in traced numbers as one vmapped step: auto (default) "
                         "times a few steps of each way and takes the faster")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    task = p.add_mutually_exclusive_group()
+    task.add_argument("--list", action="store_true", help="print each point's index, name, phase and status "
+                      "(pending/running/finished/failed) and exit")
+    task.add_argument("--index", default=None, metavar="K|auto", help="run point K only (auto: "
+                      "$SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX)")
+    task.add_argument("--shard", default=None, metavar="I/N", help="run the points k with k %% N == I")
+    p.add_argument("--no-wait", action="store_true", help="with --index/--shard: exit (status --no-wait-code) "
+                   "instead of waiting when an earlier phase is not finished")
+    p.add_argument("--no-wait-code", type=int, default=75, help="exit status of --no-wait (default 75, EX_TEMPFAIL)")
+    p.add_argument("--poll-s", type=float, default=10.0, help="seconds between checks of earlier phases (default 10)")
+    p.add_argument("--executor", default="local", choices=("local", "ray"), help="where points run: local "
+                   "(default) or ray (one Ray task per point; pip install 'tl_jax[ray]')")
+    p.add_argument("--address", default=None, help="--executor ray: the cluster address (default: a local runtime)")
+    p.add_argument("--retries", type=int, default=1, help="--executor ray: retries of a failed point (default 1)")
     args = p.parse_args(rest)
-    from tl_jax.sweep.runner import run_sweep
+    tasks = args.list or args.index is not None or args.shard is not None
+    if args.executor == "ray":
+        from tl_jax.sweep.ray_executor import run_ray
 
-    run_sweep(args.config, args.workdir, jobs=args.jobs, vectorize=args.vectorize, overrides=overrides)
+        if tasks:
+            raise ValueError("--executor ray runs the whole sweep: drop --list/--index/--shard")
+        run_ray(args.config, args.workdir, address=args.address, retries=args.retries, overrides=overrides)
+    elif tasks:
+        if args.jobs != 1:
+            raise ValueError("--jobs is for a whole sweep in one task: with --index/--shard start more tasks")
+        from tl_jax.sweep.tasks import NotReady, run_tasks
+
+        try:
+            out = run_tasks(args.config, args.workdir, index=args.index, shard=args.shard, list_only=args.list,
+                            overrides=overrides, wait=not args.no_wait, poll_s=args.poll_s,
+                            no_wait_code=args.no_wait_code)
+        except NotReady as e:
+            print(f"tl-jax sweep: {e}", file=sys.stderr)
+            return e.exit_code
+        if args.list:
+            print(out)
+        return 0  # no report: other tasks may still run (tl-jax report ROOT when all are done)
+    else:
+        from tl_jax.sweep.runner import run_sweep
+
+        run_sweep(args.config, args.workdir, jobs=args.jobs, vectorize=args.vectorize, overrides=overrides)
     if not args.no_report:
         from tl_jax.report import write_report
 
@@ -126,8 +174,16 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_search(argv: Sequence[str]) -> int:
+    """``tl-jax search``: Optuna over ``get_search`` (tl_jax/sweep/search.py)."""
+    from tl_jax.sweep.search import main as search_main
+
+    return search_main(list(argv))
+
+
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval,
-            "predict": cmd_predict, "data": cmd_data, "weights": cmd_weights}
+            "predict": cmd_predict, "data": cmd_data, "weights": cmd_weights, "search": cmd_search,
+            "rank": cmd_rank, "fewshot": cmd_fewshot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,11 +15,18 @@ column is bold (highest, or lowest for a metric named like ``loss``/``error``).
 the others, error bars = std. ``curves.png``: ``train/loss`` and the metric vs
 step from ``metrics.jsonl``, mean over each group's runs. Points with
 ``_report: false`` (e.g. the pretraining run) are in the CSV only.
+
+A partial study (points of ``sweep.json`` without ``summary.json``: failed,
+running or pending, see :mod:`tl_jax.sweep.status`) is still reported from its
+finished points; the others are named in one warning, in a line under the
+table of ``results.md`` and as rows of ``results.csv`` with their ``status``
+(and no metrics), so no point is dropped silently.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import pathlib
 from collections import defaultdict
 from typing import Any
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 
 Stats = dict[tuple, tuple[float, float, int]]
+log = logging.getLogger("tl_jax")
 
 
 def is_seed_field(name: str) -> bool:
@@ -58,6 +66,31 @@ def load_runs(root: str) -> list[dict]:
                      "summary": json.loads(summary_file.read_text())})
     order = {name: i for i, name in enumerate(_point_order(base))}
     return sorted(runs, key=lambda r: (order.get(r["run"], len(order)), r["run"]))
+
+
+def missing_points(root: str) -> list[dict]:
+    """``[{"run", "status", "fields"}]`` for the points of ``sweep.json`` that have no ``summary.json``."""
+    from tl_jax.sweep.status import point_status
+
+    base = pathlib.Path(root)
+    try:  # the fields of points that never started: sweep.json's record
+        planned = json.loads((base / "sweep.json").read_text())["points"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        planned = {}
+    out = []
+    for name in _point_order(base):
+        if not (base / name / "summary.json").is_file():
+            point_file = base / name / "point.json"
+            fields = (json.loads(point_file.read_text()) if point_file.is_file()
+                      else dict((planned.get(name) or {}).get("point", {})))
+            out.append({"run": name, "status": point_status(base / name), "fields": fields})
+    return out
+
+
+def missing_line(missing: list[dict], n_points: int) -> str:
+    """``'2 of 6 points are not in these results (no summary.json): t3 (failed), t5 (pending)'``."""
+    names = ", ".join(f"{m['run']} ({m['status']})" for m in missing)
+    return f"{len(missing)} of {n_points} points are not in these results (no summary.json): {names}"
 
 
 def collect(root: str) -> list[dict]:
@@ -230,9 +263,17 @@ def write_report(root: str, group_by: list[str] | None = None, metric: str = "te
     """Write results.csv/.md/.png and curves.png into ``root``; returns the Markdown table."""
     out = pathlib.Path(root)
     runs = load_runs(root)
+    missing = missing_points(root)
+    note = missing_line(missing, len(_point_order(out))) if missing else ""
     if not runs:
-        raise FileNotFoundError(f"no finished runs (summary.json) under {root}")
+        raise FileNotFoundError(f"no finished runs (summary.json) under {root}" + (f"; {note}" if note else ""))
+    if note:
+        log.warning("report: %s", note)
     rows = collect(root)
+    if missing:  # the unfinished points as rows too, with their status
+        rows = [{**r, "status": "finished"} for r in rows] + [
+            {"run": m["run"], **{k: v for k, v in m["fields"].items() if k != "_report"}, "status": m["status"]}
+            for m in missing]
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -251,6 +292,8 @@ def write_report(root: str, group_by: list[str] | None = None, metric: str = "te
                                                                      for r in flat}) > 1] or ["runs"]
     table = (f"{metric}, mean ± std over {', '.join(repeats)} (n runs per cell):\n\n"
              + markdown_table(stats, group_by, metric))
+    if note:
+        table += f"\n\n{note}"
     (out / "results.md").write_text(table + "\n")
     plot_results(stats, group_by, metric, out / "results.png")
     plot_curves(runs, group_by, metric, out / "curves.png")

@@ -12,8 +12,10 @@ may train as one vmapped step (:mod:`tl_jax.sweep.vectorized`): ``--vectorize
 on`` always, ``off`` never, ``auto`` (default) after timing a few steps of
 each way. The rest run one after another in this process, or with ``--jobs
 N`` > 1 in up to N ``python -m tl_jax.train`` processes (logs in
-``ROOT/logs/``). Every run uses the persistent compilation cache. Decisions
-and timings go to the log and to ``ROOT/sweep.json``.
+``ROOT/logs/``; a point whose process fails gets ``ROOT/<name>/failed.json``,
+see :mod:`tl_jax.sweep.status`). Every run uses the persistent compilation
+cache. Decisions and timings go to the log and to ``ROOT/sweep.json``. Points
+as array tasks (``--list``, ``--index``, ``--shard``): :mod:`tl_jax.sweep.tasks`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import ml_collections
 
 from tl_jax import config as config_lib
 from tl_jax.sweep import spec as spec_lib
+from tl_jax.sweep import status as status_lib
 from tl_jax.train import progress as progress_lib
 
 log = logging.getLogger("tl_jax")
@@ -272,10 +275,12 @@ class Sweep:
                     running.remove(item)
                     f.close()
                     if proc.returncode == 0 and p.finished:
+                        status_lib.clear_failure(p.workdir)
                         self._finished(p, json.loads((p.workdir / "summary.json").read_text()), "process")
                     else:
                         tail = (logs / f"{p.name}.log").read_text().strip().splitlines()[-1:] or [""]
                         failed.append(f"{p.name} (exit {proc.returncode}: {tail[0][:200]})")
+                        status_lib.record_failure(p.workdir, SweepError(f"exit {proc.returncode}: {tail[0][:200]}"))
                         self.record["points"][p.name]["status"] = f"failed (exit {proc.returncode})"
                 time.sleep(0.2)
         finally:

@@ -127,3 +127,37 @@ def acquire(workdir: str | pathlib.Path, process_index: int = 0) -> WorkdirLock:
     lock = WorkdirLock(path, fd)
     _HELD[path] = lock
     return lock
+
+
+def holder(workdir: str | pathlib.Path, process_index: int = 0) -> dict[str, Any] | None:
+    """Who trains into ``workdir`` now, read without locking: ``{"host", "pid", "started", "heartbeat_s"}`` or None.
+
+    Read-only on purpose (no flock probe: a probe could make a concurrent :func:`acquire` fail). A holder is
+    live when the lock file names a process that still exists on this host, or another host whose heartbeat
+    (the file's mtime) is younger than ``STALE_S``; an empty file (released) or a dead holder gives None.
+    """
+    path = lock_path(workdir, process_index)
+    try:
+        raw = path.read_text().strip()
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+    try:
+        info = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(info, dict) or not info:
+        return None
+    if info.get("host") == socket.gethostname():
+        pid = info.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        try:
+            os.kill(pid, 0)  # signal 0: does the process exist?
+        except (ProcessLookupError, OverflowError):
+            return None
+        except PermissionError:  # exists, owned by another user
+            pass
+    elif age >= STALE_S:
+        return None
+    return {**info, "heartbeat_s": age}

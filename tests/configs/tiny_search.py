@@ -1,0 +1,28 @@
+"""A learning-rate search over tests/configs/tiny.py for tests/test_search.py.
+
+``get_search("metric=val/accuracy,key=config.optimizer.learning_rate")``: the key and metric can be
+changed to test the refusals.
+"""
+import importlib.util
+import pathlib
+
+from tl_jax import config as config_lib
+from tl_jax.sweep.search import loguniform
+
+
+def _tiny():
+    path = pathlib.Path(__file__).with_name("tiny.py")
+    spec = importlib.util.spec_from_file_location("tl_jax_test_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    return _tiny().get_config(arg)
+
+
+def get_search(arg=None):
+    a = config_lib.parse_arg(arg, metric="val/accuracy", key="config.optimizer.learning_rate", steps=4)
+    return {"space": {a.key: loguniform(1e-4, 1e-1)}, "metric": a.metric, "direction": "maximize",
+            "fixed": {"steps": a.steps}, "startup_trials": 2}
