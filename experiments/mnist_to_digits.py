@@ -92,6 +92,27 @@ def get_sweep(arg: str | None = None) -> list[dict]:
             for m in a.methods.split(";") for k in a.shots.split(";") for s in range(a.seeds)]
 
 
+def get_search(arg: str | None = None) -> dict:
+    """The learning rate of the 10-shot fine-tune, chosen by Optuna on a validation split (never test).
+
+    The validation digits (``val_fraction``, stratified) are carved out of optdigits' *training* split
+    before the 10 shots per class are drawn from the rest::
+
+        tl-jax train --config experiments/mnist_to_digits.py:stage=source --workdir runs/demo/source
+        tl-jax search --config experiments/mnist_to_digits.py --workdir runs/lr_search --trials 10
+        # the default learning rate (1e-3), same split, for comparison:
+        tl-jax train --config experiments/mnist_to_digits.py:stage=target,method=finetune,shots=10 \
+            --config.data.val_fraction=0.2 --workdir runs/lr_default
+    """
+    from tl_jax.sweep.search import loguniform
+
+    a = config_lib.parse_arg(arg, source="runs/demo/source", shots=10, seed=0, val_fraction=0.2)
+    return {"space": {"config.optimizer.learning_rate": loguniform(1e-4, 3e-2)},
+            "metric": "val/accuracy", "direction": "maximize", "startup_trials": 4,
+            "fixed": {"stage": "target", "method": "finetune", "shots": a.shots, "seed": a.seed,
+                      "source": a.source, "config.data.val_fraction": a.val_fraction}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole study: source pretraining, then every target point, then the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
