@@ -34,6 +34,32 @@ for the whole study)::
 (mean ± std over 3 seeds, each its own 10-shot sample). With 100 labelled
 images the teacher's soft targets add +5.6 points and close two thirds of the
 gap to the teacher.
+
+Feature distillation (issue 23; objective ``feature_distill``): ``stage=hint``
+trains with CE + β·FitNets hint, ½‖r(f_s) − f_t‖² between the student's
+512-dim backbone features, projected by a learned r, and the teacher's
+2,048-dim features. ``stage=kd_hint`` adds the hint to the KD loss above.
+``layer=backbone/conv2`` moves the hint to the second conv's feature maps, and
+``at=γ`` adds attention transfer. β = 0.01 was NOT tuned; ``val=0.2`` carves
+a stratified validation split out of the mnist5k TRAIN images (``val/*``) for
+that, and the test images choose nothing::
+
+    python experiments/distill_mnist.py --stages "student;kd;hint;kd_hint" --workdir runs/kd
+
+Printed (2026-12-06, teacher 0.965; per seed 0/1/2: student 0.890/0.872/0.880,
+KD 0.936/0.930/0.921, hint 0.911/0.908/0.921, KD + hint 0.935/0.932/0.932)::
+
+    | run | test accuracy | seeds | wall_s |
+    |---|---|---|---|
+    | teacher (width 4, all 4,000 images) | 0.9650 ± 0.0000 | 1 | 289 |
+    | student alone, 10 shots/class | 0.8807 ± 0.0090 | 3 | 57 |
+    | student + KD (α=0.5, T=4), 10 shots/class | 0.9290 ± 0.0075 | 3 | 69 |
+    | student + FitNets hint on the features (β=0.01), 10 shots/class | 0.9133 ± 0.0068 | 3 | 68 |
+    | student + KD + FitNets hint (β=0.01), 10 shots/class | 0.9330 ± 0.0017 | 3 | 63 |
+
+The hint alone adds +3.3 points over the student and logit KD +4.8. Adding
+the hint to KD changes the mean by little (+0.4), but the three seeds agree
+far more closely (std 0.002 vs 0.008).
 """
 from __future__ import annotations
 
@@ -53,7 +79,7 @@ TRAIN_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14},
 
 def get_config(arg: str | None = None):
     a = config_lib.parse_arg(arg, stage="kd", shots=10, seed=0, teacher="runs/distill/teacher", alpha=0.5,
-                             temp=4.0, steps=0)
+                             temp=4.0, steps=0, beta=0.01, at=0.0, layer="features", val=0.0)
     c = config_lib.base_config()
     c.seed = a.seed
     c.model.name = "cnn"
@@ -67,7 +93,7 @@ def get_config(arg: str | None = None):
         c.data.train_pp = list(EVAL_PP)
         c.data.batch_size = 64
         c.train.steps = a.steps or 200
-    elif a.stage in ("student", "kd"):
+    elif a.stage in ("student", "kd", "hint", "kd_hint"):
         c.model.kwargs = {"width": 1}
         c.data.train_pp = TRAIN_PP
         c.data.shots = a.shots
@@ -78,8 +104,16 @@ def get_config(arg: str | None = None):
             c.objective.name = "distill"
             kd = c.objective.distill
             kd.teacher, kd.alpha, kd.temperature = a.teacher, a.alpha, a.temp
+        if a.stage in ("hint", "kd_hint"):  # FitNets hint (+ attention transfer) on `layer`, with/without logit KD
+            c.objective.name = "feature_distill"
+            fd = c.objective.feature_distill
+            fd.teacher, fd.alpha, fd.temperature = a.teacher, a.alpha, a.temp
+            fd.hint_weight, fd.at_weight, fd.logit_kd = a.beta, a.at, a.stage == "kd_hint"
+            fd.student_layer = fd.teacher_layer = a.layer
+        if a.val:  # model selection on a stratified split of the mnist5k TRAIN images (val/*), never on test
+            c.data.val_fraction = a.val
     else:
-        raise config_lib.ConfigError(f"stage={a.stage!r}: expected 'teacher', 'student' or 'kd'")
+        raise config_lib.ConfigError(f"stage={a.stage!r}: expected 'teacher', 'student', 'kd', 'hint' or 'kd_hint'")
     c.train.log_every = 50
     c.train.checkpoint_every = c.train.steps
     return c
@@ -91,20 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/distill")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--stages", default="student;kd", help="';'-separated; also 'hint' and 'kd_hint' (feature KD)")
     args = p.parse_args(argv)
     from tl_jax.study import run_point
 
     root = pathlib.Path(args.workdir).absolute()
     teacher = run_point(__file__, {"stage": "teacher"}, root / "teacher")
     rows = {"teacher (width 4, all 4,000 images)": ([teacher["test/accuracy"]], teacher["wall_s"])}
-    for stage in ("student", "kd"):
+    names = {"student": "student alone", "kd": "student + KD (α=0.5, T=4)",
+             "hint": "student + FitNets hint on the features (β=0.01)",
+             "kd_hint": "student + KD + FitNets hint (β=0.01)"}
+    for stage in args.stages.split(";"):
         accs, wall = [], 0.0
         for seed in range(args.seeds):
             point = {"stage": stage, "shots": args.shots, "seed": seed, "teacher": str(root / "teacher")}
             s = run_point(__file__, point, root / f"{stage}_shots{args.shots}_seed{seed}")
             accs.append(s["test/accuracy"])
             wall += s["wall_s"]
-        name = "student alone" if stage == "student" else "student + KD (α=0.5, T=4)"
+        name = names[stage]
         rows[f"{name}, {args.shots} shots/class"] = (accs, wall)
     lines = ["| run | test accuracy | seeds | wall_s |", "|---|---|---|---|"]
     for name, (accs, wall) in rows.items():

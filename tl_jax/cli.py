@@ -11,6 +11,9 @@
     tl-jax predict --workdir runs/ft --image-folder DIR --out preds   (PREFIX.npz, PREFIX.csv)
     tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/byo_cli.py)
     tl-jax weights convert --from FILE --mapping bert --model bert --out DIR
+    tl-jax rank --target CONFIG --candidates W1 W2 ... [--layer features] [--score logme,leep] [--out DIR]
+    tl-jax fewshot --workdir W --target CONFIG [--shots 1,5,10,25] [--seeds 3]   (both: tl_jax/rank_cli.py)
+    tl-jax interpolate --finetuned W1 [--pretrained W0] --alphas 0,0.5,1 --out DIR   (WiSE-FT)
 
 Errors a user can fix (config keys, paths, rules, data) are printed as one line
 ``tl-jax: error: ...`` with exit status 2, without a traceback.
@@ -181,9 +184,16 @@ def cmd_search(argv: Sequence[str]) -> int:
     return search_main(list(argv))
 
 
+def cmd_interpolate(argv: Sequence[str]) -> int:
+    """`tl-jax interpolate`: WiSE-FT weight interpolation (tl_jax/transfer/interpolate.py; imported when run)."""
+    from tl_jax.transfer.interpolate import cmd_interpolate as run
+
+    return run(argv)
+
+
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval,
             "predict": cmd_predict, "data": cmd_data, "weights": cmd_weights, "search": cmd_search,
-            "rank": cmd_rank, "fewshot": cmd_fewshot}
+            "rank": cmd_rank, "fewshot": cmd_fewshot, "interpolate": cmd_interpolate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
         # (`tl-jax train --mock-data N`); recorded in config.json and summary.json. null = the real data.
         mock_examples=config_dict.placeholder(int))
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
-                       warmup_steps=0, grad_clip_norm=config_dict.placeholder(float))
+                       warmup_steps=0, grad_clip_norm=config_dict.placeholder(float),
+                       # Gradient accumulation: each step averages the gradients of accum_steps micro-batches of
+                       # batch_size/accum_steps examples, then updates once (tl_jax/train/step.py: accumulate).
+                       accum_steps=1)
     # (regex over '/'-joined param paths, lr multiplier or None = frozen); first match wins.
     c.param_rules = [[".*", 1.0]]
     c.init_from = ""  # workdir or checkpoint dir of a pretrained run; '' = from scratch
@@ -90,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
                    # Stop when `metric` (a val/* metric; '' = off) has not improved by more than min_delta for
                    # `patience` evals (every eval_every steps); mode 'max' | 'min' (tl_jax/train/early_stopping.py).
                    early_stopping=dict(metric="", patience=5, min_delta=0.0, mode="max"),
+                   # Exponential moving average of the weights, ema <- d*ema + (1-d)*params after each update, kept
+                   # in the checkpoints and evaluated beside them as test/ema/* (val/ema/*): d in [0, 1), 0 = off.
+                   ema_decay=0.0,
                    # Frozen backbone + deterministic train_pp: compute the backbone features once and train
                    # the head on them (tl_jax/train/feature_cache.py): 'auto' (when eligible) | true | false.
                    feature_cache=config_dict.FieldReference("auto", field_type=object),
@@ -364,7 +370,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("data.cache_max_mb", "data.device_cache_max_mb"):
         if not _get(config, key) > 0:
             raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)}")
+    _validate_recipes(config)
     _validate_validation(config)
+
+
+def _validate_recipes(config: ml_collections.ConfigDict) -> None:
+    """``config.optimizer.accum_steps`` and ``config.train.ema_decay`` (one line each)."""
+    from tl_jax.train.ema import check_decay
+
+    try:
+        check_decay(config.train.ema_decay)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    k = config.optimizer.accum_steps
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"config.optimizer.accum_steps must be an int >= 1, got {k!r}")
+    if config.data.batch_size % k:
+        raise ConfigError(f"config.optimizer.accum_steps={k} must divide config.data.batch_size="
+                          f"{config.data.batch_size} (each step splits the batch into {k} equal micro-batches)")
 
 
 def _validate_init_map(init_map: Any) -> None:

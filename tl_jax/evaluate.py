@@ -36,6 +36,7 @@ from tl_jax.data import build_preprocess, eval_batches, load_split
 from tl_jax.data.sources import DataSplit
 from tl_jax.objectives.base import apply_model
 from tl_jax.parallel import mesh as mesh_lib
+from tl_jax.train import ema as ema_lib
 from tl_jax.train import checkpoint as ckpt_lib
 
 INPUT_KEYS = ("image", "input_ids", "attention_mask")  # what the model reads of a batch
@@ -91,6 +92,7 @@ def load(workdir: str | pathlib.Path, checkpoint: str | int = "latest") -> Loade
     num_classes = config.model.num_classes or train_split.num_classes
     mesh = mesh_lib.build_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
     objective, _, target = build_model_and_state(_build_config(config), num_classes, sample, mesh)
+    target = ema_lib.attach(target, config.train.ema_decay)  # runs trained with EMA hold its weights too
     state = ckpt_lib.restore_state(step_dir, target)
     shapes = {k: tuple(np.shape(v)) for k, v in example.items() if k in INPUT_KEYS}
     return LoadedRun(wd, config, objective, state, int(step_dir.name), num_classes, shapes, mesh)

@@ -37,10 +37,13 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
     batch_stats = variables.get("batch_stats", {})
     if config.init_from:
         loaded = load_variables(config.init_from)
-        params = merge_params(loaded["params"], params, config.dont_load, source=f"init_from {config.init_from}")
+        mapping = [list(r) for r in config.init_map]  # config.init_map: source paths renamed (or dropped) first
+        params = merge_params(loaded["params"], params, config.dont_load, source=f"init_from {config.init_from}",
+                              mapping=mapping)
         if batch_stats:
             batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
-                                       source=f"init_from {config.init_from} (batch_stats)", check_rules=False)
+                                       source=f"init_from {config.init_from} (batch_stats)", check_rules=False,
+                                       mapping=mapping)
         log.info("loaded %s (kept fresh: %s)", config.init_from, list(config.dont_load))
     params = objective.init_params(jax.random.fold_in(extra_rng, 1), params, batch_stats)
     extra, aux = objective.init_extra(extra_rng, params, batch_stats)

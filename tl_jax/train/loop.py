@@ -11,6 +11,7 @@ checkpoints, trackers) -> ``summary.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
 from tl_jax.train import compile_cache
 from tl_jax.train import early_stopping as es_lib
+from tl_jax.train import ema as ema_lib
 from tl_jax.train.checkpoint import Checkpoints, use_async_save
 from tl_jax.train import feature_cache
 from tl_jax.train.heap import frozen_heap
@@ -113,6 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
 def run_identity(config: ml_collections.ConfigDict) -> dict:
     """The validated config as the workdir records it (``config.json``); file references made absolute."""
     config_lib.validate(config)
+    config_lib.normalize(config)  # data.shots: 0 and null (all examples) are one run
     for group in (config.model, config.data):  # file references ('x.py:f') recorded absolute in config.json
         group.name = absolute_reference(group.name)
     return distributed.run_identity(config_lib.to_dict(config))
@@ -136,8 +139,39 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
     """Everything of :func:`train` before the step loop (also used by vectorised sweeps).
 
     ``device_data=False``: the data iterator yields host batches whatever ``config.data.device_cache`` says
-    (for callers with their own step, e.g. vectorised sweeps).
+    (for callers with their own step, e.g. vectorised sweeps). ``config.data.mock_examples``: every tfds
+    split opened here is ``tfds.testing.mock_data`` (:func:`mock_catalogue`).
     """
+    with mock_catalogue(config.data):
+        return _prepare_run(config, workdir, overwrite=overwrite, device_data=device_data)
+
+
+@contextlib.contextmanager
+def mock_catalogue(data_config):
+    """With ``config.data.mock_examples=N``: tfds datasets opened inside read N random examples of their real
+    features and shapes (``tfds.testing.mock_data``; the opened sources keep working after the block).
+
+    Refused for the data tl_jax has without a download (embedded, in-memory, ``tl-jax data prepare``): the
+    real data is there, and a mock run of it could be mistaken for a real one.
+    """
+    n = data_config.mock_examples
+    if n is None:
+        yield
+        return
+    from tl_jax.data.sources import EMBEDDED, find_user_dataset, is_in_memory
+
+    name = data_config.name
+    if name in EMBEDDED or is_in_memory(name) or find_user_dataset(name, data_config.data_dir) is not None:
+        raise ValueError(f"config.data.mock_examples={n} (--mock-data) is for tfds catalogue datasets (mnist, "
+                         f"cifar10, ...); {name!r} is on this machine already: drop --mock-data")
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=n):
+        yield
+
+
+def _prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool, device_data: bool) -> Run:
+    """:func:`prepare_run`'s body (inside :func:`mock_catalogue`)."""
     t_start = time.time()
     cfg_dict = run_identity(config)
     distributed.initialize(config.parallel)  # before any JAX op; no-op unless multi-host (the CLI did it)
@@ -170,6 +204,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
         raise ValueError(f"config.model.num_classes={num_classes} but {dc.name} has {train_split.num_classes} classes")
     data_seed = config.seed if dc.data_seed is None else dc.data_seed
     objective, tx, state = build_model_and_state(config, num_classes, sample, mesh)
+    state = ema_lib.attach(state, config.train.ema_decay)  # config.train.ema_decay: an EMA of the params
     state = strategy.init_state(state)  # FSDP-shard big leaves over the mesh's 'model' axis
     # This process's rows of each global batch (config.parallel.data_sharding).
     shard = process_sharding(config.parallel.data_sharding, len(train_split) if indices is None else len(indices))
@@ -275,6 +310,11 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
             record.update({f"{prefix}/{k}": v for k, v in res.items()})
             log.info("step %d: %s (%d examples)", step, " ".join(f"{prefix}/{k}={v:.4f}" for k, v in res.items()),
                      count)
+            if ema_lib.has_ema(state):  # config.train.ema_decay: the averaged weights too, as <prefix>/ema/*
+                res = evaluate(eval_step, ema_lib.ema_view(state), split, eval_pp, config.data.eval_batch_size,
+                               strategy.mesh, put_batch=strategy.put_batch)
+                res.pop("count")
+                record.update({f"{prefix}/{ema_lib.PREFIX}/{k}": v for k, v in res.items()})
         return record
 
     def log_eval(record: dict) -> None:
@@ -388,6 +428,8 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
                **{k: v for k, v in last_eval.items() if k != "step"}}
     if stopped_at is not None and stopped_at < total:
         summary["stopped_early"] = stopped_at
+    if config.data.mock_examples is not None:  # tfds mock examples, not the data: never a result
+        summary["mock_data"] = config.data.mock_examples
     best = es_lib.best_eval(val_history, best_metric, tc.best_mode) if has_val and best_metric else None
     if best is not None:  # the checkpoint retention keeps (config.train.best_metric)
         summary["best_step"], summary[f"best/{best_metric}"] = best
@@ -404,7 +446,8 @@ def pure_train_step(config, objective, tx, params, axis_name: str | None = None,
     return make_train_step(objective.loss, tx, nan_policy=config.train.nan_policy, axis_name=axis_name,
                            value_and_grad=getattr(objective, "value_and_grad", None),
                            trainable=_trainable(config, objective, params),
-                           grad_norm_every=config.train.log_every, last_step=config.train.steps, grad_norm=grad_norm)
+                           grad_norm_every=config.train.log_every, last_step=config.train.steps, grad_norm=grad_norm,
+                           accum_steps=config.optimizer.accum_steps, ema_decay=config.train.ema_decay)
 
 
 def grad_norm_flags(config) -> tuple[bool | None, ...]:

@@ -17,7 +17,9 @@ class TrainState:
     random stream depends only on the step and a resumed run repeats it) and
     ``skipped`` (int32: updates skipped for non-finite loss/grads) and
     ``aux`` (constants the objective reads, e.g. a frozen teacher or the
-    pretrained anchor of L2-SP: no gradient, no optimizer state)."""
+    pretrained anchor of L2-SP: no gradient, no optimizer state). With
+    ``config.train.ema_decay`` the state is its subclass
+    :class:`tl_jax.train.ema.EmaTrainState` (one more field, ``ema``)."""
 
     step: jax.Array
     params: PyTree

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from tl_jax.objectives.base import HPARAMS, Objective
+from tl_jax.train import ema as ema_lib
 from tl_jax.train.state import TrainState
 
 PyTree = Any
@@ -45,8 +46,9 @@ def is_grad_norm_step(step: Any, every: int, last_step: int | None = None) -> An
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_policy: str = "error",
                     axis_name: str | None = None, value_and_grad: Callable | None = None,
                     trainable: PyTree | None = None, grad_norm_every: int = 1,
-                    last_step: int | None = None,
-                    grad_norm: bool | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    last_step: int | None = None, grad_norm: bool | None = None,
+                    accum_steps: int = 1,
+                    ema_decay: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     ``value_and_grad``: optional replacement for ``jax.value_and_grad(loss_fn,
@@ -89,6 +91,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     ``aux["hparams"]`` (see :func:`tl_jax.objectives.base.hparam`), and
     ``{"update_scale": tree like params}`` multiplies each param's update (a
     learning-rate factor). Without it the step is the plain one.
+
+    ``accum_steps`` (``config.optimizer.accum_steps``, k): gradient accumulation,
+    see :func:`accumulate`: one optimizer update from the mean gradient of k
+    micro-batches of ``B/k`` examples, computed one after the other (k times less
+    activation memory). k=1 is the plain step, unchanged.
+
+    ``ema_decay`` (``config.train.ema_decay``, d): a state with an ``ema`` field
+    (:class:`tl_jax.train.ema.EmaTrainState`) gets ``ema ← d·ema + (1−d)·params``
+    after the update (a skipped update keeps the old average).
     """
     if nan_policy not in ("error", "skip"):
         raise ValueError(f"config.train.nan_policy must be 'error' or 'skip', got {nan_policy!r}")
@@ -97,6 +108,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     if grad_norm is False and nan_policy == "skip":
         raise ValueError("grad_norm=False cannot skip non-finite updates (nan_policy='skip' needs the gradient "
                          "norm on every step)")
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"config.optimizer.accum_steps must be an int >= 1, got {accum_steps!r}")
     every = 1 if nan_policy == "skip" or grad_norm else grad_norm_every
 
     def norm_of(grads: PyTree) -> jax.Array:
@@ -110,9 +123,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, aux, batch, rng, state.step)
         if trainable is not None:  # frozen leaves: zeros, so their gradients are dead code for XLA
-            grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+            grad_fn = masked(grad_fn, trainable)
+        if accum_steps > 1:
+            grad_fn = accumulate(grad_fn, accum_steps)
+        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, aux, batch, rng, state.step)
         if axis_name is not None:
             grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -132,6 +147,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        if ema_lib.has_ema(state):  # config.train.ema_decay
+            new = new.replace(ema=ema_lib.update(state.ema, params, ema_decay))
         if nan_policy == "skip":
             kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
@@ -142,6 +159,71 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         return new, metrics
 
     return train_step
+
+
+def masked(grad_fn: Callable, trainable: PyTree) -> Callable:
+    """``grad_fn`` whose gradients of frozen leaves (``trainable`` False) are zeros (constants XLA folds)."""
+
+    def fn(*args):
+        out, grads = grad_fn(*args)
+        return out, jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+
+    return fn
+
+
+def micro_batches(batch: Batch, k: int) -> Batch:
+    """``[B, ...]`` leaves -> ``[k, B/k, ...]``; micro-batch ``j`` holds rows ``j, j+k, j+2k, ...``.
+
+    The strided split (reshape to ``[B/k, k, ...]``, then swap the first two axes)
+    keeps each device's rows on that device when the batch is sharded over its
+    first axis, where a contiguous split would move rows between devices.
+    """
+    def split(x: jax.Array) -> jax.Array:
+        if x.ndim == 0 or x.shape[0] % k:
+            raise ValueError(f"config.optimizer.accum_steps={k} must divide the per-device batch: a batch leaf has "
+                             f"shape {tuple(x.shape)}; lower accum_steps or change config.data.batch_size")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate(grad_fn: Callable, k: int) -> Callable:
+    """Gradient accumulation: ``grad_fn`` over ``k`` micro-batches, one after the other (``lax.scan``).
+
+    Same signature and output as ``grad_fn``: ``((loss, (batch_stats, metrics)),
+    grads)`` with ``grads = (1/k) Σ_j ∇L_j``, ``loss`` and every metric the mean
+    over the micro-batches. When the loss is a mean over examples (every
+    objective's), ``(1/k) Σ_j ∇L_j`` over equal micro-batches is the gradient of
+    the mean over their concatenation, so the update equals one step on the big
+    batch (up to float summation order). Micro-batch ``j`` draws its randomness
+    from ``fold_in(rng, j)`` (dropout masks differ from the big batch's).
+
+    BatchNorm: each micro-batch normalises with its own statistics (``B/k``
+    examples, not ``B``) and updates the running averages in turn (k EMA updates
+    per step instead of one), so with BatchNorm in train mode the update is not
+    the big batch's; frozen norms (``model.frozen_norms``) and norm-free models
+    (LayerNorm, none) are exact.
+    """
+
+    def fn(params, batch_stats, aux, batch, rng, step):
+        micro = micro_batches(batch, k)
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, (_, metrics0)), grads0 = jax.eval_shape(grad_fn, params, batch_stats, aux, first, rng, step)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grads0)
+
+        def body(carry, xs):
+            g_sum, stats = carry
+            j, mb = xs
+            (loss, (stats, metrics)), grads = grad_fn(params, stats, aux, mb, jax.random.fold_in(rng, j), step)
+            return (jax.tree.map(jnp.add, g_sum, grads), stats), (loss, metrics)
+
+        (g_sum, batch_stats), (losses, metrics) = jax.lax.scan(body, (zeros, batch_stats),
+                                                               (jnp.arange(k), micro))
+        grads = jax.tree.map(lambda g: (g / k).astype(g.dtype), g_sum)
+        metrics = jax.tree.map(lambda m, s: jnp.mean(m, axis=0).astype(s.dtype), metrics, metrics0)
+        return (jnp.mean(losses), (batch_stats, metrics)), grads
+
+    return fn
 
 
 def make_eval_step(objective: Objective) -> Callable[[TrainState, Batch], dict]:

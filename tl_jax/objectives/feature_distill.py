@@ -1,0 +1,152 @@
+"""Feature distillation: FitNets hints with a learned projection and attention transfer, alone or added to
+Hinton's logit KD (``config.objective.name='feature_distill'``).
+
+Config group ``config.objective.feature_distill``: the teacher keys of
+``distill`` (``teacher``, ``teacher_model``, ``teacher_kwargs``, ``alpha``,
+``temperature``; the teacher in ``state.aux['teacher']``, inference mode) and
+
+* ``student_layer`` / ``teacher_layer``: ``'features'`` (the backbone output fed
+  to the head, [B, D]) or a module path such as ``'backbone/conv2'`` (its
+  output, captured with flax ``capture_intermediates``; [B, H, W, C] for a conv);
+* ``hint_weight`` β (FitNets, Romero et al. 2015) and ``at_weight`` γ
+  (attention transfer, Zagoruyko & Komodakis 2017; ``at_p`` the power p);
+* ``logit_kd``: add Hinton's loss (true) or use plain cross-entropy (false)::
+
+      L = mean_b[α·CE + (1 − α)·T²·KL]  (logit_kd)  or  CE
+          + β·(1/B) Σ_b ½‖r(s_b) − t_b‖² + γ·(1/B) Σ_b ‖Q(s_b) − Q(t_b)‖²
+
+  s, t: the student's / teacher's chosen layer outputs; r: a learned linear
+  projection of the last axis (a 1x1 convolution on a feature map) to the
+  teacher's width, trainable params under ``params['projection']`` (created
+  only when β > 0); Q: the normalised attention map
+  (:func:`~tl_jax.losses.finetune_methods.attention_map`; needs equal spatial sizes).
+
+Logged besides ``distill``'s: ``train/hint``, ``train/at`` (unweighted).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.losses.distill import distillation_loss
+from tl_jax.losses.finetune_methods import attention_transfer_loss, hint_loss
+from tl_jax.models.heads import head_dims
+from tl_jax.objectives.base import Batch, PyTree, model_inputs, register
+from tl_jax.objectives.distill import DistillObjective
+
+KEY = "config.objective.feature_distill"
+
+
+def layer_outputs(model: nn.Module, variables: dict, batch: Batch, layer: str, *, train: bool,
+                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, PyTree]:
+    """``(logits, output of layer, new batch_stats)``; ``layer`` = 'features' or a module path."""
+    args, kw = model_inputs(batch)
+    mutable = ["batch_stats"] if train and "batch_stats" in variables else []
+    rngs = {"dropout": rng} if rng is not None else {}
+    if layer == "features":
+        out = model.apply(variables, *args, train=train, rngs=rngs, mutable=mutable or False, return_features=True,
+                          **kw)
+        (logits, feats), new = out if mutable else (out, {})
+        return logits, feats, new.get("batch_stats", variables.get("batch_stats", {}))
+    path = tuple(layer.split("/"))
+    logits, new = model.apply(variables, *args, train=train, rngs=rngs, mutable=mutable + ["intermediates"],
+                              capture_intermediates=lambda m, method: m.path == path and method == "__call__",
+                              **kw)
+    node = new.get("intermediates", {})
+    for k in path:
+        if k not in node:
+            raise ValueError(f"{KEY}: layer {layer!r} is not a module path of the model (no output captured)")
+        node = node[k]
+    return logits, node["__call__"][0], new.get("batch_stats", variables.get("batch_stats", {}))
+
+
+@register
+class FeatureDistill(DistillObjective):
+    """FitNets hints + attention transfer (+ optional logit KD); see the module docstring."""
+
+    name: ClassVar[str] = "feature_distill"
+    defaults: ClassVar[dict] = {**DistillObjective.defaults, "student_layer": "features",
+                                "teacher_layer": "features", "hint_weight": 1.0, "at_weight": 0.0, "at_p": 2.0,
+                                "logit_kd": True}
+    extra_keys: ClassVar[tuple[str, ...]] = ("projection",)
+
+    def __init__(self, config: ml_collections.ConfigDict, model: Any):
+        c = config.objective.feature_distill
+        proxy = config.copy_and_resolve_references()
+        with proxy.unlocked():  # the parent validates the teacher keys from the 'distill' group
+            proxy.objective.distill = {k: c[k] for k in DistillObjective.defaults}
+        super().__init__(proxy, model)
+        self.config = config
+        for key in ("hint_weight", "at_weight", "at_p"):
+            v = c[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise ValueError(f"{KEY}.{key} must be a finite number >= 0, got {v!r}")
+        if not isinstance(c.logit_kd, bool):
+            raise ValueError(f"{KEY}.logit_kd must be true or false, got {c.logit_kd!r}")
+        self.hint_weight, self.at_weight, self.at_p = float(c.hint_weight), float(c.at_weight), float(c.at_p)
+        self.logit_kd = c.logit_kd
+        self.student_layer, self.teacher_layer = str(c.student_layer), str(c.teacher_layer)
+        self.projection: nn.Module | None = None
+
+    def teacher_outputs(self, aux: PyTree, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        t = aux["teacher"]
+        variables = {"params": t["params"], **({"batch_stats": t["batch_stats"]} if t.get("batch_stats") else {})}
+        logits, feats, _ = layer_outputs(self.teacher_model, variables, batch, self.teacher_layer, train=False)
+        return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(feats)
+
+    def init_extra(self, rng, params, batch_stats):
+        extra, aux = super().init_extra(rng, params, batch_stats)
+        if self.hint_weight > 0:
+            d_s = self._width(self.model_params(params), self.student_layer, "student_layer")
+            d_t = self._width(aux["teacher"]["params"], self.teacher_layer, "teacher_layer")
+            self.projection = nn.Dense(d_t, use_bias=False)
+            extra = {**extra, "projection": self.projection.init(rng, jnp.zeros((1, d_s)))["params"]}
+        return extra, aux
+
+    @staticmethod
+    def _width(params: PyTree, layer: str, key: str) -> int:
+        """Size of the last axis of ``layer``'s output: the head's input size for 'features', else the
+        last axis of that module's ``kernel`` (a Dense or Conv)."""
+        if layer == "features":
+            dims = head_dims(params.get("head", {}))
+            if dims is None:
+                raise ValueError(f"{KEY}.{key}='features': the model has no head/kernel to read the width from")
+            return dims[0]
+        node = params
+        for k in layer.split("/"):
+            if not isinstance(node, dict) or k not in node:
+                raise ValueError(f"{KEY}.{key}={layer!r} is not a module path of the model's params")
+            node = node[k]
+        if "kernel" not in node:
+            raise ValueError(f"{KEY}.{key}={layer!r} has no kernel to read its output width from (use a Dense "
+                             f"or Conv layer, or 'features')")
+        return int(np.shape(node["kernel"])[-1])
+
+    def loss(self, params, batch_stats, aux, batch, rng, step):
+        variables = {"params": self.model_params(params), **({"batch_stats": batch_stats} if batch_stats else {})}
+        student, fs, batch_stats = layer_outputs(self.model, variables, batch, self.student_layer, train=True,
+                                                 rng=rng)
+        teacher, ft = self.teacher_outputs(aux, batch)
+        if self.logit_kd:
+            per_example, parts = distillation_loss(student, teacher, batch["label"], alpha=self.alpha,
+                                                   temperature=self.temperature)
+            base, kd = per_example.mean(), parts["kd"].mean()
+        else:
+            base = cross_entropy(student, batch["label"]).mean()
+            kd = jnp.zeros(())
+        hint = at = jnp.zeros((), jnp.float32)
+        if self.hint_weight > 0:
+            hint = hint_loss(self.projection.apply({"params": params["projection"]}, fs), ft)
+        if self.at_weight > 0:
+            at = attention_transfer_loss(fs, ft, self.at_p)
+        loss = base + self.hint_weight * hint + self.at_weight * at
+        metrics = {"train/loss": loss, "train/ce": cross_entropy(student, batch["label"]).mean(), "train/kd": kd,
+                   "train/hint": hint, "train/at": at, "train/accuracy": accuracy(student, batch["label"]).mean(),
+                   "train/teacher_accuracy": accuracy(teacher, batch["label"]).mean()}
+        return loss, (batch_stats, metrics)
