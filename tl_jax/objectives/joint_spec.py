@@ -80,7 +80,7 @@ def parse_domains(config: ml_collections.ConfigDict) -> list[Domain]:
             raise ValueError(f"{where}.name must be a non-empty string (the domain's name in logs)")
         domains.append(Domain(spec["name"], spec.get("dataset") or spec["name"], spec.get("train_split", "train"),
                               spec.get("test_split", "test"), list(spec.get("train_pp", dc.train_pp)),
-                              list(spec.get("eval_pp", dc.eval_pp)), spec.get("shots"),
+                              list(spec.get("eval_pp", dc.eval_pp)), spec.get("shots") or None,  # 0 = all
                               int(spec.get("shots_seed", 0)), where))
     names = [d.name for d in domains]
     dup = sorted({n for n in names if names.count(n) > 1})

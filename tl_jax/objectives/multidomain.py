@@ -147,7 +147,7 @@ class MultiDomainObjective(Objective):
             spec = _spec_dict(raw, where)
             domains.append(Domain(spec["name"], spec.get("train_split", "train"), spec.get("test_split", "test"),
                                   list(spec.get("train_pp", dc.train_pp)), list(spec.get("eval_pp", dc.eval_pp)),
-                                  spec.get("shots"), int(spec.get("shots_seed", 0)), where))
+                                  spec.get("shots") or None, int(spec.get("shots_seed", 0)), where))  # 0 = all
         names = [d.name for d in domains]
         if len(set(names)) != len(names):
             raise ValueError(f"{KEY}.domains: domain names must differ from each other and from "
