@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tl_jax.models.im2col import conv3x3_same_im2col
+from tl_jax.models.layers_nnx import ClassifierNNX
 from tl_jax.models.nnx_bridge import expose_signature
 from tl_jax.models.pooling import max_pool_2x2
 
@@ -76,7 +77,7 @@ class CNNBackboneNNX(nnx.Module):
 
 
 @expose_signature
-class CNNNNX(nnx.Module):
+class CNNNNX(ClassifierNNX):
     """Two-conv CNN classifier: ``backbone`` -> dropout -> ``head`` (logits float32 ``[B, num_classes]``).
 
     Args:
@@ -89,19 +90,5 @@ class CNNNNX(nnx.Module):
 
     def __init__(self, num_classes: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0, dtype: Dtype = jnp.float32,
                  width: int = 1):
-        self.num_classes = num_classes
-        self.backbone = CNNBackboneNNX(rngs=rngs, width=width, dtype=dtype)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.head = nnx.Linear(512 * width, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-    def embed(self, x: jax.Array) -> jax.Array:
-        """Backbone features: ``x`` [B, H, W, C] -> float32 ``[B, 512 * width]``."""
-        return self.backbone(x).astype(jnp.float32)
-
-    def __call__(self, x: jax.Array, return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Logits float32 ``[B, num_classes]``, or ``(logits, features)`` (features before dropout)."""
-        feats = self.backbone(x)
-        logits = self.head(self.dropout(feats)).astype(jnp.float32)
-        if return_features:
-            return logits, feats.astype(jnp.float32)
-        return logits
+        self.attach(CNNBackboneNNX(rngs=rngs, width=width, dtype=dtype), 512 * width, num_classes,
+                    dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen import max_pool
 
+from tl_jax.models.layers_nnx import ClassifierNNX
 from tl_jax.models.nnx_bridge import expose_signature
 from tl_jax.models.resnet import BasicBlock, block_specs
 
@@ -99,7 +100,7 @@ class ResNetBackboneNNX(nnx.Module):
 
 
 @expose_signature
-class ResNetNNX(nnx.Module):
+class ResNetNNX(ClassifierNNX):
     """BasicBlock ResNet v1.5 classifier: ``backbone`` -> dropout -> ``head`` (float32 logits).
 
     Args:
@@ -116,23 +117,9 @@ class ResNetNNX(nnx.Module):
     def __init__(self, num_classes: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0, dtype: Dtype = jnp.float32,
                  stage_sizes: Sequence[int] = (2, 2, 2, 2), base_width: int = 64, stem: str = "imagenet",
                  zero_init_residual: bool = False):
-        self.num_classes = num_classes
-        self.backbone = ResNetBackboneNNX(rngs=rngs, stage_sizes=tuple(stage_sizes), base_width=base_width,
-                                          stem=stem, zero_init_residual=zero_init_residual, dtype=dtype)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.head = nnx.Linear(8 * base_width, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-    def embed(self, x: jax.Array) -> jax.Array:
-        """Backbone features: ``x`` [B, H, W, C] -> float32 ``[B, 8 * base_width]``."""
-        return self.backbone(x).astype(jnp.float32)
-
-    def __call__(self, x: jax.Array, return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Logits float32 ``[B, num_classes]``, or ``(logits, features)`` (features before dropout)."""
-        feats = self.backbone(x)
-        logits = self.head(self.dropout(feats)).astype(jnp.float32)
-        if return_features:
-            return logits, feats.astype(jnp.float32)
-        return logits
+        backbone = ResNetBackboneNNX(rngs=rngs, stage_sizes=tuple(stage_sizes), base_width=base_width, stem=stem,
+                                     zero_init_residual=zero_init_residual, dtype=dtype)
+        self.attach(backbone, 8 * base_width, num_classes, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
 
 
 @expose_signature
