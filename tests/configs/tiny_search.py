@@ -3,23 +3,17 @@
 ``get_search("metric=val/accuracy,key=config.optimizer.learning_rate")``: the key and metric can be
 changed to test the refusals.
 """
-import importlib.util
 import pathlib
 
 from tl_jax import config as config_lib
 from tl_jax.sweep.search import loguniform
 
 
-def _tiny():
-    path = pathlib.Path(__file__).with_name("tiny.py")
-    spec = importlib.util.spec_from_file_location("tl_jax_test_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY = pathlib.Path(__file__).with_name("tiny.py")
 
 
 def get_config(arg=None):
-    return _tiny().get_config(arg)
+    return config_lib.load_config(f"{TINY}:{arg}" if arg else str(TINY))
 
 
 def get_search(arg=None):

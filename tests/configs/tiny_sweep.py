@@ -1,5 +1,4 @@
 """Sweeps over tests/configs/tiny.py for tests/test_sweep.py (a few steps per point)."""
-import importlib.util
 import pathlib
 
 from tl_jax import config as config_lib
@@ -10,16 +9,11 @@ L2 = [1e-4, 1e-3, 3e-4]
 RULES = [[["backbone/conv1/.*", None], ["backbone/.*", m], [".*", 1.0]] for m in (0.5, 0.1, 2.0)]  # conv1 frozen
 
 
-def _tiny():
-    path = pathlib.Path(__file__).with_name("tiny.py")
-    spec = importlib.util.spec_from_file_location("tl_jax_test_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY = pathlib.Path(__file__).with_name("tiny.py")
 
 
 def get_config(arg=None):
-    return _tiny().get_config(arg)
+    return config_lib.load_config(f"{TINY}:{arg}" if arg else str(TINY))
 
 
 def get_sweep(arg=None):

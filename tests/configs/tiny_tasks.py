@@ -3,23 +3,17 @@
 ``get_sweep("n=6,steps=4,phased=0")``: points ``t0..t{n-1}`` differ in seed and learning rate; with
 ``phased=1`` point t0 is phase 0 and the others phase 1.
 """
-import importlib.util
 import pathlib
 
 from tl_jax import config as config_lib
 from tl_jax.sweep import zip_
 
 
-def _tiny():
-    path = pathlib.Path(__file__).with_name("tiny.py")
-    spec = importlib.util.spec_from_file_location("tl_jax_test_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY = pathlib.Path(__file__).with_name("tiny.py")
 
 
 def get_config(arg=None):
-    return _tiny().get_config(arg)
+    return config_lib.load_config(f"{TINY}:{arg}" if arg else str(TINY))
 
 
 def get_sweep(arg=None):
