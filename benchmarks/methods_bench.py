@@ -66,6 +66,8 @@ def _objective(name: str):
         group.at_weight = 1.0
     if obj_name == "co_tuning":
         group.source = "unused"
+    if obj_name == "delta":  # its channel weights come from the training data at build time: set them below
+        group.attention = False
     model = get_model("cnn", 10)
     obj = build_objective(c, model)
     x = jnp.zeros((1, SIZE, SIZE, 1))
@@ -83,6 +85,8 @@ def _objective(name: str):
         rel = np.full((10, 10), 0.1, np.float32)
         return obj, {**params, "source_head": jax.tree.map(jnp.array, params["head"])}, {obj.AUX: rel}
     extra, aux = obj.init_extra(jax.random.PRNGKey(3), params, {})
+    if obj_name == "delta":  # the step of the paper's form: one [D] channel weighting more
+        obj.attention, aux = True, {**aux, obj.ATTENTION: np.ones(512, np.float32)}
     return obj, {**params, **extra}, aux
 
 

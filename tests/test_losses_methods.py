@@ -7,7 +7,8 @@ import pytest
 from tl_jax.losses.da_methods import (cdan_loss, entropy, fixmatch_loss, mcc_loss, mdd_loss, multilinear_map,
                                       randomized_multilinear_map)
 from tl_jax.losses.finetune_methods import (attention_map, attention_transfer_loss, bss_loss, category_relationship,
-                                            co_tuning_loss, delta_attention, delta_loss, hint_loss)
+                                            channel_loss_increase, co_tuning_loss, delta_attention, delta_loss,
+                                            hint_loss)
 from tl_jax.losses.domain_adaptation import gradient_reversal
 
 RNG = np.random.default_rng(0)
@@ -117,6 +118,40 @@ def test_delta_loss_is_attention_weighted_feature_map_distance():
     assert np.all(np.asarray(g0) == 0)   # the pretrained features are constants
     d = np.array([0.1, 0.5, -0.2])
     np.testing.assert_allclose(delta_attention(jnp.asarray(d), 0.5), 3 * softmax(d / 0.5), rtol=1e-5)
+
+
+def np_mean_ce(z, y):
+    z = z - z.max(-1, keepdims=True)
+    return np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(y)), y])
+
+
+def test_delta_channel_loss_increase_zeroes_one_channel_at_a_time():
+    f = np.maximum(RNG.normal(size=(13, 6)), 0.0) * 2.0   # ReLU-like features: some channels all but off
+    f[:, 4] = 0.0                                          # a dead channel: zeroing it changes nothing
+    y = RNG.integers(0, 3, size=13)
+    w, b = RNG.normal(size=(6, 3)), RNG.normal(size=3)
+    want = np.empty(6)
+    for c in range(6):   # the definition: CE with channel c set to 0, minus CE (float64)
+        g = f.copy()
+        g[:, c] = 0.0
+        want[c] = np_mean_ce(g @ w + b, y) - np_mean_ce(f @ w + b, y)
+    got = channel_loss_increase(jnp.asarray(f), jnp.asarray(y), jnp.asarray(w), jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+    assert float(got[4]) == 0.0
+    small = channel_loss_increase(jnp.asarray(f), jnp.asarray(y), jnp.asarray(w), jnp.asarray(b), chunk_elements=7)
+    np.testing.assert_allclose(np.asarray(small), np.asarray(got), rtol=1e-5, atol=1e-7)   # 13 chunks of 1 row
+    with pytest.raises(ValueError, match=r"kernel \[D, K\], bias \[K\] must agree"):
+        channel_loss_increase(jnp.asarray(f), jnp.asarray(y), jnp.asarray(w[:5]), jnp.asarray(b))
+
+
+def test_delta_attention_standardized_is_tllib_softmax_of_z_scores():
+    d = np.array([0.0, 0.003, 0.0005, 0.0, 0.012])
+    z = (d - d.mean()) / d.std()          # TLlib: (w - mean) / std, then softmax(w / T); here times C
+    np.testing.assert_allclose(delta_attention(jnp.asarray(d), 5.0, standardize=True), 5 * softmax(z / 5.0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(delta_attention(jnp.asarray(d * 100), 5.0, standardize=True),
+                               5 * softmax(z / 5.0), rtol=1e-5)   # scale-free
+    np.testing.assert_allclose(delta_attention(jnp.zeros(4), 2.0, standardize=True), np.ones(4))  # equal: uniform
 
 
 def test_co_tuning_relationship_and_soft_targets():

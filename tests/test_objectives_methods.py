@@ -145,7 +145,8 @@ def test_bss_and_delta_terms():
     z, f = outputs(obj, params, BATCH["image"])
     np.testing.assert_allclose(float(loss), float(cross_entropy(z, BATCH["label"]).mean() + 0.1 * bss_loss(f, 2)),
                                rtol=1e-5)
-    obj, params, aux = setup("delta", weight=0.3)
+    obj, params, aux = setup("delta", weight=0.3, attention=False)   # the unweighted "L2-FE" form
+    assert set(aux) == {"delta_pretrained"}
     assert float(obj.loss(params, {}, aux, BATCH, None, 0)[1][1]["train/delta"]) == 0.0   # at the start: f = f*
     moved = jax.tree.map(lambda x: x * 1.1, params)
     loss, (_, m) = obj.loss(moved, {}, aux, BATCH, None, 0)
@@ -156,9 +157,72 @@ def test_bss_and_delta_terms():
     assert np.abs(g["backbone/fc/kernel"]).max() > 0
 
 
+def np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_mean_ce(z, y):
+    return np.mean(np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1) - z[np.arange(len(y)), y])
+
+
+def test_delta_channel_attention_from_the_training_examples(tfds_data_dir):
+    from tl_jax.objectives.finetune_methods import fit_probe
+    from tl_jax.transferability.extract import target_arrays
+
+    config = config_lib.base_config()
+    config.objective.name = "delta"
+    config.objective.delta.update(weight=0.3, temperature=2.0)
+    config.data.update(name="optdigits", data_dir=tfds_data_dir, shots=4, shots_seed=1, val_fraction=0.2,
+                       eval_pp=[{"op": "rescale", "in_max": 16.0}])
+    model = get_model("cnn", 10)
+    obj = build_objective(config, model)
+    params = model.init(jax.random.PRNGKey(0), BATCH["image"])["params"]
+    _, aux = obj.init_extra(jax.random.PRNGKey(1), params, {})
+    # the run's training examples: 4 per class, drawn after the validation carve-out
+    examples = target_arrays(config)
+    y = examples["label"]
+    assert sorted(np.bincount(y, minlength=10)) == [4] * 10
+    _, f = model.apply({"params": params}, examples["image"], return_features=True)
+    f = np.asarray(f, np.float64)
+    w, b = (np.asarray(a, np.float64) for a in fit_probe(f, y, 10))
+    p, onehot = np_softmax(f @ w + b), np.eye(10)[y]
+    assert np.abs(f.T @ (p - onehot) / len(y) + 1e-3 * w).max() < 1e-4   # the L2 logistic probe's optimum
+    assert np.abs((p - onehot).mean(0)).max() < 1e-4
+    increase = np.empty(f.shape[1])
+    for c in range(f.shape[1]):   # DELTA's definition, one channel at a time (float64)
+        g = f.copy()
+        g[:, c] = 0.0
+        increase[c] = np_mean_ce(g @ w + b, y) - np_mean_ce(f @ w + b, y)
+    z = (increase - increase.mean()) / increase.std()
+    want = f.shape[1] * np_softmax(z / 2.0)
+    got = np.asarray(aux["delta_attention"])
+    assert got.shape == (512,) and abs(got.sum() - 512) < 1e-2 and got.max() > 2.0   # far from uniform
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)
+    # the loss: CE + w·(1/B) Σ_b Σ_c a_c (f_bc − f*_bc)²
+    moved = jax.tree.map(lambda x: x * 1.1, params)
+    loss, (_, m) = obj.loss(moved, {}, aux, BATCH, None, 0)
+    zm, fm = outputs(obj, moved, BATCH["image"])
+    _, f0 = outputs(obj, params, BATCH["image"])
+    term = np.sum(got * (np.asarray(fm, np.float64) - np.asarray(f0, np.float64)) ** 2) / 8
+    np.testing.assert_allclose(float(m["train/delta"]), term, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), np_mean_ce(np.asarray(zm, np.float64), np.asarray(BATCH["label"]))
+                               + 0.3 * term, rtol=1e-4)
+
+
+def test_delta_attention_flag_must_be_a_bool():
+    config = config_lib.base_config()
+    config.objective.name = "delta"
+    with config.objective.delta.ignore_type():
+        config.objective.delta.attention = "yes"
+    with pytest.raises(ValueError, match=r"^config.objective.delta.attention must be true or false, got 'yes'$"):
+        build_objective(config, get_model("cnn", 10))
+
+
 @pytest.mark.parametrize("name, key, value, match", [
     ("bss", "k", 0, r"config.objective.bss.k must be an int in \[1, config.data.batch_size"),
     ("delta", "weight", -1.0, r"config.objective.delta.weight must be a finite number >= 0"),
+    ("delta", "temperature", 0.0, r"config.objective.delta.temperature must be a finite number > 0"),
     ("mcc", "temperature", 0.0, r"config.objective.mcc.temperature must be > 0"),
     ("mdd", "margin", 0.0, r"config.objective.mdd.margin must be > 0"),
     ("cdan", "randomized_dim", -1, r"config.objective.cdan.randomized_dim must be an int >= 0"),
@@ -240,6 +304,15 @@ def metrics(wd):
     return [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
 
 
+def saved_aux(wd):
+    """``state.aux`` of the latest checkpoint of run ``wd``."""
+    from orbax import checkpoint as ocp
+    from tl_jax.train.checkpoint import resolve_init_dir
+
+    with ocp.StandardCheckpointer() as ck:
+        return ck.restore(resolve_init_dir(wd, "x") / "state")["aux"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, extra", [
     ("cdan", {}), ("mcc", {}), ("mdd", {}),
@@ -258,12 +331,17 @@ def test_train_end_to_end_and_resume_exactly(tmp_path, tfds_data_dir, name, extr
     assert summary["steps"] == 4 and 0.0 <= summary["test/accuracy"] <= 1.0
     key = f"train/da/{name}" if "target" in config.objective[name] else f"train/{name}"
     assert all(key in m for m in metrics(wd) if "train/loss" in m)
+    if name == "delta":   # DELTA's channel attention (a = D·softmax(ẑ/T)) is a constant of the checkpoint
+        attention = np.asarray(saved_aux(wd)["delta_attention"])
+        assert attention.shape == (512,) and abs(attention.sum() - 512) < 0.1
     shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
     os.remove(os.path.join(wd, "summary.json"))
     full = metrics(wd)
     resumed = train(config, wd)
     assert metrics(wd) == full
     assert resumed["test/accuracy"] == summary["test/accuracy"]
+    if name == "delta":
+        np.testing.assert_array_equal(np.asarray(saved_aux(wd)["delta_attention"]), attention)
 
 
 @pytest.mark.slow
@@ -279,10 +357,7 @@ def test_co_tuning_and_feature_distill_end_to_end(tmp_path, tfds_data_dir):
     assert 0.0 <= summary["test/accuracy"] <= 1.0
     state = load_variables(wd)
     assert "source_head" in state["params"]
-    from orbax import checkpoint as ocp
-    from tl_jax.train.checkpoint import resolve_init_dir
-    with ocp.StandardCheckpointer() as ck:
-        rel = np.asarray(ck.restore(resolve_init_dir(wd, "x") / "state")["aux"]["co_tuning_relationship"])
+    rel = np.asarray(saved_aux(wd)["co_tuning_relationship"])
     assert rel.shape == (10, 10)
     np.testing.assert_allclose(rel.sum(1), 1.0, rtol=1e-5)
     fd = tiny(tfds_data_dir, "feature_distill", **{"objective.feature_distill.teacher": src,

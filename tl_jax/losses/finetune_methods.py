@@ -87,14 +87,61 @@ def delta_loss(features: jax.Array, pretrained_features: jax.Array, attention: j
     return jnp.sum(per_channel) / diff.shape[0]
 
 
-def delta_attention(loss_increase: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """DELTA's supervised channel attention: w = C · softmax(ΔL / T).
+def channel_loss_increase(features: jax.Array, labels: jax.Array, kernel: jax.Array, bias: jax.Array,
+                          chunk_elements: int = 2**24) -> jax.Array:
+    """DELTA's per-channel loss increase of a linear head: ΔL_c = CE(f with channel c zeroed) − CE(f).
 
-    ΔL_c = (loss of the pretrained model with channel c zeroed) − (its loss), [C];
-    the weights sum to C (mean 1), so the scale matches the unweighted variant.
+    With z = f W + b [N, K] and p = softmax(z), zeroing channel c of example n
+    moves its logits by −f_nc W_c, so every channel at once ([N, D, K], no loop)::
+
+        ΔCE_nc = log Σ_k p_nk exp(−f_nc W_ck) + f_nc W_{c, y_n}      ΔL_c = (1/N) Σ_n ΔCE_nc
+
+    (the difference written out, not two cross-entropies subtracted: the
+    increases are small next to the CE itself). Rows are processed in chunks
+    of about ``chunk_elements`` [n, D, K] entries, so memory stays bounded.
+
+    Args:
+      features: [N, D]; labels: [N] ints in [0, K); kernel: [D, K]; bias: [K].
+
+    Returns:
+      [D] float32.
+    """
+    f, w, b = _f32(features), _f32(kernel), _f32(bias)
+    if f.ndim != 2 or w.shape != (f.shape[1], b.shape[-1]) or jnp.shape(labels) != f.shape[:1]:
+        raise ValueError(f"features [N, D], labels [N], kernel [D, K], bias [K] must agree, got {f.shape}, "
+                         f"{jnp.shape(labels)}, {w.shape}, {b.shape}")
+    n, d = f.shape
+    rows = max(1, chunk_elements // max(1, d * w.shape[1]))
+    total = jnp.zeros((d,), jnp.float32)
+    for i in range(0, n, rows):
+        total = total + _loss_increase_sum(f[i:i + rows], jnp.asarray(labels[i:i + rows]), w, b)
+    return total / n
+
+
+@jax.jit
+def _loss_increase_sum(f: jax.Array, y: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    log_p = jax.nn.log_softmax(f @ w + b, axis=-1)                                        # [n, K]
+    shifted = jax.nn.logsumexp(log_p[:, None, :] - f[:, :, None] * w[None], axis=-1)      # [n, D]
+    return jnp.sum(shifted + f * w[:, y].T, axis=0)
+
+
+def delta_attention(loss_increase: jax.Array, temperature: float = 1.0, standardize: bool = False) -> jax.Array:
+    """DELTA's supervised channel attention: w = C · softmax(s / T).
+
+    s = ΔL, or its z-score (ΔL − mean ΔL) / std ΔL with ``standardize`` (as
+    TLlib's DELTA does, with T = 5: the raw increases of one channel out of
+    hundreds are tiny and their scale depends on the data, so a fixed T means
+    the same sharpness on every task; equal ΔL give s = 0, uniform weights).
+    ΔL_c = (loss of the pretrained model with channel c zeroed) − (its loss), [C]
+    (:func:`channel_loss_increase`); the weights sum to C (mean 1), so the
+    scale matches the unweighted variant.
     """
     check_scalar("temperature", temperature, low=0.0, low_open=True)
     x = _f32(loss_increase)
+    if standardize:
+        x = x - jnp.mean(x)
+        std = jnp.sqrt(jnp.mean(jnp.square(x)))
+        x = jnp.where(std > 0, x / jnp.where(std > 0, std, 1.0), 0.0)
     return x.shape[-1] * jax.nn.softmax(x / temperature)
 
 
