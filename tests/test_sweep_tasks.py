@@ -274,7 +274,7 @@ def test_a_failing_ray_task_raises_with_its_exit_status_and_last_line(tmp_path):
 
     with pytest.raises(RuntimeError, match="exit 3: bad thing"):  # Ray retries on this exception
         _run_command([sys.executable, "-c", "import sys; print('bad thing'); sys.exit(3)"], str(tmp_path / "p.log"))
-    assert _run_command([sys.executable, "-c", "print('ok')"], str(tmp_path / "p.log")) == 0
+    assert 0 < _run_command([sys.executable, "-c", "print('ok')"], str(tmp_path / "p.log")) < 60  # its seconds
 
 
 @pytest.mark.slow

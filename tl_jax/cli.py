@@ -137,7 +137,8 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     p.add_argument("--no-wait-code", type=int, default=75, help="exit status of --no-wait (default 75, EX_TEMPFAIL)")
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between checks of earlier phases (default 10)")
     p.add_argument("--executor", default="local", choices=("local", "ray"), help="where points run: local "
-                   "(default) or ray (one Ray task per point; pip install 'tl_jax[ray]')")
+                   "(default) or ray (one Ray task per point, reserving the point's _resources, default 1 CPU; "
+                   "pip install 'tl_jax[ray]')")
     p.add_argument("--address", default=None, help="--executor ray: the cluster address (default: a local runtime)")
     p.add_argument("--retries", type=int, default=1, help="--executor ray: retries of a failed point (default 1)")
     args = p.parse_args(rest)

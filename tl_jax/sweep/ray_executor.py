@@ -3,7 +3,13 @@
 Each point that is not finished becomes one Ray task running the point's
 ``python -m tl_jax.train`` command (:meth:`Sweep.command`, so the same files
 as a local run) in the study dir's file system, phase by phase (every task of
-phase k returns before phase k+1 is submitted). A task whose command exits
+phase k returns before phase k+1 is submitted). The task reserves the point's
+``_resources`` (``{"cpus": 4, "gpus": 1}``, default 1 CPU and no GPU:
+:func:`tl_jax.sweep.spec.resources`); Ray runs as many tasks at once as the
+nodes' CPUs and GPUs allow and gives each its GPUs (``CUDA_VISIBLE_DEVICES``).
+A point that no node can hold would wait forever: on the local runtime that is
+a one-line error before anything runs, on a cluster (``--address``, which an
+autoscaler may grow) a warning naming the points. A task whose command exits
 non-zero is retried ``retries`` times by Ray (``max_retries`` +
 ``retry_exceptions``); a retry resumes from the point's checkpoint and a second
 copy of a point is refused by its workdir lock. Without ``--address`` Ray
@@ -16,10 +22,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import pathlib
+import signal
 import subprocess
+import time
 
-from tl_jax.sweep.runner import Sweep, SweepError, load_points, resolve, write_point_json
+from tl_jax.sweep import spec as spec_lib
+from tl_jax.sweep.runner import Sweep, SweepError, SweepPoint, load_points, resolve, write_point_json
 from tl_jax.sweep.status import record_failure
 
 log = logging.getLogger("tl_jax")
@@ -35,18 +45,39 @@ def require_ray():
     return ray
 
 
-def _run_command(cmd: list[str], log_file: str) -> int:
-    """Run one point's training command (inside a Ray worker); raises on a non-zero exit so Ray retries."""
+def _run_command(cmd: list[str], log_file: str) -> float:
+    """Run one point's training command (inside a Ray worker); returns its wall seconds, raises on a non-zero
+    exit so Ray retries."""
+    t0 = time.perf_counter()
     with open(log_file, "a") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         tail = pathlib.Path(log_file).read_text().strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"exit {rc}: {tail[0][:200]}")
-    return rc
+        how = f" ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() else ""
+        raise RuntimeError(f"exit {rc}{how}: {tail[0][:200]}")
+    return time.perf_counter() - t0
 
 
-def run_ray(spec: str, root: str, *, address: str | None = None, retries: int = 1, num_cpus: float = 1,
-            num_gpus: float = 0, overrides: list[str] = ()) -> dict:
+def check_fits(nodes: list[dict], points: list[SweepPoint], *, local: bool) -> None:
+    """Refuse (local runtime) or warn about (cluster) points whose ``_resources`` no alive node has.
+
+    ``nodes``: ``ray.nodes()``. Ray would keep such a task pending forever on a fixed set of nodes."""
+    sizes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in nodes if n.get("Alive")]
+    largest = f"{max((c for c, _ in sizes), default=0):g} CPUs, {max((g for _, g in sizes), default=0):g} GPUs"
+    where = "the local Ray runtime" if local else "the Ray cluster now"
+    for p in points:
+        r = spec_lib.resources(p.point, f"point {p.name}")
+        if any(c >= r["cpus"] and g >= r["gpus"] for c, g in sizes):
+            continue
+        msg = (f"point {p.name} asks Ray for {r['cpus']:g} CPUs and {r['gpus']:g} GPUs (_resources) but no node of "
+               f"{where} has them (largest: {largest})")
+        if local:
+            raise SweepError(f"{msg}: lower the point's _resources, or give --address of a cluster that has such "
+                             f"a node")
+        log.warning("sweep: %s; Ray waits until a node that fits joins (an autoscaler may add one)", msg)
+
+
+def run_ray(spec: str, root: str, *, address: str | None = None, retries: int = 1, overrides: list[str] = ()) -> dict:
     """Run every unfinished point of ``spec`` as a Ray task into ``root``; returns ``{name: status}``."""
     ray = require_ray()
     if retries < 0:
@@ -55,33 +86,41 @@ def run_ray(spec: str, root: str, *, address: str | None = None, retries: int = 
     root_dir = pathlib.Path(root).expanduser().absolute()
     points = resolve(config_file, raw, root_dir, list(overrides))
     sweep = Sweep(root_dir, points, extra=list(overrides), config_file=config_file, vectorize="off")
-    root_dir.mkdir(parents=True, exist_ok=True)
-    (root_dir / "logs").mkdir(exist_ok=True)
-    sweep.save()
     if all(p.finished for p in points):
+        sweep.save()
         log.info("sweep: every point is finished; nothing sent to Ray")
         return {p.name: "skipped (finished)" for p in points}
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, log_to_driver=False)
     try:
-        return _run_phases(ray, sweep, points, root_dir, retries, num_cpus, num_gpus)
+        local = started and not (address or os.environ.get("RAY_ADDRESS"))
+        check_fits(ray.nodes(), [p for p in points if not p.finished], local=local)
+        root_dir.mkdir(parents=True, exist_ok=True)
+        (root_dir / "logs").mkdir(exist_ok=True)
+        sweep.save()
+        return _run_phases(ray, sweep, points, root_dir, retries)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run_phases(ray, sweep: Sweep, points: list, root_dir: pathlib.Path, retries: int, num_cpus: float,
-                num_gpus: float) -> dict:
-    """Phase by phase: the unfinished points as Ray tasks, all awaited before the next phase."""
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=retries, retry_exceptions=True)(_run_command)
+def _run_phases(ray, sweep: Sweep, points: list, root_dir: pathlib.Path, retries: int) -> dict:
+    """Phase by phase: the unfinished points as Ray tasks (each with its resources), all awaited before the next
+    phase."""
+    task = ray.remote(max_retries=retries, retry_exceptions=True)(_run_command)
     status: dict[str, str] = {}
     for phase in sorted({p.phase for p in points}):
         todo = [p for p in points if p.phase == phase and not p.finished]
         status.update({p.name: "skipped (finished)" for p in points if p.phase == phase and p.finished})
         for p in todo:
             write_point_json(p)
-        refs = {p.name: task.remote(sweep.command(p), str(root_dir / "logs" / f"{p.name}.log")) for p in todo}
+        refs = {}
+        for p in todo:
+            r = spec_lib.resources(p.point)
+            sweep.record["points"][p.name]["resources"] = r
+            refs[p.name] = task.options(num_cpus=r["cpus"], num_gpus=r["gpus"]).remote(
+                sweep.command(p), str(root_dir / "logs" / f"{p.name}.log"))
         log.info("sweep: phase %d: %d point(s) sent to Ray", phase, len(refs))
         failed = []
         for name, ref in refs.items():

@@ -12,8 +12,11 @@ line of ``tl-jax train``:
 * keys starting with ``_`` steer the sweep and are not part of the run:
   ``_name`` (the sub-workdir name, default :func:`point_name`), ``_phase``
   (int, default 0: every point of phase k finishes before phase k+1 starts,
-  e.g. pretraining before fine-tuning) and ``_report`` (False: left out of the
-  report's tables, e.g. the pretraining run);
+  e.g. pretraining before fine-tuning), ``_report`` (False: left out of the
+  report's tables, e.g. the pretraining run) and ``_resources`` (what
+  ``--executor ray`` reserves for the point's task: ``{"cpus": 4, "gpus": 1}``,
+  default :data:`DEFAULT_RESOURCES`; an array task gets its share from the
+  scheduler instead);
 * in string values ``{workdir}`` is replaced by the sweep's root directory
   (``source="{workdir}/source"`` names the sibling pretraining run).
 
@@ -35,7 +38,8 @@ from tl_jax.config import ConfigError
 
 Point = dict[str, Any]
 OVERRIDE_PREFIX = "config."
-RESERVED = ("_name", "_phase", "_report")
+RESERVED = ("_name", "_phase", "_report", "_resources")
+DEFAULT_RESOURCES = {"cpus": 1.0, "gpus": 0.0}  # one Ray task per point: what Ray reserves for it
 NAME_SKIP = ("stage", "source")  # keys left out of default names (constant within a study / a path)
 
 
@@ -139,12 +143,30 @@ def check_points(points: Any, where: str) -> list[Point]:
                                   f"(use a config.KEY override for such values)")
         if not isinstance(p.get("_phase", 0), int):
             raise ConfigError(f"{where}[{i}]: _phase must be an int, got {p['_phase']!r}")
+        resources(p, f"{where}[{i}]")
         name = point_name(p)
         if name in seen:
             raise ConfigError(f"{where}: points {seen[name]} and {i} have the same name {name!r}; "
                               f"give one a '_name'")
         seen[name] = i
     return [dict(p) for p in points]
+
+
+def resources(point: Point, where: str = "point") -> dict[str, float]:
+    """The point's ``_resources`` over :data:`DEFAULT_RESOURCES`: ``{"cpus": float, "gpus": float}``.
+
+    Raises a one-line :class:`ConfigError` for anything but a dict of those keys with numbers >= 0."""
+    given = point.get("_resources", {})
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{where}: _resources must be a dict like {{'cpus': 4, 'gpus': 1}}, got {given!r}")
+    out = dict(DEFAULT_RESOURCES)
+    for k, v in given.items():
+        if k not in DEFAULT_RESOURCES:
+            raise ConfigError(f"{where}: _resources key {k!r} is not one of {list(DEFAULT_RESOURCES)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"{where}: _resources[{k!r}] must be a number >= 0, got {v!r}")
+        out[k] = float(v)
+    return out
 
 
 def substitute(point: Point, root: str) -> Point:
