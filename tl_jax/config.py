@@ -110,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
                    # the norm, and runs the first on those steps (one more compile, no lax.cond in the step)
                    # | 'cond': one program, the norm inside a lax.cond.
                    grad_norm_program="separate")
+    # Mixed precision (tl_jax/models/precision.py, docs/precision.md): the model computes in `compute` (float32 |
+    # bfloat16 | float16) while params, gradients, BatchNorm statistics, losses and metrics stay float32; `moments`:
+    # the optimizer's first moments (Adam's mu, SGD's momentum) in float32 | bfloat16 (Adam's nu stays float32).
+    # For GPUs/TPUs: CPUs emulate bfloat16 (slower than float32). Part of the run's identity (it changes results).
+    c.precision = dict(compute="float32", moments="float32")
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
     # Where metrics go besides metrics.jsonl (tl_jax/train/trackers.py); not part of a run's identity.
     c.tracking = dict(tensorboard=True, wandb=False, wandb_project="tl_jax", wandb_mode="offline", mlflow=False,
@@ -313,6 +318,8 @@ _CHOICES = {
     "optimizer.name": ("adam", "adamw", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
     "tracking.wandb_mode": ("offline", "online", "disabled"),
+    "precision.compute": ("float32", "bfloat16", "float16"),  # tl_jax.models.precision.COMPUTE
+    "precision.moments": ("float32", "bfloat16"),  # tl_jax.models.precision.MOMENTS
 }
 _POSITIVE_INTS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "data.batch_size", "data.eval_batch_size")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tl_jax.models import check_logits, model_from_config, norm_paths
+from tl_jax.models import precision as precision_lib
 from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.parallel import mesh as mesh_lib
@@ -25,13 +26,16 @@ PyTree = Any
 
 def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh):
     """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
-    model = model_from_config(config.model, num_classes)  # a zoo name or the user's factory (models/references.py)
+    # a zoo name or the user's factory (models/references.py); config.precision: its compute dtype if it takes one
+    model = model_from_config(config.model, num_classes, **precision_lib.model_kwargs(config.model, config.precision))
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
     args, kwargs = model_inputs(sample)
     if is_reference(config.model.name):  # the user's model: logits [B, num_classes], before anything else runs
         check_logits(model, init_rng, sample, num_classes, config.model.name)
     objective = build_objective(config, model)
+    # config.precision: every apply casts params and inputs to the compute dtype, outputs back to float32
+    objective.model = precision_lib.wrap(objective.model, config.precision)
     variables = jax.jit(lambda r: objective.model.init(r, *args, train=False, **kwargs))(init_rng)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
@@ -61,7 +65,8 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
                     "still normalise with batch statistics in training; their running statistics are kept "
                     "fixed", list(frozen_norms))
         objective.loss = keep_frozen_stats(objective.loss, frozen_norms)
-    tx = groups.optimizer(make_group_tx(config.optimizer, config.train.steps))
+    tx = groups.optimizer(make_group_tx(config.optimizer, config.train.steps,
+                                        mu_dtype=precision_lib.moments_dtype(config.precision)))
     log.info("param groups (config.param_rules):\n%s", groups.table())
     objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
     repl = mesh_lib.replicated(mesh)

@@ -41,6 +41,7 @@ from tl_jax.data.pipeline import _Subset
 from tl_jax.data.preprocess import RANDOM_OPS
 from tl_jax.losses.classification import accuracy, cross_entropy
 from tl_jax.models.layers import Classifier
+from tl_jax.models.precision import unwrap
 from tl_jax.objectives.base import Objective
 from tl_jax.train.build import param_groups
 
@@ -74,8 +75,8 @@ def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params:
     """Why the run cannot train on cached features, or ``None`` when it can (static checks)."""
     if type(objective) is not Objective:
         return f"objective {getattr(objective, 'name', type(objective).__name__)!r} (or config.loss regularisers)"
-    if not isinstance(objective.model, Classifier):
-        return f"model {type(objective.model).__name__} is not a backbone/head Classifier"
+    if not isinstance(unwrap(objective.model), Classifier):  # config.precision may wrap it (models/precision.py)
+        return f"model {type(unwrap(objective.model)).__name__} is not a backbone/head Classifier"
     if train_pp.is_random:
         return f"config.data.train_pp has random ops {[o for o in train_pp.op_names if o in RANDOM_OPS]}"
     mults = param_groups(config, objective, params).multipliers

@@ -3,10 +3,22 @@
 ``make_group_tx(config.optimizer, total_steps)`` returns ``m -> tx`` used by
 :func:`tl_jax.transfer.param_rules.build_optimizer`: the group with learning
 rate multiplier ``m`` gets the base optimizer with ``lr_m(t) = m · lr(t)``.
+
+``mu_dtype`` (``config.precision.moments``): the dtype of the first moments,
+Adam/AdamW's ``mu`` (optax's ``mu_dtype``) and SGD's momentum trace (optax's
+``accumulator_dtype``); ``None`` keeps the params' float32. Adam's second
+moment ``nu`` always stays float32: with ``b2 = 0.999`` each step moves it by
+``(1 - b2)(g² - nu)``, about 2^-10 of its value, below bfloat16's resolution
+(an update < 2^-9 of a bfloat16 number rounds away), so a bfloat16 ``nu`` would
+stop tracking ``g²``; ``mu`` moves by ``1 - b1 = 10 %`` per step and keeps
+working in bfloat16, at half the bytes. The update itself is computed from the
+float32 gradient and the moments before they are stored, so only the stored
+``mu`` is rounded.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import optax
@@ -27,8 +39,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
 
 
-def make_group_tx(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[float], optax.GradientTransformation]:
-    """``m -> optax transformation`` for a param group with lr multiplier ``m``."""
+def make_group_tx(cfg: ml_collections.ConfigDict, total_steps: int, mu_dtype: Any = None
+                  ) -> Callable[[float], optax.GradientTransformation]:
+    """``m -> optax transformation`` for a param group with lr multiplier ``m`` (first moments in ``mu_dtype``)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
     if not cfg.learning_rate > 0:
@@ -38,11 +51,11 @@ def make_group_tx(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[
     def make_tx(mult: float) -> optax.GradientTransformation:
         lr = lambda t: mult * schedule(t)  # noqa: E731
         if cfg.name == "adam":
-            tx = optax.adam(lr)
+            tx = optax.adam(lr, mu_dtype=mu_dtype)
         elif cfg.name == "adamw":
-            tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
+            tx = optax.adamw(lr, weight_decay=cfg.weight_decay, mu_dtype=mu_dtype)
         else:
-            tx = optax.sgd(lr, momentum=cfg.momentum or None)
+            tx = optax.sgd(lr, momentum=cfg.momentum or None, accumulator_dtype=mu_dtype)
         if cfg.grad_clip_norm is not None:
             tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
         return tx
