@@ -7,6 +7,8 @@ Stages (``get_config`` argument ``stage=...``):
     tl-jax train --config experiments/mnist_to_digits.py:stage=source --workdir runs/src
 
   printed ``test/accuracy=0.980`` (1,000 test images) in 21 s on 2 cores (2026-11-27).
+  ``evals=1`` adds a few-shot ridge evaluation of the features on optdigits every
+  100 steps (``fewshot/optdigits/{1,5,10}shot`` in metrics.jsonl).
 
 * ``target``: optdigits (8x8, 0..16) mapped onto MNIST's frame (resize to
   20x20, pad to 28x28, same normalisation), ``shots`` labelled examples per
@@ -33,6 +35,8 @@ import sys
 from tl_jax import config as config_lib
 
 MNIST_NORM = {"op": "normalize", "mean": 0.1307, "std": 0.3081}
+# optdigits (8x8, 0..16) onto MNIST's frame: the digit resized to 20x20 and padded to 28x28, same normalisation.
+DIGITS_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 20}, {"op": "pad", "size": 28}, MNIST_NORM]
 METHODS = {
     "scratch": (False, [[".*", 1.0]]),
     "linear_probe": (True, [["backbone/.*", None], [".*", 1.0]]),
@@ -42,7 +46,7 @@ METHODS = {
 
 
 def get_config(arg: str | None = None):
-    a = config_lib.parse_arg(arg, stage="source", shots=0, seed=0, method="", source="runs/demo/source")
+    a = config_lib.parse_arg(arg, stage="source", shots=0, seed=0, method="", source="runs/demo/source", evals=0)
     c = config_lib.base_config()
     c.seed = a.seed
     c.model.name = "cnn"
@@ -61,12 +65,13 @@ def get_config(arg: str | None = None):
         c.train.steps = 600
         c.train.log_every = 50
         c.train.checkpoint_every = 300
+        if a.evals:  # optdigits few-shot ridge on the features every 100 steps (tl_jax/train/fewshot_evals.py)
+            c.evals = [{"kind": "fewshot", "name": "optdigits", "every": 100, "dataset": "optdigits",
+                        "eval_pp": list(DIGITS_PP), "shots": [1, 5, 10], "seeds": 3}]
     elif a.stage == "target":
-        digits_pp = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 20}, {"op": "pad", "size": 28},
-                     MNIST_NORM]
         c.data.name = "optdigits"
-        c.data.train_pp = digits_pp
-        c.data.eval_pp = list(digits_pp)
+        c.data.train_pp = list(DIGITS_PP)
+        c.data.eval_pp = list(DIGITS_PP)
         c.data.shots = a.shots or None
         c.data.shots_seed = a.seed
         c.data.batch_size = 32

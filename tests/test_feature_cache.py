@@ -9,7 +9,7 @@ from tl_jax.data import build_preprocess
 from tl_jax.models import get_model
 from tl_jax.objectives import Objective
 from tl_jax.train import feature_cache
-from tl_jax.train import loop as loop_lib
+from tl_jax.train import run_loop as run_loop_lib
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import train
 from tl_jax.transfer.param_rules import flatten_paths
@@ -57,7 +57,7 @@ def test_cached_probe_resumes_where_it_stopped(tmp_path, tfds_data_dir, monkeypa
         if kind == "kill_after_step" and step == 4:  # after the step-3 checkpoint
             raise RuntimeError("crash")
 
-    monkeypatch.setattr(loop_lib, "maybe_kill", crash)
+    monkeypatch.setattr(run_loop_lib, "maybe_kill", crash)
     with pytest.raises(RuntimeError, match="crash"):
         train(probe_config(tfds_data_dir, True), str(tmp_path / "resumed"))
     monkeypatch.undo()

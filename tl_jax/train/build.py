@@ -14,6 +14,7 @@ from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.references import is_reference
+from tl_jax.train import lp_ft
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.state import TrainState
@@ -24,8 +25,13 @@ log = logging.getLogger("tl_jax")
 PyTree = Any
 
 
-def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh):
-    """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in."""
+def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh, *,
+                          start_from: dict | None = None):
+    """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in.
+
+    ``start_from``: ``{'params', 'batch_stats'?}`` replacing every param (objective extras included) and
+    BatchNorm statistic once the model is built (LP-FT's probe: :mod:`tl_jax.train.lp_ft`).
+    """
     # a zoo name or the user's factory (models/references.py); config.precision: its compute dtype if it takes one
     model = model_from_config(config.model, num_classes, **precision_lib.model_kwargs(config.model, config.precision))
     rng = jax.random.PRNGKey(config.seed)
@@ -55,6 +61,8 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
     if clash:
         raise ValueError(f"objective {objective.name!r} adds params {clash} that the model already has")
     params = {**params, **extra}
+    if start_from is not None:  # config.recipe 'lp_ft': the fine-tune starts where the probe ended
+        params, batch_stats = lp_ft.start_from_probe(params, batch_stats, start_from, "the LP-FT probe (WORKDIR/lp)")
     rules = objective.fixed_rules() + [list(r) for r in config.param_rules]
     groups = objective.param_groups = rules_lib.ParamGroups.resolve(params, rules)  # the rules, matched once
     frozen_norms = groups.frozen_modules(norm_paths(batch_stats)) if batch_stats else ()

@@ -86,18 +86,20 @@ def accuracies(xtr, ytr, evals, l2s, num_classes: int) -> list[np.ndarray]:
     return [(np.argmax(o, -1) == y).mean(-1) for o, (_, y) in zip(outs, evals)]
 
 
-def check_shots(labels: np.ndarray, shots: Sequence[int], val_fraction: float, name: str) -> list[int]:
-    """Validated shots; one-line error when a class has fewer than ``max(shots)`` examples outside the held-out part."""
+def check_shots(labels: np.ndarray, shots: Sequence[int], val_fraction: float, name: str,
+                key: str = "--shots") -> list[int]:
+    """Validated shots; one-line error naming ``key`` when a class has fewer than ``max(shots)`` examples
+    outside the held-out part."""
     shots = [int(k) for k in shots]
     if not shots or min(shots) < 1:
-        raise ValueError(f"--shots must be integers >= 1, got {shots}")
+        raise ValueError(f"{key} must be integers >= 1, got {shots}")
     classes, counts = np.unique(labels, return_counts=True)
     avail = counts - np.maximum(1, np.round(counts * val_fraction)).astype(int)
     worst = int(np.argmin(avail))
     if max(shots) > avail[worst]:
-        raise ValueError(f"--shots {max(shots)} is more than class {int(classes[worst])} of {name} has: "
+        raise ValueError(f"{key} {max(shots)} is more than class {int(classes[worst])} of {name} has: "
                          f"{int(avail[worst])} examples outside its held-out part ({int(counts[worst])} in all); "
-                         f"lower --shots")
+                         f"lower {key}")
     return shots
 
 
