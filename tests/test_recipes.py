@@ -314,6 +314,19 @@ def test_tl_jax_interpolate_end_to_end(tmp_path, tfds_data_dir, capsys):
     assert float(rows[-1]["accuracy"]) == pytest.approx(summary["test/accuracy"], abs=1e-6)
     assert (out / "wise_ft.png").stat().st_size > 1000
     assert "alpha=0.5" in capsys.readouterr().out
+    # --split val: α chosen on the run's validation set (the examples training validated on)
+    ft_val = tiny_config(**{"train.steps": 4, "optimizer.learning_rate": 3e-3, "seed": 1,
+                            "data.val_fraction": 0.2, "data.shots": 20})
+    ft_val.data.data_dir = tfds_data_dir
+    ft_val.init_from = str(tmp_path / "pre")
+    summary_val = train(ft_val, str(tmp_path / "ft_val"))
+    assert cli.main(["interpolate", "--finetuned", str(tmp_path / "ft_val"), "--alphas", "0,1", "--split", "val",
+                     "--out", str(tmp_path / "wise_val")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "wise_val" / "wise_ft.csv")))
+    assert float(rows[-1]["accuracy"]) == pytest.approx(summary_val["val/accuracy"], abs=1e-6)
+    assert int(rows[-1]["count"]) == 800  # 20 % of mnist5k's 4,000 train digits, stratified
+    assert cli.main(["eval", "--workdir", str(tmp_path / "ft_val"), "--split", "val"]) == 0
+    assert f"accuracy={summary_val['val/accuracy']:.4f}" in capsys.readouterr().out
     # bad input: one line, nothing written
     assert cli.main(["interpolate", "--finetuned", str(tmp_path / "ft"), "--alphas", "x",
                      "--out", str(tmp_path / "none")]) != 0

@@ -31,7 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="latest",
                    help="latest (default) | best (by the run's config.train.best_metric) | a step number")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's config.data.name)")
-    p.add_argument("--split", default=None, help="split, e.g. test or train[:10%%]")
+    p.add_argument("--split", default=None, help="split, e.g. test or train[:10%%]; val: the run's own "
+                   "validation set (config.data.val_fraction / val_split)")
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: the run's config.data.data_dir)")
 
 

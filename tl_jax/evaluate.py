@@ -40,6 +40,7 @@ from tl_jax.train import ema as ema_lib
 from tl_jax.train import checkpoint as ckpt_lib
 
 INPUT_KEYS = ("image", "input_ids", "attention_mask")  # what the model reads of a batch
+RUN_VAL = "val"  # --split val: the run's own validation set (config.data.val_fraction / val_split)
 
 
 @dataclasses.dataclass
@@ -138,11 +139,28 @@ def eval_split(run: LoadedRun, dataset: str | None = None, split: str | None = N
     ops = parse_eval_pp(eval_pp)
     pp = build_preprocess(list(dc.eval_pp) if ops is None else ops, where="--config.data.eval_pp")
     name, split_name = dataset or dc.name, split or dc.test_split
+    if dataset is None and split == RUN_VAL and (dc.val_fraction is not None or dc.val_split is not None):
+        data = run_validation(dc, data_dir)  # the very examples the run validated on
+        check_inputs(run, data, pp, f"the run's validation set ({data.split})")
+        return data, pp
     data = load_split(name, split_name, data_dir or dc.data_dir)
     if dataset is None and split is None:  # the run's own test evaluation, exactly as the loop makes it
         data, pp = run.objective.eval_data(data, pp)
     check_inputs(run, data, pp, f"dataset {name}:{split_name}")
     return data, pp
+
+
+def run_validation(dc: ml_collections.ConfigDict, data_dir: str | None = None) -> DataSplit:
+    """The validation split of a run with ``config.data`` = ``dc``: ``val_split``, or the stratified
+    ``val_fraction`` of its train split (seeded by ``val_seed``), exactly as training carved it."""
+    from tl_jax.data.validation import train_and_val_indices, validation_split
+
+    train = load_split(dc.name, dc.train_split, data_dir or dc.data_dir)
+    val_idx = None
+    if dc.val_fraction is not None:
+        _, val_idx = train_and_val_indices(train.labels(), val_fraction=dc.val_fraction, val_seed=dc.val_seed,
+                                           shots=dc.shots, shots_seed=dc.shots_seed, name=f"{dc.name}:{dc.train_split}")
+    return validation_split(dc, train, val_idx)
 
 
 def evaluate_run(workdir: str | pathlib.Path, checkpoint: str | int = "latest", dataset: str | None = None,

@@ -72,8 +72,9 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def wise_ft(pretrained: str | None, finetuned: str, alphas: Sequence[float], out_dir: str | pathlib.Path,
-            checkpoint: str | int = "latest") -> list[dict]:
-    """Evaluate ``θ_α`` for each ``α`` on the fine-tuned run's test split; write ``wise_ft.csv``/``.png``/``.json``.
+            checkpoint: str | int = "latest", split: str | None = None) -> list[dict]:
+    """Evaluate ``θ_α`` for each ``α`` on the fine-tuned run's test split (``split='val'``: its validation set,
+    to choose α; any other split of its dataset by name); write ``wise_ft.csv``/``.png``/``.json``.
 
     ``pretrained``: a workdir or checkpoint (``PATH[:best|latest|STEP]``); ``None``: the fine-tuned run's
     ``config.init_from``. Params matching its ``config.dont_load`` keep their fine-tuned values. Returns one
@@ -98,7 +99,7 @@ def wise_ft(pretrained: str | None, finetuned: str, alphas: Sequence[float], out
         if run.state.batch_stats and "batch_stats" in theta0:
             state = state.replace(batch_stats=interpolate(theta0["batch_stats"],
                                                           jax.device_get(run.state.batch_stats), alpha, keep))
-        res = eval_lib.evaluate_run(finetuned, checkpoint, run=dataclasses.replace(run, state=state))
+        res = eval_lib.evaluate_run(finetuned, checkpoint, split=split, run=dataclasses.replace(run, state=state))
         rows.append({"alpha": alpha, "step": res["step"], "count": res["count"], **res["metrics"]})
     write_curve(rows, out, title=f"WiSE-FT: {pathlib.Path(source).name} -> {run.workdir.name}")
     return rows
@@ -141,10 +142,12 @@ def cmd_interpolate(argv: Sequence[str]) -> int:
                                                       "the fine-tuned run's config.init_from")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated α values")
     p.add_argument("--checkpoint", default="latest", help="the fine-tuned run's step: latest | best | STEP")
+    p.add_argument("--split", default=None, help="default: the run's test split; val: its validation set (choose α "
+                                                 "there, not on test); or another split of its dataset")
     p.add_argument("--out", required=True, help="directory for wise_ft.csv, wise_ft.json, wise_ft.png")
     args = p.parse_args(list(argv))
     checkpoint = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
-    rows = wise_ft(args.pretrained, args.finetuned, parse_alphas(args.alphas), args.out, checkpoint)
+    rows = wise_ft(args.pretrained, args.finetuned, parse_alphas(args.alphas), args.out, checkpoint, args.split)
     for r in rows:
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     print(f"wrote {pathlib.Path(args.out) / 'wise_ft.csv'} and wise_ft.png")
