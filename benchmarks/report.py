@@ -340,6 +340,8 @@ def render(results: dict) -> str:
                  "methods": ("Adaptation, regularisation and distillation methods: step vs plain fine-tuning "
                              "(benchmarks/methods_bench.py)", None),
                  "byo": ("Your own model and data: NNX vs linen, in-memory data (benchmarks/byo_bench.py)", None),
+                 "recipes": ("Choosing and fine-tuning: ranking, few-shot ridge, gradient accumulation "
+                             "(benchmarks/recipes_bench.py)", None),
                  "gpu": ("7. GPU: ResNet-50 224x224 bf16", None)}
     for name, (title, fn) in renderers.items():
         if name not in s:

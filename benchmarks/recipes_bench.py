@@ -1,0 +1,121 @@
+"""Issue 22's speed goals, side by side in one process: ranking vs fine-tuning, few-shot ridge vs an SGD
+linear probe, gradient accumulation vs one big batch.
+
+* **ranking**: ``K`` small-CNN sources (the demo's source stage cut to 150, 60 and 20 steps) are ranked on
+  optdigits 10-shot by every score of :mod:`tl_jax.transferability` (``rank``: target examples, features,
+  6 scores) and each is fine-tuned with the demo's ``finetune`` settings (150 steps, 10 shots, seed 0);
+  figure = Σ fine-tune wall s / rank wall s (goal >= 100).
+* **few-shot ridge**: :func:`~tl_jax.transferability.fewshot.fewshot_run` on the 150-step source (4 shots x
+  3 seeds x 21 L2 values: the fits; the features are extracted once, reported apart) vs one SGD linear probe
+  at 10 shots (the demo's ``linear_probe``: 150 steps on cached features, seed 0): figure = the probe's
+  wall s / the ridge's seconds (goal >= 20), and 10-shot ridge accuracy (mean of 3 draws) minus the
+  probes' (mean of seeds 0-2; goal within 0.01).
+* **accumulation**: the demo source stage's step (CNN 28x28x1, Adam, batch 64) with
+  ``config.optimizer.accum_steps`` = 2 and 4 on the same 64 examples vs 1, timed interleaved (best round);
+  figure = step_k / step_1 (goal <= 1.05).
+"""
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+from benchmarks.common import ROOT, interleaved, table
+
+DEMO = str(ROOT / "experiments" / "mnist_to_digits.py")
+SOURCE_STEPS = (150, 60, 20)
+
+
+def _config(arg: str, data_dir: str, **over):
+    from tl_jax import config as config_lib
+
+    c = config_lib.load_config(f"{DEMO}:{arg}")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    c.tracking.tensorboard = False
+    for k, v in over.items():
+        config_lib.set_value(c, k, v)
+    return c
+
+
+def _accumulation(data_dir: str, quick: bool) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from tl_jax.parallel import mesh as mesh_lib
+    from tl_jax.train.build import build_model_and_state
+    from tl_jax.train.loop import pure_train_step
+
+    r = np.random.default_rng(0)
+    batch = {"image": r.normal(size=(64, 28, 28, 1)).astype(np.float32), "label": (np.arange(64) % 10).astype(np.int32)}
+    steps = {}
+    for k in (1, 2, 4):
+        c = _config("stage=source", data_dir, **{"optimizer.accum_steps": k})
+        obj, tx, state = build_model_and_state(c, 10, {n: v[:1] for n, v in batch.items()}, mesh_lib.make_mesh(1))
+        fn = jax.jit(pure_train_step(c, obj, tx, state.params, grad_norm=False)).lower(state, batch).compile()
+        steps[f"accum{k}"] = (fn, state)
+    times = interleaved({n: (lambda n=n: steps[n][0](steps[n][1], batch)) for n in steps},
+                        rounds=2 if quick else 5, reps=5 if quick else 20, sync=jax.block_until_ready)
+    return {"step_ms": {n: 1e3 * t for n, t in times.items()},
+            "ratios": {n: times[n] / times["accum1"] for n in ("accum2", "accum4")}}
+
+
+def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
+    from tl_jax.train.loop import train
+    from tl_jax.transferability import DEFAULT_SCORES
+    from tl_jax.transferability.fewshot import fewshot_run
+    from tl_jax.transferability.ranking import rank
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="tl_jax_bench_recipes_"))
+    sources = {n: root / f"source_{n}" for n in SOURCE_STEPS}
+    for n, wd in sources.items():
+        train(_config("stage=source", data_dir, **{"train.steps": n, "train.checkpoint_every": n}), str(wd))
+    target = _config("stage=target,shots=10,seed=0", data_dir)
+    ft_s = 0.0
+    for n, wd in sources.items():
+        t0 = time.perf_counter()
+        train(_config(f"stage=target,method=finetune,shots=10,seed=0,source={wd}", data_dir), str(root / f"ft_{n}"))
+        ft_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rank(target, [str(wd) for wd in sources.values()], scores=DEFAULT_SCORES)
+    rank_s = time.perf_counter() - t0
+
+    best = sources[SOURCE_STEPS[0]]
+    probe_acc, probe_s = [], []
+    for seed in range(3):
+        t0 = time.perf_counter()
+        s = train(_config(f"stage=target,method=linear_probe,shots=10,seed={seed},source={best}", data_dir),
+                  str(root / f"lp_{seed}"))
+        probe_s.append(time.perf_counter() - t0)
+        probe_acc.append(s["test/accuracy"])
+    fs = fewshot_run(str(best), target, shots=(1, 5, 10, 25), seeds=3)
+    ridge10 = fs["shots"][10]["accuracy"]
+    acc = _accumulation(data_dir, quick)
+    out = {"rank_s": rank_s, "finetune_s": ft_s, "rank_ratio": ft_s / rank_s, "candidates": len(sources),
+           "ridge_s": fs["seconds"], "extract_s": fs["extract_s"], "probe_s": probe_s[0],
+           "fewshot_ratio": probe_s[0] / fs["seconds"], "fewshot_ratio_with_extraction":
+           probe_s[0] / (fs["seconds"] + fs["extract_s"]), "ridge10": ridge10,
+           "probe10": sum(probe_acc) / len(probe_acc), "accumulation": acc}
+    rows = [[f"rank {len(sources)} candidates (6 scores) vs fine-tune them", f"{ft_s:.1f} s / {rank_s:.2f} s",
+             out["rank_ratio"], ">= 100", "yes" if out["rank_ratio"] >= 100 else "no"],
+            ["few-shot ridge (4 shots x 3 seeds x 21 L2) vs one SGD linear probe (10 shots)",
+             f"{probe_s[0]:.2f} s / {fs['seconds']:.3f} s (+{fs['extract_s']:.2f} s features)",
+             out["fewshot_ratio"], ">= 20", "yes" if out["fewshot_ratio"] >= 20 else "no"],
+            ["10-shot accuracy: ridge (3 draws) - probe (3 seeds)", f"{ridge10:.4f} - {out['probe10']:.4f}",
+             ridge10 - out["probe10"], "within 0.01", "yes" if abs(ridge10 - out["probe10"]) <= 0.01 else "no"]]
+    rows += [[f"accumulation {n[-1]} x {64 // int(n[-1])} vs 1 x 64 (step time, same examples)",
+              f"{acc['step_ms'][n]:.2f} / {acc['step_ms']['accum1']:.2f} ms", acc["ratios"][n], "<= 1.05",
+              "yes" if acc["ratios"][n] <= 1.05 else "no"] for n in ("accum2", "accum4")]
+    out["markdown"] = table(["figure", "times", "ratio", "goal", "met"], rows)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    res = run(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else tempfile.mkdtemp(),
+              quick="--quick" in sys.argv)
+    print(res["markdown"])
+    print(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=1, default=str))
