@@ -123,3 +123,17 @@ def test_wandb_offline_and_mlflow_local_get_the_metrics(tmp_path, tfds_data_dir,
     raw = record_file.read_bytes()
     values = [v for r in records for k, v in r.items() if k != "step" and isinstance(v, float) and v != int(v)]
     assert values and all(json.dumps(v).encode() in raw for v in values)
+
+
+def test_tensorboard_starts_without_importing_torch(tmp_path):
+    """tensorboardX imports PyTorch when installed (seconds of every run's start); the writer hides it."""
+    import subprocess
+
+    code = ("import sys; from tl_jax.train.trackers import TensorBoardWriter\n"
+            f"w = TensorBoardWriter({str(tmp_path)!r}); w.scalars(1, {{'a': 0.5}}); w.close()\n"
+            "print('torch' in sys.modules, sys.modules.get('torch', 'absent'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "absent"]  # not imported, and importable later (no None left in sys.modules)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.value for e in events.Scalars("a")] == [0.5]

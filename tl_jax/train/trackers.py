@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 from typing import Any, Protocol
 
 log = logging.getLogger("tl_jax")
@@ -48,7 +49,7 @@ class TensorBoardWriter:
     """Event files in ``logdir`` (tensorboardX); ``purge_step``: drop earlier events from this step on."""
 
     def __init__(self, logdir: str | pathlib.Path, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _import_tensorboardx()
 
         self.w = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
 
@@ -67,6 +68,24 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self.w.close()
+
+
+def _import_tensorboardx():
+    """``tensorboardX.SummaryWriter``, imported without PyTorch.
+
+    tensorboardX's writer imports ``torch`` whenever it is installed, only to accept torch tensors (1.6 s of
+    a process's start on 2 cores); tl_jax writes floats and numpy arrays. ``torch`` is hidden for that import
+    unless something imported it already (then it costs nothing)."""
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX falls back to numpy
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class WandbWriter:
