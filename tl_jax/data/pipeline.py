@@ -151,7 +151,48 @@ def eval_batches(
             f"{[o for o in preprocess.op_names if o in RANDOM_OPS]}; use deterministic "
             "ops (e.g. center_crop instead of random_crop, no flip_lr)"
         )
-    return _eval_iterator(split, preprocess, batch_size, process_index, process_count)
+    key = _eval_key(split, preprocess, batch_size, process_index, process_count)
+    if key is not None and key in _EVAL_KEPT:
+        return (dict(b) for b in _EVAL_KEPT[key])
+    batches = _eval_iterator(split, preprocess, batch_size, process_index, process_count)
+    return batches if key is None else _keep(key, batches)
+
+
+# eval_batches of tfds splits, kept for the process: every eval of a run and every point of a sweep task
+# evaluates the same test split through the same ops. Batches are read-only; at most EVAL_KEEP_BYTES in all.
+_EVAL_KEPT: dict[tuple, list[dict]] = {}
+EVAL_KEEP_BYTES = 256 * 2**20
+
+
+def _eval_key(split: DataSplit, preprocess: Preprocess, *args: int) -> tuple | None:
+    """What the batches are a function of: the split's files (``ExampleSource._files_key``), the extra label
+    fields, the ops with their parameters, batch size and process; None for other sources."""
+    files_key = getattr(split.source, "_files_key", None)
+    files = files_key() if files_key is not None else None
+    if files is None:
+        return None
+    ops = tuple((op.name, repr(sorted(op.params.items()))) for op in preprocess.ops)
+    return files, tuple(getattr(split.source, "label_fields", ())), ops, args
+
+
+def _keep(key: tuple, batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches`` as they come (made read-only), kept in :data:`_EVAL_KEPT` once all were read if they fit
+    in :data:`EVAL_KEEP_BYTES`; the oldest kept splits make room."""
+    kept: list[dict] | None = []
+    size = 0
+    for batch in batches:
+        for a in batch.values():
+            a.flags.writeable = False
+        size += sum(a.nbytes for a in batch.values())
+        if kept is not None:
+            kept = kept + [batch] if size <= EVAL_KEEP_BYTES else None
+        yield dict(batch)
+    if kept is None:
+        return
+    nbytes = lambda bs: sum(a.nbytes for b in bs for a in b.values())  # noqa: E731
+    while _EVAL_KEPT and nbytes(kept) + sum(nbytes(bs) for bs in _EVAL_KEPT.values()) > EVAL_KEEP_BYTES:
+        del _EVAL_KEPT[next(iter(_EVAL_KEPT))]
+    _EVAL_KEPT[key] = kept
 
 
 def _eval_iterator(

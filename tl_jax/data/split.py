@@ -36,6 +36,8 @@ class DataSplit:
 
     @functools.cached_property
     def _labels(self) -> np.ndarray:
+        if hasattr(self.source, "read_labels"):  # tfds splits: kept across the points of a sweep task
+            return self.source.read_labels()
         labels = np.fromiter(
             (self.source[i]["label"] for i in range(len(self.source))),
             dtype=np.int64,

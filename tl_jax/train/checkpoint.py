@@ -161,14 +161,41 @@ def resolve_init_dir(path: str, where: str = "config.init_from") -> pathlib.Path
 
 def load_variables(path: str, where: str = "config.init_from") -> dict:
     """``{'params': ..., 'batch_stats': ...}`` (numpy) from a tl_jax checkpoint or workdir
-    (``PATH[:best|latest|STEP]``; errors name ``where``)."""
+    (``PATH[:best|latest|STEP]``; errors name ``where``).
+
+    Every point of a sweep task restores the same source checkpoint, so the last one read is kept for the
+    process (keyed by its files' names, sizes, mtimes and inodes: a rewritten checkpoint is read again);
+    each call gets its own copy of the arrays."""
     step_dir = resolve_init_dir(path, where)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(step_dir / "state")
-    variables = {"params": restored["params"]}
-    if restored.get("batch_stats"):
-        variables["batch_stats"] = restored["batch_stats"]
-    return jax.tree.map(np.asarray, variables)
+    key = _files_key(step_dir / "state")
+    if key is None or _LAST_LOADED.get("key") != key:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(step_dir / "state")
+        variables = {"params": restored["params"]}
+        if restored.get("batch_stats"):
+            variables["batch_stats"] = restored["batch_stats"]
+        variables = jax.tree.map(np.asarray, variables)
+        _LAST_LOADED.clear()
+        if key is not None:
+            _LAST_LOADED.update(key=key, variables=variables)
+        return jax.tree.map(np.array, variables)  # copies: the kept arrays never reach a caller
+    return jax.tree.map(np.array, _LAST_LOADED["variables"])
+
+
+_LAST_LOADED: dict = {}  # load_variables: {"key": the checkpoint files' identity, "variables": numpy trees}
+
+
+def _files_key(directory: pathlib.Path) -> tuple | None:
+    """``(path, size, mtime_ns, inode)`` of every file under ``directory`` (None if it cannot be read)."""
+    try:
+        files = []
+        for f in sorted(directory.rglob("*")):
+            st = f.stat()
+            if f.is_file():
+                files.append((str(f), st.st_size, st.st_mtime_ns, st.st_ino))
+    except OSError:
+        return None
+    return tuple(files) or None
 
 # -- Choosing a step: latest | best | STEP ------------------------------------------------------------------------
 
