@@ -1,6 +1,6 @@
 """What a process keeps across the runs it trains (the points of a sweep task): split labels, eval batches and
 the source checkpoint's variables, each keyed by its files' identity, so rewritten files are read again and
-callers never share what is kept with each other."""
+callers never share what is kept with each other; and the feature cache's programs, shared by equal models."""
 import os
 
 import jax
@@ -108,3 +108,21 @@ def test_source_variables_are_restored_once_and_copied_to_each_caller(tmp_path):
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # rewritten: restored again
     c = ckpt_lib.load_variables(str(tmp_path / "run"))
     assert np.array_equal(c["params"]["dense"]["kernel"], params["dense"]["kernel"])
+
+
+def test_feature_cache_programs_are_shared_by_equal_models():
+    from tl_jax.models import get_model
+    from tl_jax.train import feature_cache
+
+    x, rng = np.zeros((2, 28, 28, 1), np.float32), jax.random.PRNGKey(0)
+    first = get_model("cnn", 10)
+    variables = first.init(rng, x)
+    embed, embed_train = feature_cache._embed_fns(first)
+    ref = np.asarray(embed(variables, x, rng))
+    size = feature_cache._embed_static._cache_size()
+    embed2, _ = feature_cache._embed_fns(get_model("cnn", 10))  # another run's equal model: no new program
+    assert np.array_equal(np.asarray(embed2(variables, x, rng)), ref)
+    assert feature_cache._embed_static._cache_size() == size
+    feature_cache._embed_fns(get_model("cnn", 10, width=2))[0](get_model("cnn", 10, width=2).init(rng, x), x, rng)
+    assert feature_cache._embed_static._cache_size() == size + 1
+    assert np.array_equal(np.asarray(embed_train(variables, x, rng)), ref)  # no dropout, no BatchNorm

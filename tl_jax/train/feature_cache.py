@@ -28,6 +28,7 @@ backbone with active dropout is not cached). The features must fit in
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -89,17 +90,28 @@ def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params:
 
 
 def _embed_fns(model: Classifier):
-    """Jitted ``(variables, x, rng) -> backbone(x)`` in eval mode and in train mode (updates discarded)."""
+    """``(variables, x, rng) -> backbone(x)`` in eval mode and in train mode (updates discarded), jitted.
 
-    @jax.jit
-    def embed(variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
-        return model.apply(variables, x, False, method=_backbone, rngs={"dropout": rng})
+    A hashable model (linen modules are, by their fields) is a static argument of module-level jitted
+    functions, so the runs of one process (the points of a sweep task) with equal models share their
+    compiled programs instead of tracing and compiling them again."""
+    try:
+        hash(model)
+    except TypeError:
+        return jax.jit(functools.partial(_embed, model)), jax.jit(functools.partial(_embed_train, model))
+    return functools.partial(_embed_static, model), functools.partial(_embed_train_static, model)
 
-    @jax.jit
-    def embed_train(variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
-        return model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])[0]
 
-    return embed, embed_train
+def _embed(model: Classifier, variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
+    return model.apply(variables, x, False, method=_backbone, rngs={"dropout": rng})
+
+
+def _embed_train(model: Classifier, variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
+    return model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])[0]
+
+
+_embed_static = jax.jit(_embed, static_argnums=0)
+_embed_train_static = jax.jit(_embed_train, static_argnums=0)
 
 
 def _variables(params: PyTree, batch_stats: PyTree) -> dict:
