@@ -111,3 +111,13 @@ def test_ray_retries_a_failed_point_which_resumes_from_its_checkpoint(tmp_path, 
         assert log.count("resumed from") == 1 and "at step 4" in log, log[-2000:]
         assert json.loads((study / name / "summary.json").read_text())["steps"] == 8
         assert not (study / name / "failed.json").exists()
+
+
+def test_a_ray_worker_runs_a_point_without_importing_jax():
+    """Ray imports the task's module in each fresh worker: tl_jax.sweep.ray_task keeps that to the stdlib."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, tl_jax.sweep.ray_task; print('jax' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -270,11 +270,11 @@ def test_concurrent_shards_with_a_kill_equal_the_sequential_sweep(tmp_path, tfds
 
 # -- the Ray executor --------------------------------------------------------------------------------------------
 def test_a_failing_ray_task_raises_with_its_exit_status_and_last_line(tmp_path):
-    from tl_jax.sweep.ray_executor import _run_command
+    from tl_jax.sweep.ray_task import run_command
 
     with pytest.raises(RuntimeError, match="exit 3: bad thing"):  # Ray retries on this exception
-        _run_command([sys.executable, "-c", "import sys; print('bad thing'); sys.exit(3)"], str(tmp_path / "p.log"))
-    assert 0 < _run_command([sys.executable, "-c", "print('ok')"], str(tmp_path / "p.log")) < 60  # its seconds
+        run_command([sys.executable, "-c", "import sys; print('bad thing'); sys.exit(3)"], str(tmp_path / "p.log"))
+    assert 0 < run_command([sys.executable, "-c", "print('ok')"], str(tmp_path / "p.log")) < 60  # its seconds
 
 
 @pytest.mark.slow

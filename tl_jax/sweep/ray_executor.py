@@ -2,7 +2,9 @@
 
 Each point that is not finished becomes one Ray task running the point's
 ``python -m tl_jax.train`` command (:meth:`Sweep.command`, so the same files
-as a local run) in the study dir's file system, phase by phase (every task of
+as a local run; the task is :func:`tl_jax.sweep.ray_task.run_command`, whose
+module a fresh Ray worker imports without JAX) in the study dir's file
+system, phase by phase (every task of
 phase k returns before phase k+1 is submitted). The task reserves the point's
 ``_resources`` (``{"cpus": 4, "gpus": 1}``, default 1 CPU and no GPU:
 :func:`tl_jax.sweep.spec.resources`); Ray runs as many tasks at once as the
@@ -24,11 +26,9 @@ import importlib.util
 import logging
 import os
 import pathlib
-import signal
-import subprocess
-import time
 
 from tl_jax.sweep import spec as spec_lib
+from tl_jax.sweep.ray_task import run_command
 from tl_jax.sweep.runner import Sweep, SweepError, SweepPoint, load_points, resolve, write_point_json
 from tl_jax.sweep.status import record_failure
 
@@ -43,19 +43,6 @@ def require_ray():
     import ray
 
     return ray
-
-
-def _run_command(cmd: list[str], log_file: str) -> float:
-    """Run one point's training command (inside a Ray worker); returns its wall seconds, raises on a non-zero
-    exit so Ray retries."""
-    t0 = time.perf_counter()
-    with open(log_file, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if rc != 0:
-        tail = pathlib.Path(log_file).read_text().strip().splitlines()[-1:] or [""]
-        how = f" ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() else ""
-        raise RuntimeError(f"exit {rc}{how}: {tail[0][:200]}")
-    return time.perf_counter() - t0
 
 
 def check_fits(nodes: list[dict], points: list[SweepPoint], *, local: bool) -> None:
@@ -108,7 +95,7 @@ def run_ray(spec: str, root: str, *, address: str | None = None, retries: int = 
 def _run_phases(ray, sweep: Sweep, points: list, root_dir: pathlib.Path, retries: int) -> dict:
     """Phase by phase: the unfinished points as Ray tasks (each with its resources), all awaited before the next
     phase."""
-    task = ray.remote(max_retries=retries, retry_exceptions=True)(_run_command)
+    task = ray.remote(max_retries=retries, retry_exceptions=True)(run_command)
     status: dict[str, str] = {}
     for phase in sorted({p.phase for p in points}):
         todo = [p for p in points if p.phase == phase and not p.finished]
