@@ -337,6 +337,8 @@ def render(results: dict) -> str:
                  "memory": ("6. Memory", None),
                  "parallel": ("Devices: sharded jit vs pmap (benchmarks/parallel_bench.py)", None),
                  "sweep": ("Vectorised sweep vs sequential runs (benchmarks/sweep_bench.py)", None),
+                 "shard": ("Sweep tasks: --shard start-up per point, Ray task per point (benchmarks/shard_bench.py)",
+                           None),
                  "methods": ("Adaptation, regularisation and distillation methods: step vs plain fine-tuning "
                              "(benchmarks/methods_bench.py)", None),
                  "byo": ("Your own model and data: NNX vs linen, in-memory data (benchmarks/byo_bench.py)", None),

@@ -34,7 +34,8 @@ import tl_jax  # noqa: E402,F401  (tl_jax's XLA:CPU defaults, before any backend
 from benchmarks import common  # noqa: E402
 from benchmarks.report import render  # noqa: E402
 
-SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "byo", "methods", "recipes", "gpu")
+SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "shard", "byo", "methods", "recipes",
+            "gpu")
 
 
 def _optional(module: str, **kwargs: Any) -> Callable[[], dict]:
@@ -61,6 +62,7 @@ def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
         "parallel": _optional("benchmarks.parallel_bench"),
         "sweep": _optional("benchmarks.sweep_bench", data_dir=data_dir),
         "byo": lambda: byo_bench.run(data_dir, quick=quick),
+        "shard": _optional("benchmarks.shard_bench", data_dir=data_dir, quick=quick),
         "methods": _optional("benchmarks.methods_bench", data_dir=data_dir, quick=quick),
         "recipes": _optional("benchmarks.recipes_bench", data_dir=data_dir, quick=quick),
         "gpu": lambda: gpu_bench.run(quick=quick, platforms=_PLATFORMS),
