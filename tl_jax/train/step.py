@@ -187,7 +187,7 @@ def micro_batches(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def accumulate(grad_fn: Callable, k: int) -> Callable:
+def accumulate(grad_fn: Callable, k: int, unroll: int | bool | None = None) -> Callable:
     """Gradient accumulation: ``grad_fn`` over ``k`` micro-batches, one after the other (``lax.scan``).
 
     Same signature and output as ``grad_fn``: ``((loss, (batch_stats, metrics)),
@@ -203,7 +203,14 @@ def accumulate(grad_fn: Callable, k: int) -> Callable:
     per step instead of one), so with BatchNorm in train mode the update is not
     the big batch's; frozen norms (``model.frozen_norms``) and norm-free models
     (LayerNorm, none) are exact.
+
+    ``unroll``: micro-batches per loop iteration (``lax.scan``'s ``unroll``); ``None``: all ``k`` on CPUs,
+    where XLA runs convolutions inside a loop body several times slower than the same ops unrolled
+    (BENCHMARKS.md), else 1. The micro-batches still run one after the other: their gradients
+    are summed in order, and each one's activations are dead once its backward pass is done.
     """
+    if unroll is None:
+        unroll = True if jax.default_backend() == "cpu" else 1
 
     def fn(params, batch_stats, aux, batch, rng, step):
         micro = micro_batches(batch, k)
@@ -218,7 +225,7 @@ def accumulate(grad_fn: Callable, k: int) -> Callable:
             return (jax.tree.map(jnp.add, g_sum, grads), stats), (loss, metrics)
 
         (g_sum, batch_stats), (losses, metrics) = jax.lax.scan(body, (zeros, batch_stats),
-                                                               (jnp.arange(k), micro))
+                                                               (jnp.arange(k), micro), unroll=unroll)
         grads = jax.tree.map(lambda g: (g / k).astype(g.dtype), g_sum)
         metrics = jax.tree.map(lambda m, s: jnp.mean(m, axis=0).astype(s.dtype), metrics, metrics0)
         return (jnp.mean(losses), (batch_stats, metrics)), grads

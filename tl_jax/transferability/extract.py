@@ -160,8 +160,22 @@ def _jitted(cand: Candidate, layer: str):
     return _JITTED[key]
 
 
+_CHECKED: set = set()  # (architecture, layer, head?, input shapes) already traced: the same answer for any weights
+
+
 def check_layer(cand: Candidate, layer: str, sample: dict) -> None:
-    """One-line errors unless ``cand`` runs on ``sample`` (a batch of one) and has ``layer``."""
+    """One-line errors unless ``cand`` runs on ``sample`` (a batch of one) and has ``layer`` (traced once per
+    architecture, layer and input shapes: candidates of one architecture share the answer)."""
+    key = (repr(cand.model), layer, cand.num_classes > 0, jax.tree.map(lambda v: (v.shape, str(v.dtype)), sample),
+           jax.tree.map(lambda v: (tuple(v.shape), str(v.dtype)), cand.variables))
+    key = repr(key)
+    if key in _CHECKED:
+        return
+    _check_layer(cand, layer, sample)
+    _CHECKED.add(key)
+
+
+def _check_layer(cand: Candidate, layer: str, sample: dict) -> None:
     where = f"--candidates {cand.path}"
     if layer not in NAMED_LAYERS and not hasattr(cand.model, "scope"):  # not a linen module (e.g. NNX)
         raise ValueError(f"{where} is a {type(cand.model).__name__}: --layer {layer!r} needs a linen model "

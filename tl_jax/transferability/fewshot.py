@@ -61,7 +61,8 @@ def ridge_predict(x, t, evals, l2s) -> list[np.ndarray]:
     """Outputs ``[L, n, C]`` of the ridge fits of ``(x [N, D], t [N, C])`` (as :func:`ridge_fit`) on each
     ``[n, D]`` array of ``evals``, without forming ``W``: with ``G = QΛQᵀ`` the smaller Gram matrix,
     ``x_e W(λ) = P diag(1/(e + λ)) R`` where ``P = x_e Xcᵀ Q, R = QᵀTc`` (dual) or ``P = x_e Q,
-    R = Qᵀ Xcᵀ Tc`` (primal): one ``[n, k]`` product per eval set, then ``L`` small ones."""
+    R = Qᵀ Xcᵀ Tc`` (primal): one ``[n, k]`` product per eval set, then one ``[n, k] x [k, L·C]`` product
+    with ``[diag(1/(e + λ)) R]_λ`` stacked for every λ."""
     x, t, l2s = (np.asarray(a, np.float64) for a in (x, t, l2s))
     xm, tm = x.mean(0), t.mean(0)
     xc, tc = x - xm, t - tm
@@ -73,7 +74,9 @@ def ridge_predict(x, t, evals, l2s) -> list[np.ndarray]:
         e, q = np.linalg.eigh(xc.T @ xc)
         to_basis, r = q, q.T @ (xc.T @ tc)  # [D, D], [D, C]
     scale = 1.0 / (e[None] + l2s[:, None])  # [L, k]
-    return [np.matmul(((np.asarray(v, np.float64) - xm) @ to_basis)[None] * scale[:, None], r) + tm
+    n_l, (k, c) = len(l2s), r.shape
+    r_all = (scale[:, :, None] * r[None]).transpose(1, 0, 2).reshape(k, n_l * c)  # [k, L·C]: diag(s_λ) R
+    return [(((np.asarray(v, np.float64) - xm) @ to_basis) @ r_all).reshape(-1, n_l, c).transpose(1, 0, 2) + tm
             for v in evals]
 
 
@@ -122,20 +125,24 @@ def fewshot_eval(train_x, train_y, test_x, test_y, *, shots: Sequence[int] = DEF
     grid = np.asarray(l2s, np.float64)
     splits = [carve_validation(train_y, val_fraction, seed) for seed in range(seeds)]
     out = {}
-    for k in shots:
-        val_acc, test_acc = np.zeros((seeds, len(l2s))), np.zeros((seeds, len(l2s)))
-        for seed, (rest, val) in enumerate(splits):
-            pick = rest[sample_shots(train_y[rest], k, seed)]
-            with one_blas_thread():
-                val_acc[seed], test_acc[seed] = accuracies(train_x[pick], train_y[pick],
-                                                           [(train_x[val], train_y[val]), (test_x, test_y)],
-                                                           grid, num_classes)
-        best = np.argmax(np.asarray(val_acc), axis=1)  # first (smallest) λ among ties
-        per_seed = [float(test_acc[s, best[s]]) for s in range(seeds)]
-        out[k] = {"accuracy": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed,
-                  "l2": [float(l2s[i]) for i in best],
-                  "val_accuracy": [float(val_acc[s, best[s]]) for s in range(seeds)]}
+    with one_blas_thread():  # once for every fit: looking the BLAS libraries up costs more than a fit
+        for k in shots:
+            out[k] = _fit_shots(train_x, train_y, test_x, test_y, splits, k, grid, num_classes)
     return {"shots": out, "seeds": int(seeds), "l2s": [float(v) for v in l2s], "seconds": time.perf_counter() - t0}
+
+
+def _fit_shots(train_x, train_y, test_x, test_y, splits, k: int, grid: np.ndarray, num_classes: int) -> dict:
+    """:func:`fewshot_eval`'s entry for ``k`` shots: every seed's split, the L2 value picked on its held-out part."""
+    seeds = len(splits)
+    val_acc, test_acc = np.zeros((seeds, len(grid))), np.zeros((seeds, len(grid)))
+    for seed, (rest, val) in enumerate(splits):
+        pick = rest[sample_shots(train_y[rest], k, seed)]
+        val_acc[seed], test_acc[seed] = accuracies(train_x[pick], train_y[pick],
+                                                   [(train_x[val], train_y[val]), (test_x, test_y)], grid, num_classes)
+    best = np.argmax(val_acc, axis=1)  # first (smallest) λ among ties
+    per_seed = [float(test_acc[s, best[s]]) for s in range(seeds)]
+    return {"accuracy": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed,
+            "l2": [float(grid[i]) for i in best], "val_accuracy": [float(val_acc[s, best[s]]) for s in range(seeds)]}
 
 
 def fewshot_run(workdir: str, target_config, *, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 3,
