@@ -137,7 +137,7 @@ def test_delta_channel_loss_increase_zeroes_one_channel_at_a_time():
         want[c] = np_mean_ce(g @ w + b, y) - np_mean_ce(f @ w + b, y)
     got = channel_loss_increase(jnp.asarray(f), jnp.asarray(y), jnp.asarray(w), jnp.asarray(b))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
-    assert float(got[4]) == 0.0
+    assert abs(float(got[4])) < 1e-6   # a dead channel: nothing to remove (up to float32 rounding)
     small = channel_loss_increase(jnp.asarray(f), jnp.asarray(y), jnp.asarray(w), jnp.asarray(b), chunk_elements=7)
     np.testing.assert_allclose(np.asarray(small), np.asarray(got), rtol=1e-5, atol=1e-7)   # 13 chunks of 1 row
     with pytest.raises(ValueError, match=r"kernel \[D, K\], bias \[K\] must agree"):
