@@ -57,3 +57,46 @@ def test_shots_larger_than_a_class_is_one_line():
         fewshot_eval(xtr, ytr, xtr, ytr, shots=(1, 9), seeds=1)
     assert "\n" not in str(e.value)
     assert fewshot_eval(xtr, ytr, xtr, ytr, shots=(8,), seeds=1)["shots"][8]["accuracy"] == 1.0
+
+
+def test_results_do_not_depend_on_the_features_scale_and_match_a_numpy_transcription():
+    xtr, ytr = blobs(30, sep=1.0)
+    xte, yte = blobs(20, sep=1.0, seed=1)
+    base = fewshot_eval(xtr, ytr, xte, yte, shots=(5,), seeds=2)["shots"][5]
+    for c in (1e-3, 1e3):  # one scalar scale: same L2 picks, same accuracies
+        scaled = fewshot_eval(c * xtr, ytr, c * xte, yte, shots=(5,), seeds=2)["shots"][5]
+        assert scaled["l2"] == base["l2"] and scaled["per_seed"] == base["per_seed"]
+    # seed 0 written out: carve 20 % per class, draw 5 shots, centre + one RMS scalar, lstsq of the ridge system
+    from tl_jax.data import sample_shots
+    from tl_jax.data.validation import carve_validation
+    rest, val = carve_validation(ytr, 0.2, 0)
+    pick = rest[sample_shots(ytr[rest], 5, 0)]
+    x, y = xtr[pick], ytr[pick]
+    m = x.mean(0)
+    s = np.sqrt(((x - m) ** 2).mean())
+    t = 2.0 * np.eye(4)[y] - 1.0
+
+    def acc(l2, xe, ye):
+        a = np.hstack([(x - m) / s, np.ones((len(x), 1))])
+        reg = np.sqrt(l2) * np.eye(a.shape[1])[:-1]  # the bias is not regularised
+        sol = np.linalg.lstsq(np.vstack([a, reg]), np.vstack([t, np.zeros((len(reg), 4))]), rcond=None)[0]
+        return np.mean(np.argmax(np.hstack([(xe - m) / s, np.ones((len(xe), 1))]) @ sol, -1) == ye)
+
+    val_acc = [acc(2.0 ** e, xtr[val], ytr[val]) for e in range(-10, 11)]  # the default grid
+    best = 2.0 ** (int(np.argmax(val_acc)) - 10)  # first (smallest) L2 among ties
+    assert base["l2"][0] == best
+    assert base["per_seed"][0] == pytest.approx(acc(best, xte, yte), abs=1e-12)
+
+
+def test_a_unit_firing_on_one_shot_does_not_outweigh_the_informative_ones():
+    """Per-dimension standardisation would blow a rarely-active unit up to unit variance; one RMS scalar keeps
+    it as small as it is."""
+    xtr, ytr = blobs(30, sep=1.5)
+    xte, yte = blobs(30, sep=1.5, seed=1)
+    rng = np.random.default_rng(5)
+    # 200 small non-negative units, each active on ~1 of the 20 shots (per-dimension standardisation: 0.58)
+    noise = lambda n: (rng.random((n, 200)) < 0.05) * np.abs(rng.normal(size=(n, 200))) * 1e-2  # noqa: E731
+    clean = fewshot_eval(xtr, ytr, xte, yte, shots=(5,), seeds=3)["shots"][5]["accuracy"]
+    noisy = fewshot_eval(np.hstack([xtr, noise(len(xtr))]), ytr, np.hstack([xte, noise(len(xte))]), yte,
+                         shots=(5,), seeds=3)["shots"][5]["accuracy"]
+    assert noisy >= clean - 0.02 and clean > 0.9

@@ -9,9 +9,10 @@ ridge regressions onto ±1 one-hot targets are fitted for every L2 value of a gr
 kept and its accuracy on the target's TEST split reported (the test split never
 picks anything); ``accuracy`` is the mean over seeds.
 
-The fit (:func:`ridge_fit`), with ``X`` the standardised features (mean/std of
-the k-shot set) centred and ``T`` the centred targets, so that the bias is exact
-and unregularised:
+The fit (:func:`ridge_fit`), with ``X`` the features centred on the k-shot set and
+divided by one scalar, their RMS (:func:`feature_scaling`: the L2 grid then means
+the same for features of any scale), and ``T`` the centred targets, so that the
+bias is exact and unregularised:
 
     W(λ) = (XᵀX + λI)⁻¹ XᵀT = Xᵀ (XXᵀ + λI)⁻¹ T,     b = mean(t) − mean(x)·W
 
@@ -80,12 +81,24 @@ def ridge_predict(x, t, evals, l2s) -> list[np.ndarray]:
             for v in evals]
 
 
+def feature_scaling(xtr) -> tuple[np.ndarray, float]:
+    """``(mean [D], s)`` of one k-shot set: features enter the fits as ``(x − mean) / s`` with ``s`` the RMS of
+    all centred entries, ``s = sqrt(mean_{n,d} (x_nd − mean_d)²)`` (one scalar for every dimension).
+
+    One scalar makes the L2 grid mean the same for features of any scale (the picks are invariant to
+    ``x -> c·x``) while keeping the dimensions' relative scales. Per-dimension standardisation would
+    blow up units that fire on only one or two of the k-shot examples (most of a ReLU network's
+    features at 1-10 shots): the noise of those units then gets the weight of the strong ones."""
+    mean = xtr.mean(0)
+    return mean, float(np.sqrt(np.mean((xtr - mean) ** 2))) + 1e-12
+
+
 def accuracies(xtr, ytr, evals, l2s, num_classes: int) -> list[np.ndarray]:
     """Accuracy ``[L]`` on each ``(x, y)`` of ``evals`` of the ridge fits of one k-shot set ``(xtr, ytr)``
-    (features standardised with the k-shot set's mean and std; targets ±1 one-hot)."""
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-5
+    (features centred and scaled by :func:`feature_scaling` of the k-shot set; targets ±1 one-hot)."""
+    mean, s = feature_scaling(xtr)
     t = 2.0 * np.eye(num_classes)[ytr] - 1.0
-    outs = ridge_predict((xtr - mean) / std, t, [(x - mean) / std for x, _ in evals], l2s)
+    outs = ridge_predict((xtr - mean) / s, t, [(x - mean) / s for x, _ in evals], l2s)
     return [(np.argmax(o, -1) == y).mean(-1) for o, (_, y) in zip(outs, evals)]
 
 
@@ -154,7 +167,10 @@ def fewshot_run(workdir: str, target_config, *, shots: Sequence[int] = DEFAULT_S
     from tl_jax.transferability.extract import extract, load_candidate, split_arrays
     from tl_jax.transferability.ranking import resolve_target
 
+    from tl_jax.train import compile_cache
+
     config = resolve_target(target_config, overrides)
+    compile_cache.enable(config.compile_cache_dir)
     dc = config.data
     train = load_split(dc.name, dc.train_split, dc.data_dir)
     check_shots(train.labels(), shots, 0.2, f"{dc.name}:{dc.train_split}")
