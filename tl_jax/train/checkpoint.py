@@ -169,17 +169,30 @@ def load_variables(path: str, where: str = "config.init_from") -> dict:
     step_dir = resolve_init_dir(path, where)
     key = _files_key(step_dir / "state")
     if key is None or _LAST_LOADED.get("key") != key:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(step_dir / "state")
-        variables = {"params": restored["params"]}
-        if restored.get("batch_stats"):
-            variables["batch_stats"] = restored["batch_stats"]
-        variables = jax.tree.map(np.asarray, variables)
+        variables = _restore_model_variables(step_dir / "state")
         _LAST_LOADED.clear()
         if key is not None:
             _LAST_LOADED.update(key=key, variables=variables)
         return jax.tree.map(np.array, variables)  # copies: the kept arrays never reach a caller
     return jax.tree.map(np.array, _LAST_LOADED["variables"])
+
+
+def _restore_model_variables(state_dir: pathlib.Path) -> dict:
+    """``params`` and (if any) ``batch_stats`` of a saved train state as numpy arrays; the optimizer state,
+    RNG and auxiliary trees (2-3x the params for Adam) are not read (orbax's partial restore)."""
+    absl_logger = logging.getLogger("absl")  # a state dir has no _CHECKPOINT_METADATA of its own: not a problem
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(state_dir)
+            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+            keep = {k: tree[k] for k in ("params", "batch_stats") if k in tree and tree[k]}
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), keep)
+            return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=keep, restore_args=args,
+                                                                         partial_restore=True))
+    finally:
+        absl_logger.setLevel(level)
 
 
 _LAST_LOADED: dict = {}  # load_variables: {"key": the checkpoint files' identity, "variables": numpy trees}

@@ -80,8 +80,11 @@ def rank(target_config: Any, candidates: Sequence[str], *, layer: str = "feature
     """
     if not candidates:
         raise ValueError("--candidates: name at least one workdir or weights dir")
+    from tl_jax.train import compile_cache  # lazy: tl_jax.train imports the objectives
+
     names = parse_scores(scores)
     config = resolve_target(target_config, overrides)
+    compile_cache.enable(config.compile_cache_dir)  # a candidate architecture's forward compiles once per machine
     t0 = time.perf_counter()
     arrays = target_arrays(config)
     labels = np.asarray(arrays["label"], np.int64)
