@@ -46,3 +46,66 @@ def test_tuning_grid_brackets_the_paper_weight(method):
     assert grid[1] == paper and grid[0] < paper < grid[2]
     c = ra.get_config(f"method={method},seed=100,val=0.2,weight={grid[0]}")
     assert c.data.val_fraction == 0.2 and c.objective[c.objective.name].weight == grid[0]
+
+
+def load_da():
+    spec = importlib.util.spec_from_file_location("domain_adaptation", ROOT / "experiments/domain_adaptation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_domain_adaptation_tune_config_trains_and_scores_on_disjoint_parts_of_the_target_train_split():
+    da = load_da()
+    c = da.get_config("method=mcc,tune=1,weight=0.1")
+    group = c.objective.mcc
+    assert (group.target_split, group.target_test_split) == da.TUNE_SPLITS == ("train[:80%]", "train[80%:]")
+    assert group.weight == 0.1
+    assert da.get_config("method=mcc").objective.mcc.target_test_split == "test"  # the table's runs
+
+
+def test_domain_adaptation_tune_picks_by_mean_val_accuracy_never_reading_test(monkeypatch, tmp_path):
+    da = load_da()
+    val = {("coral", 100.0): [0.80, 0.90], ("coral", 1000.0): [0.84, 0.84], ("coral", 10000.0): [0.70, 0.99],
+           ("mmd", 0.1): [0.8, 0.8], ("mmd", 1.0): [0.8, 0.8], ("mmd", 10.0): [0.8, 0.8]}
+    calls = []
+
+    def fake_run_point(config_file, point, workdir):
+        calls.append(point)
+        assert point["tune"] == 1 and point["seed"] in (5, 6) and pathlib.Path(workdir).parent == tmp_path
+        if point["method"] == "source_only":
+            return {"test/accuracy": 0.5}  # tune=1: the val carve-out, reported under the eval split's name
+        return {"test/accuracy": val[point["method"], point["weight"]][point["seed"] - 5]}
+
+    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
+    chosen = da.tune(["coral", "mmd"], [5, 6], tmp_path)
+    assert chosen == {"coral": 100.0, "mmd": 1.0}  # coral means 0.85 > 0.845 > 0.84; mmd: a tie -> the default
+    assert len(calls) == 2 * (1 + 3 + 3)
+
+
+def test_distill_tune_picks_each_knob_on_val_and_kd_hint_runs_at_the_chosen_temperature(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("distill_mnist", ROOT / "experiments/distill_mnist.py")
+    dm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dm)
+    val = {("kd", "temp", 2.0): 0.93, ("kd", "temp", 4.0): 0.92, ("kd", "temp", 8.0): 0.91,
+           ("hint", "beta", 0.001): 0.90, ("hint", "beta", 0.01): 0.90, ("hint", "beta", 0.1): 0.90,
+           ("kd_hint", "beta", 0.001): 0.90, ("kd_hint", "beta", 0.01): 0.91, ("kd_hint", "beta", 0.1): 0.94}
+    calls, names = [], set()
+
+    def fake_run_point(config_file, point, workdir):
+        calls.append(point)
+        names.add(pathlib.Path(workdir).name)
+        assert point["val"] == dm.TUNE_VAL and point["seed"] in (100, 101) and pathlib.Path(workdir).parent == tmp_path
+        c = dm.get_config(",".join(f"{k}={v}" for k, v in point.items()))
+        assert c.data.val_fraction == dm.TUNE_VAL
+        if point["stage"] == "student":
+            return {"val/accuracy": 0.88}
+        if point["stage"] == "kd_hint":
+            assert point["temp"] == 2.0  # kd's pick
+        knob = dm.TUNE_GRID[point["stage"]][0]
+        return {"val/accuracy": val[point["stage"], knob, point[knob]]}  # no test/* at all
+
+    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
+    chosen = dm.tune(["student", "kd", "hint", "kd_hint"], [100, 101], 10, tmp_path / "teacher", tmp_path)
+    assert chosen == {"kd": {"temp": 2.0}, "hint": {"beta": 0.01}, "kd_hint": {"temp": 2.0, "beta": 0.1}}
+    assert len(calls) == len(names) == 2 * (1 + 3 * 3)  # every run its own workdir
