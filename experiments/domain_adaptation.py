@@ -111,6 +111,8 @@ METHODS = {
 }
 # self_training's two views of each target digit, made in the data pipeline after target_pp (which then stops
 # before the normalisation, so the crops pad with the background value 0): weak = a 1-pixel shift, strong = 3.
+# tune=1: the target's unlabelled pool and the labelled validation carve-out, both from the optdigits TRAIN split
+TUNE_SPLITS = ("train[:80%]", "train[80%:]")
 WEAK_PP = [{"op": "random_crop", "size": 16, "pad": 1}]
 STRONG_PP = [{"op": "random_crop", "size": 16, "pad": 3}]
 
@@ -154,13 +156,40 @@ def get_config(arg: str | None = None):
         group.target_eval_pp = list(digits_pp)
         group.weak_pp = [{**op, "size": a.size} for op in WEAK_PP] + norm
         group.strong_pp = [{**op, "size": a.size} for op in STRONG_PP] + norm
-    if a.tune:  # model selection: accuracy on the optdigits TRAIN digits (the unlabelled pool), never on test
-        group.target_test_split = "train"
+    if a.tune:  # model selection: train on 80 % of the optdigits TRAIN digits, score on the other 20 %; never test
+        group.target_split, group.target_test_split = TUNE_SPLITS
     return c
 
 
 def get_sweep(seeds: int = 3, methods: str = ";".join(METHODS)) -> list[dict]:
     return [dict(method=m, seed=s) for m in methods.split(";") for s in range(seeds)]
+
+
+def tune(methods: list[str], seeds: list[int], root) -> dict[str, float]:
+    """``{method: weight}``: each adaptation method's weight from ``{w/10, w, 10 w}`` (``w`` = METHODS') with the
+    best mean accuracy on the validation carve-out (``tune=1``: the unlabelled pool is ``TUNE_SPLITS[0]`` of
+    the optdigits TRAIN digits, the score ``TUNE_SPLITS[1]``; the test digits are never read) over ``seeds``;
+    ties go to ``w``. Prints the grid, source-only first for reference."""
+    from tl_jax.study import point_name, run_point
+
+    def val_accuracy(method: str, **kw) -> float:
+        scores = []
+        for seed in seeds:
+            point = dict(method=method, seed=seed, tune=1, **kw)
+            scores.append(run_point(__file__, point, root / point_name(point))["test/accuracy"])  # = the val split
+        return sum(scores) / len(scores)
+
+    print(f"tuning on optdigits {TUNE_SPLITS[1]} (trained on {TUNE_SPLITS[0]}), seeds {seeds}:", flush=True)
+    print(f"  source_only (reference): {val_accuracy('source_only'):.4f}", flush=True)
+    chosen = {}
+    for m in methods:
+        default = METHODS[m][1]
+        grid = [default / 10, default, default * 10]
+        scores = {w: val_accuracy(m, weight=w) for w in grid}
+        chosen[m] = max(scores, key=lambda w: (scores[w], w == default))
+        print(f"  {m}: " + ", ".join(f"w={w:g}: {v:.4f}" for w, v in scores.items()) + f" -> w={chosen[m]:g}",
+              flush=True)
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,10 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/da")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=";".join(METHODS))
+    p.add_argument("--tune", action="store_true",
+                   help="choose each method's weight on the validation carve-out first (see tune(); never test)")
+    p.add_argument("--tune-seeds", default="100;101;102", help="';'-separated seeds of the tuning runs")
     args = p.parse_args(argv)
     root = pathlib.Path(args.workdir).absolute()
     t0 = time.time()
     points = get_sweep(args.seeds, args.methods)
+    if args.tune:
+        adapted = [m for m in args.methods.split(";") if m != "source_only"]
+        weights = tune(adapted, [int(s) for s in args.tune_seeds.split(";")], root.with_name(root.name + "_tune"))
+        points = [{**p, **({"weight": weights[p["method"]]} if p["method"] in weights else {})} for p in points]
     for i, point in enumerate(points):
         s = run_point(__file__, point, root / point_name(point))
         print(f"[{i + 1}/{len(points)}] {point_name(point)}: test/accuracy={s['test/accuracy']:.4f} "
