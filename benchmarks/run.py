@@ -69,6 +69,15 @@ def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
     }
 
 
+NOTES_MARKER = "<!-- make bench keeps everything below this line -->"
+
+
+def kept_notes(path: pathlib.Path) -> str:
+    """The hand-written part of an existing report (from :data:`NOTES_MARKER` on), to append to a new one."""
+    old = path.read_text() if path.is_file() else ""
+    return "\n" + old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke test, noisier figures)")
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     json_path = args.json or tempfile.mkstemp(prefix="tl_jax_bench_", suffix=".json")[1]
     pathlib.Path(json_path).write_text(json.dumps(results, indent=1, default=str))
-    pathlib.Path(args.out).write_text(render(results))
+    out = pathlib.Path(args.out)
+    out.write_text(render(results) + kept_notes(out))
     print(f"[bench] wrote {args.out} ({results['total_s'] / 60:.1f} min); raw results: {json_path}")
     return 0
 
