@@ -143,15 +143,11 @@ def tune(stages: list[str], seeds: list[int], shots: int, teacher: pathlib.Path,
     ``seeds`` (``val=TUNE_VAL``: a stratified split of the mnist5k TRAIN images, carved out before the shots
     are drawn; the test images are never read; ties go to the default, the grid's middle). ``kd_hint`` runs
     at the temperature chosen for ``kd``. Prints the grid."""
-    from tl_jax.study import point_name, run_point
+    from tl_jax.study import mean_over_seeds
 
     def val_accuracy(stage: str, **kw) -> float:
-        scores = []
-        for seed in seeds:
-            point = dict(stage=stage, shots=shots, seed=seed, val=TUNE_VAL, **kw)
-            summary = run_point(__file__, {**point, "teacher": str(teacher)}, root / f"{stage}_{point_name(point)}")
-            scores.append(summary["val/accuracy"])
-        return sum(scores) / len(scores)
+        return mean_over_seeds(__file__, dict(stage=stage, shots=shots, seed=0, val=TUNE_VAL, **kw), seeds, root,
+                               "val/accuracy", prefix=f"{stage}_", hidden={"teacher": str(teacher)})
 
     print(f"tuning on val/accuracy (val={TUNE_VAL} of the mnist5k train images, seeds {seeds}):", flush=True)
     print(f"  student (no distillation, for reference): {val_accuracy('student'):.4f}", flush=True)

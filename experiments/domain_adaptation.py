@@ -163,14 +163,10 @@ def tune(methods: list[str], seeds: list[int], root) -> dict[str, float]:
     best mean accuracy on the validation carve-out (``tune=1``: the unlabelled pool is ``TUNE_SPLITS[0]`` of
     the optdigits TRAIN digits, the score ``TUNE_SPLITS[1]``; the test digits are never read) over ``seeds``;
     ties go to ``w``. Prints the grid, source-only first for reference."""
-    from tl_jax.study import point_name, run_point
+    from tl_jax.study import mean_over_seeds
 
-    def val_accuracy(method: str, **kw) -> float:
-        scores = []
-        for seed in seeds:
-            point = dict(method=method, seed=seed, tune=1, **kw)
-            scores.append(run_point(__file__, point, root / point_name(point))["test/accuracy"])  # = the val split
-        return sum(scores) / len(scores)
+    def val_accuracy(method: str, **kw) -> float:  # tune=1: 'test/accuracy' is the score on TUNE_SPLITS[1]
+        return mean_over_seeds(__file__, dict(method=method, seed=0, tune=1, **kw), seeds, root, "test/accuracy")
 
     print(f"tuning on optdigits {TUNE_SPLITS[1]} (trained on {TUNE_SPLITS[0]}), seeds {seeds}:", flush=True)
     print(f"  source_only (reference): {val_accuracy('source_only'):.4f}", flush=True)

@@ -157,15 +157,11 @@ def tune(methods: list[str], seeds: list[int], source: pathlib.Path, root: pathl
     shots are drawn; the test digits are never read; ties go to the weight nearest the paper's). Prints the grid."""
     import math
 
-    from tl_jax.study import point_name, run_point
+    from tl_jax.study import mean_over_seeds
 
     def val_accuracy(method: str, **kw) -> float:
-        scores = []
-        for seed in seeds:
-            point = dict(method=method, shots=10, seed=seed, val=TUNE_VAL, **kw)
-            summary = run_point(__file__, {**point, "source": str(source)}, root / point_name(point))
-            scores.append(summary["val/accuracy"])
-        return sum(scores) / len(scores)
+        return mean_over_seeds(__file__, dict(method=method, shots=10, seed=0, val=TUNE_VAL, **kw), seeds, root,
+                               "val/accuracy", hidden={"source": str(source)})
 
     print(f"tuning on val/accuracy (val={TUNE_VAL} of the optdigits train digits, seeds {seeds}):", flush=True)
     print(f"  finetune (no regulariser, for reference): {val_accuracy('finetune'):.4f}", flush=True)

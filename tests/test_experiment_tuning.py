@@ -109,3 +109,18 @@ def test_distill_tune_picks_each_knob_on_val_and_kd_hint_runs_at_the_chosen_temp
     chosen = dm.tune(["student", "kd", "hint", "kd_hint"], [100, 101], 10, tmp_path / "teacher", tmp_path)
     assert chosen == {"kd": {"temp": 2.0}, "hint": {"beta": 0.01}, "kd_hint": {"temp": 2.0, "beta": 0.1}}
     assert len(calls) == len(names) == 2 * (1 + 3 * 3)  # every run its own workdir
+
+
+def test_mean_over_seeds_names_runs_without_the_hidden_paths(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run_point(config_file, point, workdir):
+        seen.append((point, pathlib.Path(workdir).name))
+        return {"val/accuracy": {3: 0.5, 4: 0.7}[point["seed"]]}
+
+    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
+    got = tl_jax.study.mean_over_seeds("x.py", {"method": "m", "seed": 0, "w": 0.1}, [3, 4], tmp_path, "val/accuracy",
+                                       prefix="kd_", hidden={"teacher": "/abs/teacher"})
+    assert got == pytest.approx(0.6)
+    assert [name for _, name in seen] == ["kd_m_seed3_w0.1", "kd_m_seed4_w0.1"]
+    assert all(p["teacher"] == "/abs/teacher" for p, _ in seen)

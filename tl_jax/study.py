@@ -46,6 +46,20 @@ def run_point(config_file: str, point: dict, workdir: pathlib.Path, overrides: l
     return summary
 
 
+def mean_over_seeds(config_file: str, point: dict, seeds, root: pathlib.Path, metric: str, *, prefix: str = "",
+                    hidden: dict | None = None) -> float:
+    """Mean of ``summary[metric]`` over one run of ``point`` per seed of ``seeds`` (``point["seed"]`` set to
+    each), run ``i`` in ``ROOT/<prefix><point_name(point_i)>``; ``hidden`` entries (paths: a source, a
+    teacher) reach ``get_config`` but not the run's name. Finished runs are read back, not re-run.
+    The experiments' ``--tune`` grids call it with a validation metric."""
+    scores = []
+    for seed in seeds:
+        one = {**point, "seed": seed}
+        summary = run_point(config_file, {**one, **(hidden or {})}, pathlib.Path(root) / f"{prefix}{point_name(one)}")
+        scores.append(summary[metric])
+    return sum(scores) / len(scores)
+
+
 def run_transfer_study(config_file: str, root: str, points: list[dict], *, vectorize: str = "off",
                        jobs: int = 1, group_by: tuple[str, ...] = ("method", "shots")) -> int:
     """Pretrain (``stage=source``) once in ``ROOT/source``, then run every target point, then the report.
