@@ -121,7 +121,7 @@ def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
              f"{probe_s[0]:.2f} s / {fs['seconds']:.3f} s (+{fs['extract_s']:.2f} s features)",
              out["fewshot_ratio"], ">= 20", "yes" if out["fewshot_ratio"] >= 20 else "no"],
             ["10-shot accuracy: ridge (3 draws) - probe (3 seeds)", f"{ridge10:.4f} - {out['probe10']:.4f}",
-             ridge10 - out["probe10"], "within 0.01", "yes" if abs(ridge10 - out["probe10"]) <= 0.01 else "no"]]
+             ridge10 - out["probe10"], ">= -0.01", "yes" if ridge10 - out["probe10"] >= -0.01 else "no"]]
     rows += [[f"accumulation {n[-1]} x {b // int(n[-1])} vs 1 x {b} (step time, same examples)",
               f"{a['step_ms'][n]:.1f} / {a['step_ms']['accum1']:.1f} ms", a["ratios"][n], "<= 1.05",
               "yes" if a["ratios"][n] <= 1.05 else "no"] for b, a in acc.items() for n in ("accum2", "accum4")]

@@ -95,8 +95,8 @@ def later_goals(s: dict) -> list[list]:
              fmt(_get(rec, "fewshot_ratio"), 1), _met(_get(rec, "fewshot_ratio"), 20)]]
     ridge, probe = _get(rec, "ridge10"), _get(rec, "probe10")
     gap = None if ridge is None or probe is None else ridge - probe
-    rows.append(["22 few-shot", "10-shot accuracy: ridge - SGD probe", "within 0.01", fmt(gap, 4),
-                 "n/a" if gap is None else ("yes" if abs(gap) <= 0.01 else "**no**")])
+    rows.append(["22 few-shot", "10-shot accuracy: ridge - SGD probe (a ridge above the probe meets it)",
+                 ">= -0.01", fmt(gap, 4), "n/a" if gap is None else ("yes" if gap >= -0.01 else "**no**")])
     for b, acc in sorted((_get(rec, "accumulation") or {}).items(), key=lambda kv: int(kv[0])):
         for n in ("accum2", "accum4"):
             k = int(n[-1])

@@ -16,6 +16,8 @@ def test_later_goals_read_each_sections_figures_and_say_met_or_not():
     assert met["22 ranking", "fine-tune K candidates"] == "yes"
     assert met["22 few-shot", "one SGD linear probe s / ridge over 4 shots x 3 seeds x 21 L2 s"] == "**no**"
     assert met["22 few-shot", "10-shot accuracy: ridge - SGD probe"] == "**no**"  # -0.012
+    s["recipes"]["ridge10"] = 0.98  # above the probe by more than 0.01: met
+    assert [r[-1] for r in later_goals(s) if r[1].startswith("10-shot")] == ["yes"]
     acc = [r for r in rows if r[0] == "22 accumulation"]
     assert [r[-1] for r in acc] == ["**no**", "**no**", "yes", "yes"]  # batch 64 first, then 256
     methods = next(r for r in rows if r[0] == "23 methods")
