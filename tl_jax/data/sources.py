@@ -21,7 +21,6 @@ channel axis). No TensorFlow is needed: data is read from ``array_record`` files
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -35,6 +34,7 @@ from tl_jax.data.builders import EMBEDDED
 from tl_jax.data.in_memory import is_in_memory, load_in_memory
 from tl_jax.data.split import DataSplit, wrap_index
 from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
+from tl_jax.quiet import quiet_tfds
 
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 _LABELS: dict[tuple, np.ndarray] = {}  # ExampleSource.read_labels: the files' identity -> their labels
@@ -151,23 +151,9 @@ def _check_format(builder: tfds.core.DatasetBuilder, name: str, data_dir: str | 
         )
 
 
-@contextlib.contextmanager
-def _quiet_tfds():
-    """No progress bars or 'no dataset_info.json' warnings while preparing."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    tfds.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tfds.enable_progress_bar()
-        absl_logger.setLevel(level)
-
-
 def prepare_embedded(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder of embedded dataset ``name`` (prepares it once)."""
-    with _quiet_tfds():
+    with quiet_tfds():
         return _prepare_embedded(name, data_dir)
 
 

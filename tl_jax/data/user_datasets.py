@@ -10,9 +10,7 @@ folder is read back with ``tfds.builder_from_directory`` and no code of ours:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import logging
 import os
 import pathlib
@@ -26,6 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tl_jax.data.builders import EMBEDDED
+from tl_jax.quiet import quiet_tfds
 
 VERSION = "1.0.0"
 METADATA_KEY = "tl_jax"
@@ -117,20 +116,6 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return train_idx[rng.permutation(len(train_idx))], np.sort(np.concatenate(test))
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    tfds.disable_progress_bar()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and preparing ..."
-            yield
-    finally:
-        tfds.enable_progress_bar()
-        absl_logger.setLevel(level)
-
-
 def write_dataset(
     name: str,
     data_dir: str | None,
@@ -155,7 +140,7 @@ def write_dataset(
             raise ValueError(f"dataset {name!r} already exists in {target}; pass --overwrite to replace it")
         shutil.rmtree(target)
     builder_cls = _builder_class(name, features, splits, {METADATA_KEY: metadata}, description, supervised_keys)
-    with _quiet():
+    with quiet_tfds(stdout=True):
         builder = builder_cls(data_dir=data_dir)
         builder.download_and_prepare(
             file_format="array_record",

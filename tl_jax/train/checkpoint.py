@@ -40,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from tl_jax.quiet import absl_errors_only
+
 log = logging.getLogger(__name__)
 PyTree = Any
 
@@ -180,19 +182,14 @@ def load_variables(path: str, where: str = "config.init_from") -> dict:
 def _restore_model_variables(state_dir: pathlib.Path) -> dict:
     """``params`` and (if any) ``batch_stats`` of a saved train state as numpy arrays; the optimizer state,
     RNG and auxiliary trees (2-3x the params for Adam) are not read (orbax's partial restore)."""
-    absl_logger = logging.getLogger("absl")  # a state dir has no _CHECKPOINT_METADATA of its own: not a problem
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            meta = ckptr.metadata(state_dir)
-            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-            keep = {k: tree[k] for k in ("params", "batch_stats") if k in tree and tree[k]}
-            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), keep)
-            return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=keep, restore_args=args,
-                                                                         partial_restore=True))
-    finally:
-        absl_logger.setLevel(level)
+    # absl_errors_only: a state dir has no _CHECKPOINT_METADATA of its own, which orbax logs as a warning
+    with absl_errors_only(), ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+        keep = {k: tree[k] for k in ("params", "batch_stats") if k in tree and tree[k]}
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), keep)
+        return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=keep, restore_args=args,
+                                                                     partial_restore=True))
 
 
 _LAST_LOADED: dict = {}  # load_variables: {"key": the checkpoint files' identity, "variables": numpy trees}
