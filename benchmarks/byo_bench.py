@@ -1,7 +1,7 @@
 """Your own model and data (issue 19): an NNX model vs its linen twin, in-memory data vs the train step.
 
 * NNX step: the compiled train step of ``cnn_nnx`` (through
-  :class:`tl_jax.models.nnx_bridge.NNXModel`) vs ``cnn`` on the same weights and
+  :class:`tl_jax.models.nnx.bridge.NNXModel`) vs ``cnn`` on the same weights and
   batch (28x28x1, batch 128, Adam), interleaved rounds. Goal: <= 1.03x.
 * NNX loop: ``train()`` of the demo's source stage with each model (200 steps,
   a checkpoint at the end), its ``train_s`` (compilation excluded), alternating

@@ -38,7 +38,7 @@ def _step(config: Any, rules: list, sample: dict, objective: Any = None):
     from tl_jax.objectives import Objective
     from tl_jax.train.state import TrainState
     from tl_jax.train.step import make_train_step
-    from tl_jax.transfer import param_rules as rules_lib
+    from tl_jax.params import param_rules as rules_lib
 
     model = get_model("cnn", 10)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]

@@ -31,7 +31,7 @@ VARIANTS = {
     "matmul_precision_bf16": "pool2x2 + jax_default_matmul_precision='bfloat16'",
     "torch_channels_last": "PyTorch eager, channels_last memory format",
 }
-# label -> environment of the worker. tl_jax's import adds its XLA:CPU defaults (tl_jax/xla_flags.py: YNNPACK
+# label -> environment of the worker. tl_jax's import adds its XLA:CPU defaults (tl_jax/util/xla_flags.py: YNNPACK
 # fusions off) unless XLA_FLAGS names the flag or TL_JAX_XLA_CPU_DEFAULTS=0; every other set is on top of them.
 FLAG_SETS = {
     "jaxlib default (YNNPACK fusions on)": {"TL_JAX_XLA_CPU_DEFAULTS": "0"},

@@ -1,7 +1,7 @@
 """Goal 6, memory: optimizer-state bytes of a linear probe vs full fine-tuning, and the demo's peak RSS.
 
 Optimizer state is counted from ``jax.eval_shape(tx.init, params)`` of the
-optimizer ``tl_jax.transfer.build_optimizer`` builds (Adam; frozen params get
+optimizer ``tl_jax.params.build_optimizer`` builds (Adam; frozen params get
 ``set_to_zero`` and hold no state). The peak RSS is ``ru_maxrss`` of a child
 process running the demo study (``experiments/mnist_to_digits.py``: source
 pretraining, then the target points) with fewer points than ``make demo``.
@@ -29,7 +29,7 @@ def optimizer_bytes(model_name: str, shape: tuple[int, int, int], **kwargs) -> d
     import optax
 
     from tl_jax.models import get_model
-    from tl_jax.transfer import param_rules as rules_lib
+    from tl_jax.params import param_rules as rules_lib
 
     model = get_model(model_name, 10, **kwargs)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))

@@ -7,7 +7,7 @@ linear probe, gradient accumulation vs one big batch.
   ``finetune`` settings (150 steps, 10 shots, seeds 0-2: the demo's table and the ranking experiment's
   ground truth are means over 3 seeds); figure = Σ fine-tune wall s / rank wall s (goal >= 100), also
   given for seed 0 alone.
-* **few-shot ridge**: :func:`~tl_jax.transferability.fewshot.fewshot_run` on the 150-step source (4 shots x
+* **few-shot ridge**: :func:`~tl_jax.evaluation.fewshot_ridge.fewshot_run` on the 150-step source (4 shots x
   3 seeds x 21 L2 values: the fits; the features are extracted once, reported apart) vs one SGD linear probe
   at 10 shots (the demo's ``linear_probe``: 150 steps on cached features, seed 0): figure = the probe's
   wall s / the ridge's seconds (goal >= 20), and 10-shot ridge accuracy (mean of 3 draws) minus the
@@ -78,7 +78,7 @@ def _accumulation(data_dir: str, quick: bool, batch_size: int) -> dict[str, Any]
 def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
     from tl_jax.train.loop import train
     from tl_jax.transferability import DEFAULT_SCORES
-    from tl_jax.transferability.fewshot import fewshot_run
+    from tl_jax.evaluation.fewshot_ridge import fewshot_run
     from tl_jax.transferability.ranking import rank
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="tl_jax_bench_recipes_"))

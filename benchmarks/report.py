@@ -239,7 +239,7 @@ def overhead_md(r: dict) -> str:
             f"{fmt(_get(r, 'checkpoint_cost', 'variants', 'demo state, zstd', 'cpu_ms'), 0)} | "
             f"{fmt(_get(r, 'checkpoint_cost', 'variants', 'demo state', 'cpu_ms'), 0)} |\n"
             "| the heap of imports and the built run frozen out of the garbage collector during the loop "
-            "(`tl_jax/train/heap.py`): full collections in 600 demo steps (measured 2026-11-28) | 1 of 153 ms "
+            "(`tl_jax/train/gc_freeze.py`): full collections in 600 demo steps (measured 2026-11-28) | 1 of 153 ms "
             "| none |\n\n"
             + _spread_note(r)
             + "What remains: the checkpoint (at the demo's cadence, one save per 300 steps of ~7 s, its extra "
@@ -338,7 +338,7 @@ def conv_md(r: dict) -> str:
                 row += [mine, mine / theirs]
         rows.append(row)
     out += ("\n\nXLA CPU flags of this jaxlib, each in its own process on top of tl_jax's defaults "
-            "(`tl_jax/xla_flags.py`: YNNPACK fusions off, 10-25 % faster when measured in one process), "
+            "(`tl_jax/util/xla_flags.py`: YNNPACK fusions off, 10-25 % faster when measured in one process), "
             "tl_jax's step; 'vs tl_jax' divides the process's torch/JAX ratio by the variants process's, the "
             "torch step being the yardstick across processes (> 1: the flag helps). That yardstick moves with "
             "the load (PyTorch's OpenMP threads suffer more from it than XLA's): on 2026-11-27 single flags "
@@ -412,7 +412,7 @@ def render(results: dict) -> str:
         elif name == "memory":
             rows = [[k, d["params"] / 2**20, d["finetune"] / 2**20, d["linear_probe"] / 2**20, f"{d['ratio']:.4f}"]
                     for k, d in res.items() if isinstance(d, dict) and "ratio" in d]
-            lines += ["Adam state (MiB) by `tl_jax.transfer.build_optimizer`; frozen params hold none.", "",
+            lines += ["Adam state (MiB) by `tl_jax.params.build_optimizer`; frozen params hold none.", "",
                       table(["model", "params MiB", "fine-tune state MiB", "probe state MiB", "probe / fine-tune"],
                             rows), ""]
             demo = res.get("demo", {})

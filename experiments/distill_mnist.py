@@ -143,7 +143,7 @@ def tune(stages: list[str], seeds: list[int], shots: int, teacher: pathlib.Path,
     ``seeds`` (``val=TUNE_VAL``: a stratified split of the mnist5k TRAIN images, carved out before the shots
     are drawn; the test images are never read; ties go to the default, the grid's middle). ``kd_hint`` runs
     at the temperature chosen for ``kd``. Prints the grid."""
-    from tl_jax.study import mean_over_seeds
+    from tl_jax.sweep.study import mean_over_seeds
 
     def val_accuracy(stage: str, **kw) -> float:
         return mean_over_seeds(__file__, dict(stage=stage, shots=shots, seed=0, val=TUNE_VAL, **kw), seeds, root,
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="choose KD's T and the hint's β from TUNE_GRID by val/accuracy first (never test)")
     p.add_argument("--tune-seeds", default="100;101;102", help="';'-separated seeds of the tuning runs")
     args = p.parse_args(argv)
-    from tl_jax.study import point_name, run_point
+    from tl_jax.sweep.study import point_name, run_point
 
     root = pathlib.Path(args.workdir).absolute()
     teacher = run_point(__file__, {"stage": "teacher"}, root / "teacher")

@@ -163,7 +163,7 @@ def tune(methods: list[str], seeds: list[int], root) -> dict[str, float]:
     best mean accuracy on the validation carve-out (``tune=1``: the unlabelled pool is ``TUNE_SPLITS[0]`` of
     the optdigits TRAIN digits, the score ``TUNE_SPLITS[1]``; the test digits are never read) over ``seeds``;
     ties go to ``w``. Prints the grid, source-only first for reference."""
-    from tl_jax.study import mean_over_seeds
+    from tl_jax.sweep.study import mean_over_seeds
 
     def val_accuracy(method: str, **kw) -> float:  # tune=1: 'test/accuracy' is the score on TUNE_SPLITS[1]
         return mean_over_seeds(__file__, dict(method=method, seed=0, tune=1, **kw), seeds, root, "test/accuracy")
@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     import pathlib
     import time
 
-    from tl_jax.report import aggregate, collect
-    from tl_jax.study import point_name, run_point
+    from tl_jax.sweep.report import aggregate, collect
+    from tl_jax.sweep.study import point_name, run_point
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/da")

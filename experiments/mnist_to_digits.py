@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
         c.train.steps = 600
         c.train.log_every = 50
         c.train.checkpoint_every = 300
-        if a.evals:  # optdigits few-shot ridge on the features every 100 steps (tl_jax/train/fewshot_evals.py)
+        if a.evals:  # optdigits few-shot ridge on the features every 100 steps (tl_jax/evaluation/evaluators.py)
             c.evals = [{"kind": "fewshot", "name": "optdigits", "every": 100, "dataset": "optdigits",
                         "eval_pp": list(DIGITS_PP), "shots": [1, 5, 10], "seeds": 3}]
     elif a.stage == "target":
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--sweep", default="", help="get_sweep argument, e.g. 'shots=10,seeds=1'")
     args = p.parse_args(argv)
-    from tl_jax.study import run_transfer_study
+    from tl_jax.sweep.study import run_transfer_study
 
     return run_transfer_study(__file__, args.workdir, get_sweep(args.sweep or None))
 

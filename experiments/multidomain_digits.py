@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/multidomain")
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args(argv)
-    from tl_jax.study import run_point
+    from tl_jax.sweep.study import run_point
 
     root = pathlib.Path(args.workdir).absolute()
     lines = ["| method          | mnist5k | optdigits | mean   | wall_s |",

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/multitask")
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args(argv)
-    from tl_jax.study import run_point
+    from tl_jax.sweep.study import run_point
 
     root = pathlib.Path(args.workdir).absolute()
     rows = []

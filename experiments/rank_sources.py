@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import kendalltau
 
     from tl_jax.transferability import DEFAULT_SCORES
-    from tl_jax.transferability.fewshot import fewshot_run
+    from tl_jax.evaluation.fewshot_ridge import fewshot_run
     from tl_jax.transferability.ranking import rank
 
     root = pathlib.Path(args.workdir).absolute()

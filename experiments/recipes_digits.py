@@ -70,7 +70,7 @@ def get_config(arg: str | None = None):
         c.recipe.name = "lp_ft"
         c.recipe.lp_steps = c.train.steps  # the demo's linear probe, then the demo's fine-tune
     elif a.recipe == "layer_decay":
-        from tl_jax.transfer.layer_decay import layer_decay
+        from tl_jax.params.layer_decay import layer_decay
 
         c.param_rules = layer_decay("cnn", a.rate)
     elif a.recipe == "ema":
@@ -105,7 +105,7 @@ def _metric(summary: dict, recipe: str, split: str) -> float:
 
 def _wise_ft(source: str, run: pathlib.Path) -> dict[str, list[float]]:
     """``{'val': [acc per α], 'test': [...]}`` of the fine-tuned run ``run`` (cached in ``run/wise_ft``)."""
-    from tl_jax.transfer.interpolate import wise_ft
+    from tl_jax.params.interpolate import wise_ft
 
     out = {}
     for split in ("val", "test"):

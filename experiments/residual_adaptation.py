@@ -157,7 +157,7 @@ def tune(methods: list[str], seeds: list[int], source: pathlib.Path, root: pathl
     shots are drawn; the test digits are never read; ties go to the weight nearest the paper's). Prints the grid."""
     import math
 
-    from tl_jax.study import mean_over_seeds
+    from tl_jax.sweep.study import mean_over_seeds
 
     def val_accuracy(method: str, **kw) -> float:
         return mean_over_seeds(__file__, dict(method=method, shots=10, seed=0, val=TUNE_VAL, **kw), seeds, root,
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     point; print the table."""
     import time
 
-    from tl_jax.report import write_report
-    from tl_jax.study import point_name, run_point
+    from tl_jax.sweep.report import write_report
+    from tl_jax.sweep.study import point_name, run_point
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/residual")

@@ -14,7 +14,7 @@ from tl_jax.cli import main
 from tl_jax.data import build_preprocess, eval_batches, load_split
 from tl_jax.data.image_folder import load_image, prepare_image_folder
 from tl_jax.models import get_model
-from tl_jax.transfer.merge import merge_params
+from tl_jax.params.merge import merge_params
 
 BYO = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "byo.py"
 COLORS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tl_jax.train.checkpoint import load_variables
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "configs" / "tiny.py")

@@ -9,7 +9,7 @@ from tl_jax import config as config_lib
 from tl_jax.train import checkpoint as checkpoint_lib
 from tl_jax.train import loop as loop_lib
 from tl_jax.train.checkpoint import ASYNC_MIN_BYTES, use_async_save
-from tl_jax.tree_paths import flatten_paths
+from tl_jax.util.tree_paths import flatten_paths
 
 TINY = "tests/configs/tiny.py"
 SMALL = {"w": jnp.zeros((3, 4)), "opt": (jnp.zeros(()), {"mu": jnp.zeros((3, 4))})}

@@ -92,7 +92,7 @@ def test_init_from_with_new_head_and_frozen_backbone(tmp_path, tfds_data_dir):
     train(cfg, ft)
     tuned = load_variables(ft)
     import numpy as np
-    from tl_jax.transfer.param_rules import flatten_paths
+    from tl_jax.params.param_rules import flatten_paths
 
     for coll in ("params", "batch_stats"):
         a, b = flatten_paths(loaded[coll]), flatten_paths(tuned[coll])
@@ -106,7 +106,7 @@ def test_init_from_mismatch_lists_every_problem(tmp_path, tfds_data_dir):
     src = str(tmp_path / "src")
     train(tiny(tfds_data_dir, "steps=2"), src)
     cfg = tiny(tfds_data_dir, "model=resnet18", init_from=src)
-    from tl_jax.transfer.merge import MergeError
+    from tl_jax.params.merge import MergeError
 
     with pytest.raises(MergeError, match=r"problem\(s\)") as err:
         train(cfg, str(tmp_path / "bad"))

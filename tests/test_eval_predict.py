@@ -227,7 +227,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(run, tmp_path, capsys):
 
 def test_select_step_and_init_from_suffixes(run, tmp_path):
     from tl_jax.train import checkpoint as ck
-    from tl_jax.transfer.param_rules import flatten_paths
+    from tl_jax.params.param_rules import flatten_paths
 
     wd, _, files = run
     records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]

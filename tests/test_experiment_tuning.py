@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-import tl_jax.study
+import tl_jax.sweep.study
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def test_tune_picks_the_best_mean_val_accuracy_and_ties_go_to_the_paper_weight(m
             return {"val/accuracy": 0.5}
         return {"val/accuracy": val[point["method"], point["weight"]][point["seed"] - 7]}   # no test/* at all
 
-    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
+    monkeypatch.setattr(tl_jax.sweep.study, "run_point", fake_run_point)
     chosen = ra.tune(["finetune_bss", "finetune_delta"], [7, 8], pathlib.Path("src"), tmp_path)
     assert chosen == {"finetune_bss": 1e-2, "finetune_delta": 1e-2}   # delta: a three-way tie -> the paper's 0.01
     assert len(calls) == 2 * (1 + 3 + 3)
@@ -77,7 +77,7 @@ def test_domain_adaptation_tune_picks_by_mean_val_accuracy_never_reading_test(mo
             return {"test/accuracy": 0.5}  # tune=1: the val carve-out, reported under the eval split's name
         return {"test/accuracy": val[point["method"], point["weight"]][point["seed"] - 5]}
 
-    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
+    monkeypatch.setattr(tl_jax.sweep.study, "run_point", fake_run_point)
     chosen = da.tune(["coral", "mmd"], [5, 6], tmp_path)
     assert chosen == {"coral": 100.0, "mmd": 1.0}  # coral means 0.85 > 0.845 > 0.84; mmd: a tie -> the default
     assert len(calls) == 2 * (1 + 3 + 3)
@@ -105,7 +105,7 @@ def test_distill_tune_picks_each_knob_on_val_and_kd_hint_runs_at_the_chosen_temp
         knob = dm.TUNE_GRID[point["stage"]][0]
         return {"val/accuracy": val[point["stage"], knob, point[knob]]}  # no test/* at all
 
-    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
+    monkeypatch.setattr(tl_jax.sweep.study, "run_point", fake_run_point)
     chosen = dm.tune(["student", "kd", "hint", "kd_hint"], [100, 101], 10, tmp_path / "teacher", tmp_path)
     assert chosen == {"kd": {"temp": 2.0}, "hint": {"beta": 0.01}, "kd_hint": {"temp": 2.0, "beta": 0.1}}
     assert len(calls) == len(names) == 2 * (1 + 3 * 3)  # every run its own workdir
@@ -118,8 +118,8 @@ def test_mean_over_seeds_names_runs_without_the_hidden_paths(monkeypatch, tmp_pa
         seen.append((point, pathlib.Path(workdir).name))
         return {"val/accuracy": {3: 0.5, 4: 0.7}[point["seed"]]}
 
-    monkeypatch.setattr(tl_jax.study, "run_point", fake_run_point)
-    got = tl_jax.study.mean_over_seeds("x.py", {"method": "m", "seed": 0, "w": 0.1}, [3, 4], tmp_path, "val/accuracy",
+    monkeypatch.setattr(tl_jax.sweep.study, "run_point", fake_run_point)
+    got = tl_jax.sweep.study.mean_over_seeds("x.py", {"method": "m", "seed": 0, "w": 0.1}, [3, 4], tmp_path, "val/accuracy",
                                        prefix="kd_", hidden={"teacher": "/abs/teacher"})
     assert got == pytest.approx(0.6)
     assert [name for _, name in seen] == ["kd_m_seed3_w0.1", "kd_m_seed4_w0.1"]

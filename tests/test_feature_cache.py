@@ -12,7 +12,7 @@ from tl_jax.train import feature_cache
 from tl_jax.train import run_loop as run_loop_lib
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import train
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 TINY = "tests/configs/tiny.py"
 PROBE = [["backbone/.*", None], [".*", 1.0]]

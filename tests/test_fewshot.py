@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tl_jax.transferability.fewshot import fewshot_eval, ridge_fit, ridge_predict
+from tl_jax.evaluation.fewshot_ridge import fewshot_eval, ridge_fit, ridge_predict
 
 
 @pytest.mark.parametrize("n,d", [(40, 6), (8, 20)])  # primal (N > D) and dual (N <= D)

@@ -12,8 +12,8 @@ from tl_jax.models import model_from_config
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import train
 from tl_jax.transferability.extract import Candidate, extract, split_arrays
-from tl_jax.transferability.fewshot import fewshot_eval
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.evaluation.fewshot_ridge import fewshot_eval
+from tl_jax.params.param_rules import flatten_paths
 
 TINY = "tests/configs/tiny.py"
 DIGITS_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]

@@ -18,8 +18,8 @@ from tl_jax.models.heads import ACTIVATIONS, head_dims, head_kwargs, logits_laye
 from tl_jax.objectives import build_objective
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import train
-from tl_jax.transfer import param_rules as pr
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params import param_rules as pr
+from tl_jax.params.param_rules import flatten_paths
 
 KEY = jax.random.PRNGKey(0)
 

@@ -1,10 +1,10 @@
-"""tl_jax/train/heap.py: the step loop runs with the pre-existing heap frozen out of the garbage collector."""
+"""tl_jax/train/gc_freeze.py: the step loop runs with the pre-existing heap frozen out of the garbage collector."""
 import gc
 
 from tl_jax import config as config_lib
 from tl_jax.parallel import strategy as strategy_lib
 from tl_jax.train import loop as loop_lib
-from tl_jax.train.heap import frozen_heap
+from tl_jax.train.gc_freeze import frozen_heap
 
 TINY = "tests/configs/tiny.py"
 

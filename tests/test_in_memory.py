@@ -16,7 +16,7 @@ from tl_jax.data import load_split
 from tl_jax.data.in_memory import register_dataset, unregister_dataset
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import train
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

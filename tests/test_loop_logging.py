@@ -9,7 +9,7 @@ from tl_jax import config as config_lib
 from tl_jax.train import loop as loop_lib
 from tl_jax.train import run_loop as run_loop_lib
 from tl_jax.train.checkpoint import load_variables
-from tl_jax.tree_paths import flatten_paths
+from tl_jax.util.tree_paths import flatten_paths
 
 pytestmark = pytest.mark.slow
 TINY = "tests/configs/tiny.py"

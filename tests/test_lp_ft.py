@@ -14,7 +14,7 @@ from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import train
 from tl_jax.train.lp_ft import probe_config
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 from test_reliability import assert_same_run, run_cli
 

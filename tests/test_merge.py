@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tl_jax.transfer.merge import MergeError, merge_params
+from tl_jax.params.merge import MergeError, merge_params
 
 
 def tree(head_classes=10, fc=8):

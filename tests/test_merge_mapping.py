@@ -7,8 +7,8 @@ import pytest
 
 from tl_jax import config as config_lib
 from tl_jax.models import get_model
-from tl_jax.transfer.merge import MergeError, layer_subset, map_paths, merge_params
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.merge import MergeError, layer_subset, map_paths, merge_params
+from tl_jax.params.param_rules import flatten_paths
 
 IDS = np.zeros((2, 6), np.int32)
 

@@ -14,7 +14,7 @@ import pytest
 from tl_jax import models
 from tl_jax.models import check_logits, get_model, model_from_config, register
 from tl_jax.train.checkpoint import load_variables
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "configs" / "tiny.py")

@@ -1,4 +1,4 @@
-"""Flax NNX models through the linen machinery (tl_jax/models/nnx_bridge.py), against their linen twins.
+"""Flax NNX models through the linen machinery (tl_jax/models/nnx/bridge.py), against their linen twins.
 
 The NNX twins ``cnn_nnx`` / ``resnet18_nnx`` given the linen models' weights must compute the linen
 logits, losses, gradients and BatchNorm statistics; the bridge's trees are linen's (same paths, no RNG
@@ -19,11 +19,11 @@ from flax import nnx
 from tl_jax import config as config_lib
 from tl_jax.config import base_config
 from tl_jax.models import CNN, ResNet18, accepted_kwargs, get_model
-from tl_jax.models.cnn_nnx import CNNNNX
-from tl_jax.models.nnx_bridge import NNXModel
+from tl_jax.models.nnx.cnn import CNNNNX
+from tl_jax.models.nnx.bridge import NNXModel
 from tl_jax.objectives import Objective
 from tl_jax.train.checkpoint import load_variables
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 TINY = "tests/configs/tiny.py"
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from tl_jax.data import build_preprocess, load_split, train_dataset
 from tl_jax.losses import coral_loss, cross_entropy, domain_adversarial_loss, mmd_loss
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 from conftest import RUN_FILES, workdir_files
 
 SRC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14}]

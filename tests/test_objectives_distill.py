@@ -13,7 +13,7 @@ from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import make_train_step
-from tl_jax.transfer.param_rules import flatten_paths, path_str
+from tl_jax.params.param_rules import flatten_paths, path_str
 from conftest import RUN_FILES, workdir_files
 
 RNG = jax.random.PRNGKey(0)

@@ -15,7 +15,7 @@ from tl_jax.losses.da_methods import cdan_loss, fixmatch_loss, mcc_loss, mdd_los
 from tl_jax.losses.finetune_methods import attention_transfer_loss, bss_loss, hint_loss
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 from conftest import RUN_FILES, workdir_files
 
 SRC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14}]

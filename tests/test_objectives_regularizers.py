@@ -14,7 +14,7 @@ from tl_jax.objectives import Objective, apply_model
 from tl_jax.objectives.regularizers import ANCHOR_KEY, Regularized, add_regularizers
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import make_train_step
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 from conftest import RUN_FILES, workdir_files
 
 RULES = [["backbone/conv.*", None], [".*", 1.0]]  # conv layers frozen, fc + head trainable

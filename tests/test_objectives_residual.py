@@ -12,7 +12,7 @@ from tl_jax import config as config_lib
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from tl_jax.objectives.residual import SOURCE_RULE, merged_params, write_merged_checkpoint
-from tl_jax.transfer import param_rules as pr
+from tl_jax.params import param_rules as pr
 from conftest import RUN_FILES, workdir_files
 
 

@@ -6,7 +6,7 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tl_jax.transfer import param_rules as pr
+from tl_jax.params import param_rules as pr
 
 PARAMS = {"backbone": {"conv1": {"kernel": jnp.ones((3, 3, 1, 4)), "bias": jnp.zeros(4)},
                        "fc": {"kernel": jnp.ones((8, 5)), "bias": jnp.zeros(5)}},
@@ -110,7 +110,7 @@ def test_property_first_match_and_coverage(patterns, mults):
 
 
 def test_param_groups_is_what_the_free_functions_give(monkeypatch):
-    from tl_jax.transfer.param_rules import (ParamGroups, build_optimizer, frozen_module_paths, label_tree,
+    from tl_jax.params.param_rules import (ParamGroups, build_optimizer, frozen_module_paths, label_tree,
                                              summary_table, trainable_mask)
 
     params = {"backbone": {"bn": {"scale": np.ones(3), "bias": np.zeros(3)}, "conv": {"kernel": np.ones((2, 3))}},
@@ -133,7 +133,7 @@ def test_a_run_matches_its_rules_once(tmp_path, tfds_data_dir, monkeypatch):
     """prepare_run resolves config.param_rules into one ParamGroups that everything else reads."""
     from tl_jax import config as config_lib
     from tl_jax.train import loop
-    from tl_jax.transfer import param_rules as pr
+    from tl_jax.params import param_rules as pr
 
     calls = []
     original = pr.match_rules

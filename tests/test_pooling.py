@@ -57,7 +57,7 @@ def test_im2col_conv1_matches_nn_conv_params_and_outputs(channels):
 
 
 def test_xla_cpu_defaults_respect_user_flags_and_opt_out():
-    from tl_jax import xla_flags
+    from tl_jax.util import xla_flags
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert xla_flags.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]

@@ -204,7 +204,7 @@ def test_bf16_probe_run_with_feature_cache_checkpoint_and_eval(tmp_path, tfds_da
     checkpoint as written holds float32 params and nu, bf16 mu; `tl-jax eval` reproduces its test metrics."""
     import orbax.checkpoint as ocp
 
-    from tl_jax.evaluate import evaluate_run
+    from tl_jax.evaluation.saved_run import evaluate_run
     from tl_jax.train.loop import train
 
     c = config_lib.load_config(f"{TINY}:steps=4")

@@ -188,9 +188,9 @@ DECAY_CASES = [
 
 @pytest.mark.parametrize("name, kwargs, order", DECAY_CASES, ids=[c[0] for c in DECAY_CASES])
 def test_layer_decay_multipliers_increase_with_depth_and_cover_every_param(name, kwargs, order):
-    from tl_jax.transfer.layer_decay import default_params, layer_decay
-    from tl_jax.transfer.param_rules import match_rules
-    from tl_jax.tree_paths import flatten_paths
+    from tl_jax.params.layer_decay import default_params, layer_decay
+    from tl_jax.params.param_rules import match_rules
+    from tl_jax.util.tree_paths import flatten_paths
 
     params = default_params(name, kwargs)
     rules = layer_decay(name, 0.5, params)
@@ -205,8 +205,8 @@ def test_layer_decay_multipliers_increase_with_depth_and_cover_every_param(name,
 
 
 def test_layer_decay_without_params_uses_the_default_model_and_runs_as_config_rules():
-    from tl_jax.transfer.layer_decay import layer_decay
-    from tl_jax.transfer.param_rules import ParamGroups
+    from tl_jax.params.layer_decay import layer_decay
+    from tl_jax.params.param_rules import ParamGroups
 
     rules = layer_decay("cnn", 0.7)
     assert [r for r, _ in rules] == ["backbone/conv1/.*", "backbone/conv2/.*", "backbone/fc/.*", "head/.*"]
@@ -228,7 +228,7 @@ def test_layer_decay_without_params_uses_the_default_model_and_runs_as_config_ru
 
 @pytest.mark.parametrize("rate", [0.0, -0.5, 1.5, True])
 def test_layer_decay_bad_rate_is_one_line(rate):
-    from tl_jax.transfer.layer_decay import layer_decay
+    from tl_jax.params.layer_decay import layer_decay
 
     with pytest.raises(ValueError, match=r"layer_decay: rate must be in \(0, 1\]") as e:
         layer_decay("cnn", rate)
@@ -236,7 +236,7 @@ def test_layer_decay_bad_rate_is_one_line(rate):
 
 
 def test_layer_decay_unknown_model_is_one_line():
-    from tl_jax.transfer.layer_decay import layer_decay
+    from tl_jax.params.layer_decay import layer_decay
 
     with pytest.raises(ValueError, match="no layer depths for model 'mlp'"):
         layer_decay("mlp", 0.7)
@@ -255,7 +255,7 @@ def _trees(seed=0):
 
 
 def test_interpolate_endpoints_are_exact_and_half_is_the_mean():
-    from tl_jax.transfer.interpolate import interpolate
+    from tl_jax.params.interpolate import interpolate
 
     t0, ft = _trees()
     a0, a1, half = interpolate(t0, ft, 0.0), interpolate(t0, ft, 1.0), interpolate(t0, ft, 0.5)
@@ -273,7 +273,7 @@ def test_interpolate_endpoints_are_exact_and_half_is_the_mean():
 
 
 def test_interpolate_keeps_params_matched_by_keep():
-    from tl_jax.transfer.interpolate import interpolate
+    from tl_jax.params.interpolate import interpolate
 
     t0, ft = _trees()
     out = interpolate(t0, ft, 0.0, keep=["backbone/b"])
@@ -283,7 +283,7 @@ def test_interpolate_keeps_params_matched_by_keep():
 
 @pytest.mark.parametrize("text", ["a,b", "", "0,nan"])
 def test_bad_alphas_are_one_line(text):
-    from tl_jax.transfer.interpolate import parse_alphas
+    from tl_jax.params.interpolate import parse_alphas
 
     with pytest.raises(ValueError, match="--alphas") as e:
         parse_alphas(text)

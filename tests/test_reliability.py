@@ -16,7 +16,7 @@ from tl_jax import config as config_lib
 from tl_jax.objectives import Objective, register
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.loop import NonFiniteError, train
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 TINY = "tests/configs/tiny.py"
 

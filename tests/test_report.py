@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tl_jax.cli import main
-from tl_jax.report import aggregate, collect, write_report
+from tl_jax.sweep.report import aggregate, collect, write_report
 
 METHODS = ("scratch", "finetune")
 LAMS = (0.1, 1.0, 3.0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tl_jax.cli import main
-from tl_jax.report import write_report
+from tl_jax.sweep.report import write_report
 from tl_jax.sweep import status as status_lib
 from tl_jax.sweep import tasks
 from tl_jax.sweep.runner import SweepError, load_points, resolve

@@ -17,7 +17,7 @@ from tl_jax.train.step import make_eval_step, make_train_step
 
 def classification_loss(model):
     return Objective(base_config(), model).loss
-from tl_jax.transfer import param_rules as pr
+from tl_jax.params import param_rules as pr
 
 
 def make_state(model, tx, x, seed=0):

@@ -17,7 +17,7 @@ from tl_jax.data.validation import carve_validation, train_and_val_indices
 from tl_jax.train import early_stopping as es_lib
 from tl_jax.train import loop as loop_lib
 from tl_jax.train.checkpoint import load_variables
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 TINY = "tests/configs/tiny.py"
 # min_delta 0.5: val/accuracy almost surely never improves by that much after the first eval, so the run stops

@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 from tl_jax.cli import main  # noqa: E402
 from tl_jax.models import get_model  # noqa: E402
 from tl_jax.train.checkpoint import load_variables  # noqa: E402
-from tl_jax.transfer.merge import merge_params  # noqa: E402
+from tl_jax.params.merge import merge_params  # noqa: E402
 from tl_jax.weights import WeightMappingError, convert_weights, read_tensors  # noqa: E402
 
 torch.set_num_threads(1)

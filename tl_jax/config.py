@@ -77,13 +77,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # workdir or checkpoint dir of a pretrained run; '' = from scratch
     c.dont_load = ["head/.*"]  # params kept at their fresh init when loading init_from
     # [regex, replacement | null] pairs renaming (null: dropping) init_from's param paths before they are
-    # matched (tl_jax/transfer/merge.py; layer_subset([0, 2, 4]) loads teacher layers 0,2,4 as layers 0,1,2).
+    # matched (tl_jax/params/merge.py; layer_subset([0, 2, 4]) loads teacher layers 0,2,4 as layers 0,1,2).
     c.init_map = []
     # '' = one run as configured | 'lp_ft': a linear probe of lp_steps (only lp_trainable trains, lr
     # lp_learning_rate, null = the optimizer's) in WORKDIR/lp, then this config fine-tuned from ALL of the
     # probe's params (tl_jax/train/lp_ft.py).
     c.recipe = dict(name="", lp_steps=100, lp_learning_rate=config_dict.placeholder(float), lp_trainable=["head/.*"])
-    # Periodic evaluators logged like any metric (tl_jax/train/fewshot_evals.py), e.g. few-shot ridge
+    # Periodic evaluators logged like any metric (tl_jax/evaluation/evaluators.py), e.g. few-shot ridge
     # regression on the model's frozen features: [{"kind": "fewshot", "name": "digits", "every": 200,
     # "dataset": "optdigits", "eval_pp": [...], "shots": [1, 5, 10, 25], "seeds": 3}].
     c.evals = []
@@ -387,7 +387,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)}")
     _validate_recipes(config)
     _validate_validation(config)
-    from tl_jax.train import fewshot_evals, lp_ft  # config.recipe, config.evals: their modules check them
+    from tl_jax.train import lp_ft  # config.recipe, config.evals: their modules check them
+    from tl_jax.evaluation import evaluators as fewshot_evals
 
     try:
         lp_ft.check_recipe(config)

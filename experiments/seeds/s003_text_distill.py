@@ -8,7 +8,7 @@ teacher's soft targets)::
 What it reproduces from the document: fine-tuning a pretrained transformer on a text classification task
 (the teacher), then knowledge distillation ``α·CE + (1−α)·T²·KL(softmax(t/T) ‖ softmax(s/T))``
 (``config.objective.name='distill'``) into a smaller student that starts from teacher layers 0, 2, 4 as
-its layers 0, 1, 2 (``config.init_map = layer_subset([0, 2, 4])``, tl_jax/transfer/merge.py), trained with
+its layers 0, 1, 2 (``config.init_map = layer_subset([0, 2, 4])``, tl_jax/params/merge.py), trained with
 an L2 penalty (``config.loss.l2``) and dropout (``hidden_dropout``/``attention_dropout``, head
 ``dropout_rate``) as regularisation; ``stage=student`` is the same student without the teacher.
 
@@ -40,7 +40,7 @@ import pathlib
 import numpy as np
 
 from tl_jax import config as config_lib
-from tl_jax.transfer.merge import layer_subset
+from tl_jax.params.merge import layer_subset
 
 HERE = pathlib.Path(__file__).resolve()
 KEEP = [0, 2, 4]  # teacher layers -> student layers 0, 1, 2

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tl_jax import references
+from tl_jax.util import references
 from tl_jax.data.builders import EMBEDDED  # names that must keep meaning the embedded data
 from tl_jax.data.cache import ArraySource
 from tl_jax.data.split import DataSplit, wrap_index

@@ -34,7 +34,7 @@ from tl_jax.data.builders import EMBEDDED
 from tl_jax.data.in_memory import is_in_memory, load_in_memory
 from tl_jax.data.split import DataSplit, wrap_index
 from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
-from tl_jax.quiet import quiet_tfds
+from tl_jax.util.quiet import quiet_tfds
 
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 _LABELS: dict[tuple, np.ndarray] = {}  # ExampleSource.read_labels: the files' identity -> their labels

@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tl_jax.data.builders import EMBEDDED
-from tl_jax.quiet import quiet_tfds
+from tl_jax.util.quiet import quiet_tfds
 
 VERSION = "1.0.0"
 METADATA_KEY = "tl_jax"

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tl_jax.tree_paths import path_str  # noqa: F401 (used by the loss modules)
+from tl_jax.util.tree_paths import path_str  # noqa: F401 (used by the loss modules)
 
 
 def is_concrete(x: Any) -> bool:

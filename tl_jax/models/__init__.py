@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
-from tl_jax import references
+from tl_jax.util import references
 
 from tl_jax.models.bert import Bert, BertEncoder
 from tl_jax.models.cnn import CNN, CNNBackbone, cnn_param_count
@@ -30,8 +30,8 @@ from tl_jax.models.resnet import (
     ResNetBackbone,
 )
 from tl_jax.models.vit import ViT, ViTBackbone
-from tl_jax.models.cnn_nnx import CNNNNX
-from tl_jax.models.resnet_nnx import ResNet18NNX
+from tl_jax.models.nnx.cnn import CNNNNX
+from tl_jax.models.nnx.resnet import ResNet18NNX
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
@@ -50,7 +50,7 @@ def accepted(factory: Callable[..., Any]) -> set[str] | None:
     """Keyword arguments ``factory`` accepts besides ``num_classes`` (``None``: any, it takes ``**kwargs``).
 
     Linen classes: their init fields; functions and NNX classes: their (``__init__``'s) parameters
-    less ``rngs`` (:func:`tl_jax.references.parameters`).
+    less ``rngs`` (:func:`tl_jax.util.references.parameters`).
     """
     fixed: set[str] = set()
     if isinstance(factory, functools.partial):
@@ -120,8 +120,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> Any:
 
     ``name`` is a key of :data:`MODELS` (see :func:`register`) or an import
     reference ``package.module:factory`` / ``path/to/file.py:factory``
-    (:mod:`tl_jax.references`). A factory that accepts ``rngs`` builds a
-    Flax NNX module, returned wrapped in :class:`tl_jax.models.nnx_bridge.NNXModel`
+    (:mod:`tl_jax.util.references`). A factory that accepts ``rngs`` builds a
+    Flax NNX module, returned wrapped in :class:`tl_jax.models.nnx.bridge.NNXModel`
     (linen's ``init``/``apply`` on path-keyed pytrees, so param rules,
     ``merge_params``, checkpoints and sharding treat both forms alike).
 
@@ -149,7 +149,7 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> Any:
     if "frozen_norms" in kwargs:
         kwargs["frozen_norms"] = tuple(kwargs["frozen_norms"])
     if references.takes_rngs(factory):  # Flax NNX
-        from tl_jax.models.nnx_bridge import NNXModel
+        from tl_jax.models.nnx.bridge import NNXModel
 
         return NNXModel(lambda rngs: factory(num_classes=num_classes, rngs=rngs, **kwargs), num_classes=num_classes,
                         name=name)

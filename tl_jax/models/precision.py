@@ -2,7 +2,7 @@
 
 Policy (jmp's "params float32, compute half, output float32"), for any model
 kind: the zoo's linen models, a user's linen module, NNX models behind
-:class:`tl_jax.models.nnx_bridge.NNXModel`. :class:`MixedPrecision` wraps the
+:class:`tl_jax.models.nnx.bridge.NNXModel`. :class:`MixedPrecision` wraps the
 run's model once (``tl_jax.train.build.build_model_and_state``) and every
 ``apply`` then
 
@@ -89,7 +89,7 @@ def _cast(tree: PyTree, dtype: Any) -> PyTree:
 
 
 class MixedPrecision:
-    """``module`` (linen or :class:`~tl_jax.models.nnx_bridge.NNXModel`) applied under the policy above.
+    """``module`` (linen or :class:`~tl_jax.models.nnx.bridge.NNXModel`) applied under the policy above.
 
     ``init`` is the module's own (float32 params); ``apply`` casts as described in
     the module docstring; ``clone(**changes)`` clones the module and keeps the

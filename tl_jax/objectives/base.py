@@ -85,7 +85,7 @@ class Objective:
     name: ClassVar[str] = "classification"
     defaults: ClassVar[dict] = {}  # this objective's config group: config.objective.<name>
     extra_keys: ClassVar[tuple[str, ...]] = ()  # top-level params keys owned by the objective
-    # The run's param_rules resolved against its params (tl_jax.transfer.param_rules.ParamGroups), set once
+    # The run's param_rules resolved against its params (tl_jax.params.param_rules.ParamGroups), set once
     # by tl_jax.train.build.build_model_and_state; the step, optimizer and logs read it.
     param_groups: Any = None
 

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tl_jax import references
+from tl_jax.util import references
 from tl_jax.data import DataSplit
 from tl_jax.data.sources import ExampleSource
 from tl_jax.objectives.multitask import TASKS

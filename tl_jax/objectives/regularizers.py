@@ -34,7 +34,7 @@ import ml_collections
 
 from tl_jax.losses.regularizers import l1, l2, l2_sp
 from tl_jax.objectives.base import hparam
-from tl_jax.transfer import param_rules as rules_lib
+from tl_jax.params import param_rules as rules_lib
 
 PyTree = Any
 TERMS = ("l1", "l2", "l2_sp")
@@ -55,7 +55,7 @@ def regularizer_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 def trainable_paths(params: PyTree, rules: list, groups: Any = None) -> list[tuple]:
     """Key tuples (``('backbone', 'conv1', 'kernel')``) of the trainable leaves, in tree order
-    (``groups``: the run's resolved :class:`~tl_jax.transfer.param_rules.ParamGroups`, if any)."""
+    (``groups``: the run's resolved :class:`~tl_jax.params.param_rules.ParamGroups`, if any)."""
     mask = groups.trainable() if groups is not None else rules_lib.trainable_mask(params, rules)
     flat = jax.tree_util.tree_flatten_with_path(mask)[0]
     out = []

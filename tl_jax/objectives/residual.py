@@ -211,7 +211,7 @@ class ResidualParams(Objective):
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
         """``delta``: dense zeros on ``dense_rules`` leaves, LoRA on the other ``lora_rules`` kernels."""
-        from tl_jax.transfer.param_rules import path_str
+        from tl_jax.params.param_rules import path_str
 
         dense_rx = _compile(self.dense_rules, f"{self.where}.dense_rules")
         used = [False] * len(dense_rx)

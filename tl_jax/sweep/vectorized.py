@@ -38,7 +38,7 @@ from tl_jax.train.train_metrics import NonFiniteError, grad_norm_steps, log_wind
 from tl_jax.train.preemption import Preempted, StopSignal
 from tl_jax.train.prefetch import Prefetcher, auto_size
 from tl_jax.train.step import make_eval_step
-from tl_jax.transfer import param_rules as rules_lib
+from tl_jax.params import param_rules as rules_lib
 
 log = logging.getLogger("tl_jax")
 PyTree = Any

@@ -1,6 +1,6 @@
-"""Training: the train state, the pure step, the loop, checkpoints, the workdir."""
-from tl_jax.train.loop import train
-from tl_jax.train.state import TrainState
-from tl_jax.train.step import make_eval_step, make_train_step
+"""Training: the train state, the pure step, the loop, checkpoints, the workdir.
 
-__all__ = ["train", "TrainState", "make_eval_step", "make_train_step"]
+``tl_jax.train.loop.train(config, workdir)`` trains one run (the ``tl-jax train`` command).
+The package's ``__init__`` imports nothing, so a module of another package (evaluation,
+sweeps) can import one piece of training without importing the whole loop.
+"""

@@ -13,13 +13,13 @@ from tl_jax.models import precision as precision_lib
 from tl_jax.objectives import build_objective, model_inputs
 from tl_jax.objectives.regularizers import add_regularizers
 from tl_jax.parallel import mesh as mesh_lib
-from tl_jax.references import is_reference
+from tl_jax.util.references import is_reference
 from tl_jax.train import lp_ft
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.state import TrainState
-from tl_jax.transfer import param_rules as rules_lib
-from tl_jax.transfer.merge import merge_params
+from tl_jax.params import param_rules as rules_lib
+from tl_jax.params.merge import merge_params
 
 log = logging.getLogger("tl_jax")
 PyTree = Any
@@ -102,7 +102,7 @@ def keep_frozen_stats(loss_fn, frozen_norms: tuple[str, ...]):
 
 
 def param_groups(config: ml_collections.ConfigDict, objective: Any, params: PyTree) -> rules_lib.ParamGroups:
-    """The run's resolved :class:`~tl_jax.transfer.param_rules.ParamGroups` (set by
+    """The run's resolved :class:`~tl_jax.params.param_rules.ParamGroups` (set by
     :func:`build_model_and_state`; resolved here for an objective built otherwise)."""
     groups = getattr(objective, "param_groups", None)
     if groups is None:

@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from tl_jax.quiet import absl_errors_only
+from tl_jax.util.quiet import absl_errors_only
 
 log = logging.getLogger(__name__)
 PyTree = Any

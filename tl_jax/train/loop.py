@@ -31,16 +31,17 @@ from tl_jax.data.validation import train_and_val_indices, validation_split
 from tl_jax.parallel import distributed, make_strategy
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
-from tl_jax.references import absolute_reference
+from tl_jax.util.references import absolute_reference
 from tl_jax.train import compile_cache
 from tl_jax.train import early_stopping as es_lib
 from tl_jax.train import ema as ema_lib
-from tl_jax.train import feature_cache, fewshot_evals, lp_ft
+from tl_jax.train import feature_cache, lp_ft
+from tl_jax.evaluation import evaluators as fewshot_evals
 from tl_jax.train import lock as workdir_lock
 from tl_jax.train import workdir as workdir_lib
 from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import Checkpoints, use_async_save
-from tl_jax.train.evals import check_validation, evaluate  # noqa: F401  (tl_jax.train.loop.evaluate: public)
+from tl_jax.evaluation.during_training import check_validation, evaluate  # noqa: F401  (tl_jax.train.loop.evaluate: public)
 from tl_jax.train.run_loop import grad_norm_flags, pure_train_step, run_loop  # noqa: F401  (re-exported)
 from tl_jax.train.state import TrainState
 from tl_jax.train.trackers import open_trackers
@@ -72,7 +73,7 @@ class Run:
 
     lock: Any = None  # this process's hold on the workdir (tl_jax/train/lock.py), released after the loop
     val_split: Any = None  # config.data.val_fraction / val_split: evaluated for val/* (None: no validation set)
-    evaluators: list = dataclasses.field(default_factory=list)  # config.evals (tl_jax/train/fewshot_evals.py)
+    evaluators: list = dataclasses.field(default_factory=list)  # config.evals (tl_jax/evaluation/evaluators.py)
     eval_model: Any = None  # the model the evaluators run (the full one, also when the head trains on cached features)
     probe_summary: dict | None = None  # config.recipe.name='lp_ft': the probe phase's summary (tl_jax/train/lp_ft.py)
 

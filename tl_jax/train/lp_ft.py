@@ -101,8 +101,8 @@ def probe_variables(workdir: str | pathlib.Path) -> dict:
 
 def start_from_probe(params: Any, batch_stats: Any, loaded: dict, where: str) -> tuple[Any, Any]:
     """``params`` / ``batch_stats`` replaced leaf for leaf by the probe's (same paths and shapes, else one error
-    listing every mismatch: :func:`tl_jax.transfer.merge.merge_params` with nothing kept fresh)."""
-    from tl_jax.transfer.merge import merge_params
+    listing every mismatch: :func:`tl_jax.params.merge.merge_params` with nothing kept fresh)."""
+    from tl_jax.params.merge import merge_params
 
     params = merge_params(loaded["params"], params, (), source=where)
     if batch_stats:

@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule from ``config.optimizer`` (all optax).
 
 ``make_group_tx(config.optimizer, total_steps)`` returns ``m -> tx`` used by
-:func:`tl_jax.transfer.param_rules.build_optimizer`: the group with learning
+:func:`tl_jax.params.param_rules.build_optimizer`: the group with learning
 rate multiplier ``m`` gets the base optimizer with ``lr_m(t) = m · lr(t)``.
 
 ``mu_dtype`` (``config.precision.moments``): the dtype of the first moments,

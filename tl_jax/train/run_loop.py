@@ -2,8 +2,8 @@
 
 Every ``log_every`` steps the metrics of the window are fetched (one host copy,
 once the next step is queued); every ``eval_every`` steps (and at the last) the
-val / test evals run (:mod:`tl_jax.train.evals`), then the ``config.evals``
-evaluators (:mod:`tl_jax.train.fewshot_evals`); early stopping is decided from the
+val / test evals run (:mod:`tl_jax.evaluation.during_training`), then the ``config.evals``
+evaluators (:mod:`tl_jax.evaluation.evaluators`); early stopping is decided from the
 logged val records (:mod:`tl_jax.train.early_stopping`); checkpoints carry the
 data iterator's state and the not-yet-logged metrics, so a resumed run logs and
 trains exactly as the uninterrupted one. The run is prepared by
@@ -22,11 +22,12 @@ from tl_jax.data import device_batches
 from tl_jax.train import compile_cache
 from tl_jax.train import early_stopping as es_lib
 from tl_jax.train import ema as ema_lib
-from tl_jax.train import fewshot_evals, lp_ft
+from tl_jax.train import lp_ft
+from tl_jax.evaluation import evaluators as fewshot_evals
 from tl_jax.train.build import param_groups
 from tl_jax.train.checkpoint import Checkpoints
-from tl_jax.train.evals import best_record, evaluate, logged_evals
-from tl_jax.train.heap import frozen_heap
+from tl_jax.evaluation.during_training import best_record, evaluate, logged_evals
+from tl_jax.train.gc_freeze import frozen_heap
 from tl_jax.train.optim import learning_rates
 from tl_jax.train.preemption import Preempted, StopSignal, maybe_kill, maybe_pause
 from tl_jax.train.prefetch import Prefetcher, auto_size
@@ -144,7 +145,7 @@ def run_loop(config, wd: Workdir, ckpts: Checkpoints, strategy, state: TrainStat
 
     log_every, eval_every, ckpt_every = tc.log_every, tc.eval_every, tc.checkpoint_every  # read once, not per step
     try:
-        # frozen_heap: full GC passes skip the ~300k objects of the imports and the built run (tl_jax/train/heap.py)
+        # frozen_heap: full GC passes skip the ~300k objects of the imports and the built run (tl_jax/train/gc_freeze.py)
         with StopSignal() as stop, timer, frozen_heap():
             while step < total and stopped_at is None:
                 data_state, batch = next(prefetch)

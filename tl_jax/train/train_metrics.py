@@ -19,7 +19,7 @@ from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import SKIPPED, is_grad_norm_step
 from tl_jax.train.workdir import Workdir
-from tl_jax.transfer import param_rules as rules_lib
+from tl_jax.params import param_rules as rules_lib
 
 PyTree = Any
 GRAD_NORM = "train/grad_norm"

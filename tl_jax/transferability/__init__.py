@@ -12,7 +12,7 @@ Scores (pure numpy functions of features/probabilities and labels; higher = bett
 ``input`` is what the score reads of a candidate: ``'features'`` (the chosen layer),
 ``'probs'`` (softmax of its logits) or ``'argmax'`` (its predicted source labels).
 :func:`rank` (``tl_jax.transferability.ranking``) extracts them for a target dataset and
-ranks candidates; :mod:`tl_jax.transferability.fewshot` is a closed-form ridge few-shot
+ranks candidates; :mod:`tl_jax.evaluation.fewshot_ridge` is a closed-form ridge few-shot
 evaluator of frozen features.
 """
 from __future__ import annotations

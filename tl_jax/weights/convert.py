@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 from tl_jax.weights.mappings import MAPPINGS, TRANSFORMS, Mapping
 from tl_jax.weights.readers import detect_format, read_tensors
 

@@ -77,7 +77,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
     args = p.parse_args(rest)
     eval_pp = eval_pp_override(overrides, "tl-jax eval")
     out = check_output(pathlib.Path(args.out), args.workdir, "--out") if args.out else None
-    from tl_jax import evaluate
+    from tl_jax.evaluation import saved_run as evaluate
 
     result = evaluate.evaluate_run(args.workdir, args.checkpoint, dataset=args.dataset, split=args.split,
                                    data_dir=args.data_dir, eval_pp=eval_pp)
@@ -92,7 +92,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 
 def write_predictions(prefix: pathlib.Path, out: dict) -> tuple[pathlib.Path, pathlib.Path]:
-    """``PREFIX.npz`` and ``PREFIX.csv`` of :func:`tl_jax.evaluate.predict`'s output."""
+    """``PREFIX.npz`` and ``PREFIX.csv`` of :func:`tl_jax.evaluation.saved_run.predict`'s output."""
     import numpy as np
 
     id_key = "path" if "path" in out else "index"
@@ -137,7 +137,7 @@ def cmd_predict(argv: Sequence[str]) -> int:
     prefix = pathlib.Path(args.out).expanduser().absolute()
     for suffix in (".npz", ".csv"):
         check_output(prefix.with_name(prefix.name + suffix), args.workdir, "--out")
-    from tl_jax import evaluate
+    from tl_jax.evaluation import saved_run as evaluate
 
     out = evaluate.predict(args.workdir, args.checkpoint, split=args.split, dataset=args.dataset,
                            data_dir=args.data_dir, image_folder=args.image_folder, csv=args.csv,

@@ -8,7 +8,7 @@ shapes of the linen model, so its checkpoints load here unchanged (and back).
 NNX layers need their input size when they are built, which the linen model
 learns from its first input: ``conv1`` (input channels) and ``fc`` (the
 flattened ``(H // 4) * (W // 4) * 64w``) are created on the first call, from
-the ``rngs`` kept for that. :class:`tl_jax.models.nnx_bridge.NNXModel` runs
+the ``rngs`` kept for that. :class:`tl_jax.models.nnx.bridge.NNXModel` runs
 that call at ``init``. ``conv1`` uses the same im2col matmul as the linen model
 for <= 4 input channels (:mod:`tl_jax.models.im2col`), so both compile to the
 same program.
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tl_jax.models.im2col import conv3x3_same_im2col
-from tl_jax.models.layers_nnx import ClassifierNNX
-from tl_jax.models.nnx_bridge import expose_signature
+from tl_jax.models.nnx.layers import ClassifierNNX
+from tl_jax.models.nnx.bridge import expose_signature
 from tl_jax.models.pooling import max_pool_2x2
 
 Dtype = Any

@@ -7,12 +7,12 @@
     tl-jax sweep --config ... --workdir ROOT --list | --index K|auto | --shard I/N   (array tasks: docs/cluster.md)
     tl-jax report runs/demo [--group method,shots] [--metric test/accuracy]
     tl-jax search --config FILE.py[:ARG] --workdir ROOT --trials N   (Optuna over get_search: tl_jax/sweep/search.py)
-    tl-jax eval --workdir runs/ft [--checkpoint best] [--dataset optdigits --split test]  (tl_jax/eval_cli.py)
+    tl-jax eval --workdir runs/ft [--checkpoint best] [--dataset optdigits --split test]  (tl_jax/cli/eval_predict.py)
     tl-jax predict --workdir runs/ft --image-folder DIR --out preds   (PREFIX.npz, PREFIX.csv)
-    tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/byo_cli.py)
+    tl-jax data prepare --image-folder DIR --name NAME --data-dir D   (see tl_jax/cli/data_weights.py)
     tl-jax weights convert --from FILE --mapping bert --model bert --out DIR
     tl-jax rank --target CONFIG --candidates W1 W2 ... [--layer features] [--score logme,leep] [--out DIR]
-    tl-jax fewshot --workdir W --target CONFIG [--shots 1,5,10,25] [--seeds 3]   (both: tl_jax/rank_cli.py)
+    tl-jax fewshot --workdir W --target CONFIG [--shots 1,5,10,25] [--seeds 3]   (both: tl_jax/cli/rank_fewshot.py)
     tl-jax interpolate --finetuned W1 [--pretrained W0] --alphas 0,0.5,1 --out DIR   (WiSE-FT)
 
 Errors a user can fix (config keys, paths, rules, data) are printed as one line
@@ -26,9 +26,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tl_jax.byo_cli import cmd_data, cmd_weights  # `data prepare`, `weights convert` (light imports)
-from tl_jax.eval_cli import cmd_eval, cmd_predict  # `eval`, `predict` (light imports)
-from tl_jax.rank_cli import cmd_fewshot, cmd_rank  # `rank`, `fewshot` (light imports)
+from tl_jax.cli.data_weights import cmd_data, cmd_weights  # `data prepare`, `weights convert` (light imports)
+from tl_jax.cli.eval_predict import cmd_eval, cmd_predict  # `eval`, `predict` (light imports)
+from tl_jax.cli.rank_fewshot import cmd_fewshot, cmd_rank  # `rank`, `fewshot` (light imports)
 
 # Errors a user can fix from the message alone: printed as one line, exit status 2.
 # TL_JAX_DEBUG=1 shows the full traceback instead.
@@ -106,7 +106,7 @@ def cmd_report(argv: Sequence[str]) -> int:
                    "(default: every field that varies, except seeds)")
     p.add_argument("--metric", default="test/accuracy", help="summary.json key to tabulate (default test/accuracy)")
     args = p.parse_args(argv)
-    from tl_jax.report import write_report
+    from tl_jax.sweep.report import write_report
 
     group = None if args.group is None else [g for g in args.group.split(",") if g]
     print(write_report(args.root, group_by=group, metric=args.metric))
@@ -169,7 +169,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
 
         run_sweep(args.config, args.workdir, jobs=args.jobs, vectorize=args.vectorize, overrides=overrides)
     if not args.no_report:
-        from tl_jax.report import write_report
+        from tl_jax.sweep.report import write_report
 
         try:
             print(write_report(args.workdir))
@@ -186,8 +186,8 @@ def cmd_search(argv: Sequence[str]) -> int:
 
 
 def cmd_interpolate(argv: Sequence[str]) -> int:
-    """`tl-jax interpolate`: WiSE-FT weight interpolation (tl_jax/transfer/interpolate.py; imported when run)."""
-    from tl_jax.transfer.interpolate import cmd_interpolate as run
+    """`tl-jax interpolate`: WiSE-FT weight interpolation (tl_jax/params/interpolate.py; imported when run)."""
+    from tl_jax.params.interpolate import cmd_interpolate as run
 
     return run(argv)
 

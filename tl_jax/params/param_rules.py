@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import optax
 
-from tl_jax.tree_paths import flatten_paths, path_str  # noqa: F401 (re-exported)
+from tl_jax.util.tree_paths import flatten_paths, path_str  # noqa: F401 (re-exported)
 
 PyTree = Any
 Rule = tuple[str, float | None]

@@ -5,7 +5,7 @@ big_vision's idea for judging a pretraining run while it trains: every
 dataset's examples (``layer``: ``'features'``, the backbone output the head
 reads, or a linen submodule path; eval mode) are fitted by closed-form ridge
 regression for every ``shots`` × ``seeds`` × L2 value
-(:func:`tl_jax.transferability.fewshot.fewshot_eval`: the L2 value picked on a
+(:func:`tl_jax.evaluation.fewshot_ridge.fewshot_eval`: the L2 value picked on a
 held-out part of the dataset's train split, the accuracy read on its test
 split), and the mean accuracy over seeds is logged as
 ``fewshot/<name>/<k>shot`` in ``metrics.jsonl`` (and the trackers), next to the
@@ -107,7 +107,7 @@ class FewshotEvaluator:
     def __call__(self, model: Any, variables: dict) -> dict[str, float]:
         """``{'fewshot/<name>/<k>shot': mean test accuracy over seeds}`` of ``model`` with ``variables``."""
         from tl_jax.transferability.extract import Candidate, extract
-        from tl_jax.transferability.fewshot import L2_GRID, fewshot_eval
+        from tl_jax.evaluation.fewshot_ridge import L2_GRID, fewshot_eval
 
         cand = Candidate(f"config.evals ({self.name})", model, variables, num_classes=1)
         (xtr, _), (xte, _) = (extract(cand, arrays, self.spec["layer"], self.batch_size)
@@ -124,7 +124,7 @@ def build(config: ml_collections.ConfigDict) -> list[FewshotEvaluator]:
     dataset or too few examples per class is a one-line error)."""
     from tl_jax.data import build_preprocess, load_split
     from tl_jax.transferability.extract import split_arrays
-    from tl_jax.transferability.fewshot import check_shots
+    from tl_jax.evaluation.fewshot_ridge import check_shots
 
     out = []
     for i, e in enumerate(check_evals(config.evals)):

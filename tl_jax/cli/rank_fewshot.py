@@ -9,7 +9,7 @@
 ``rank`` prints the ranked table (sorted by the first ``--score``) and, with
 ``--out``, writes ``rank.csv``, ``rank.md`` and ``rank.json`` there
 (:mod:`tl_jax.transferability.ranking`). ``fewshot`` prints the closed-form ridge
-accuracy per shots (:mod:`tl_jax.transferability.fewshot`) and, with ``--out``,
+accuracy per shots (:mod:`tl_jax.evaluation.fewshot_ridge`) and, with ``--out``,
 writes it as JSON. ``--config.KEY=VALUE`` overrides apply to the target config.
 Neither writes into a candidate's directory.
 """
@@ -20,7 +20,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from tl_jax.eval_cli import check_output
+from tl_jax.cli.eval_predict import check_output
 
 
 def _without_step(spec: str) -> str:
@@ -83,7 +83,7 @@ def cmd_fewshot(argv: Sequence[str]) -> int:
     except ValueError:
         raise ValueError(f"--shots must be comma-separated integers, got {args.shots!r}") from None
     out = check_output(pathlib.Path(args.out), args.workdir, "--out") if args.out else None
-    from tl_jax.transferability.fewshot import fewshot_run
+    from tl_jax.evaluation.fewshot_ridge import fewshot_run
 
     res = fewshot_run(args.workdir, args.target, shots=shots, seeds=args.seeds, layer=args.layer,
                       overrides=overrides)

@@ -12,7 +12,7 @@ model before and after fine-tuning over a grid of ``α`` often beats both ends
   pretrained value to go back to. ``α = 0`` and ``1`` give ``θ_0`` and ``θ_ft``
   exactly (``x·1 + y·0 = x`` in floating point).
 - :func:`wise_ft`: each ``α`` of a grid evaluated on the fine-tuned run's test
-  split (:func:`tl_jax.evaluate.evaluate_run`), written as ``wise_ft.csv`` and a
+  split (:func:`tl_jax.evaluation.saved_run.evaluate_run`), written as ``wise_ft.csv`` and a
   curve ``wise_ft.png``; ``tl-jax interpolate`` runs it from the command line.
   BatchNorm running statistics, where both have them, are interpolated like
   the params.
@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tl_jax.tree_paths import flatten_paths, path_str
+from tl_jax.util.tree_paths import flatten_paths, path_str
 
 PyTree = Any
 
@@ -80,7 +80,7 @@ def wise_ft(pretrained: str | None, finetuned: str, alphas: Sequence[float], out
     ``config.init_from``. Params matching its ``config.dont_load`` keep their fine-tuned values. Returns one
     row per ``α``: ``{"alpha", "step", "count", <metric>: value}``.
     """
-    from tl_jax import evaluate as eval_lib
+    from tl_jax.evaluation import saved_run as eval_lib
     from tl_jax.train.checkpoint import load_variables
 
     alphas = [check_alpha(a, "--alphas") for a in alphas]

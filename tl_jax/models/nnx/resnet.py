@@ -12,7 +12,7 @@ torchvision-compatible (momentum 0.9, i.e. torch's 0.1, eps 1e-5), params
 ``scale``/``bias`` and statistics ``mean``/``var`` as linen's. The stem conv is
 built on the first call (its input channels come from the data).
 Train/eval mode, frozen norms and the pmap axis are set on the BatchNorm
-layers by :class:`tl_jax.models.nnx_bridge.NNXModel`.
+layers by :class:`tl_jax.models.nnx.bridge.NNXModel`.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen import max_pool
 
-from tl_jax.models.layers_nnx import ClassifierNNX
-from tl_jax.models.nnx_bridge import expose_signature
+from tl_jax.models.nnx.layers import ClassifierNNX
+from tl_jax.models.nnx.bridge import expose_signature
 from tl_jax.models.resnet import BasicBlock, block_specs
 
 Dtype = Any

@@ -14,7 +14,7 @@ state, ``aux`` included, so the restored state is exactly the saved one.
   objective's ``eval_data``, as in training), so it reproduces ``summary.json``.
 * :func:`predict`: per-example ``probs = softmax(z)`` ``[N, C]`` and
   ``pred = argmax z`` of the model's eval-mode logits ``z``, for a split, an
-  image folder or a CSV of texts (:mod:`tl_jax.predict_inputs`).
+  image folder or a CSV of texts (:mod:`tl_jax.evaluation.predict_inputs`).
 
 Everything runs on ONE device (the first): predictions are not a training
 workload, and any saved layout (FSDP-sharded or not) restores into it. Nothing
@@ -229,12 +229,12 @@ def predict(workdir: str | pathlib.Path, checkpoint: str | int = "latest", *, sp
             csv: str | None = None, tokenizer: str | None = None, text_column: str = "text",
             label_column: str = "label", eval_pp: Any = None, run: LoadedRun | None = None) -> dict:
     """Predictions of the run's ``checkpoint`` for ONE input: a ``split`` (of ``dataset``, default the
-    run's), an ``image_folder`` or a ``csv`` of texts (:mod:`tl_jax.predict_inputs`).
+    run's), an ``image_folder`` or a ``csv`` of texts (:mod:`tl_jax.evaluation.predict_inputs`).
 
     Returns ``{"pred": int [N], "probs": f32 [N, C], "logits": f32 [N, C], "label": int [N] or None
     (-1 = unknown), "index": int [N] or "path": str [N], "class_names": list or None, "step": int}``.
     """
-    from tl_jax import predict_inputs as inputs
+    from tl_jax.evaluation import predict_inputs as inputs
 
     given = [x for x in (split, image_folder, csv) if x is not None]
     if len(given) != 1:

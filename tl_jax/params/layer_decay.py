@@ -15,7 +15,7 @@ the NNX twins ``*_nnx`` have the same paths):
 
 The table has one rule per depth present, ``[regex over '/'-joined paths,
 multiplier]``, lowest depth first, so it matches every param and every rule
-matches some (what :func:`tl_jax.transfer.param_rules.match_rules` checks);
+matches some (what :func:`tl_jax.params.param_rules.match_rules` checks);
 it is used as ``config.param_rules = layer_decay("resnet18", 0.7)`` and the
 groups table of a run shows one group per multiplier. The depths come from the
 params (``params``: a pytree or its ``jax.eval_shape``); without them, from the
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tl_jax.tree_paths import flatten_paths
+from tl_jax.util.tree_paths import flatten_paths
 
 PyTree = Any
 HEAD = "head"  # the depth name of the top group: d_max

@@ -68,7 +68,7 @@ def run_transfer_study(config_file: str, root: str, points: list[dict], *, vecto
     :mod:`tl_jax.sweep.runner` (the demo keeps ``off``: on 2 CPU cores separate
     runs are faster).
     """
-    from tl_jax.report import write_report
+    from tl_jax.sweep.report import write_report
     from tl_jax.sweep.runner import run_points
 
     t0 = time.time()

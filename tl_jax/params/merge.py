@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tl_jax.transfer.param_rules import flatten_paths
+from tl_jax.params.param_rules import flatten_paths
 
 PyTree = Any
 

@@ -1,0 +1,1 @@
+"""Small shared helpers: object references, logging quiet-down, tree paths, XLA flags."""
