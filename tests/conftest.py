@@ -34,3 +34,12 @@ def workdir_files(workdir) -> list[str]:
     """A workdir's entries, TensorBoard event files shown as one ``events.out.tfevents.*`` (compare with RUN_FILES)."""
     names = {("events.out.tfevents.*" if n.startswith("events.out.tfevents.") else n) for n in os.listdir(workdir)}
     return sorted(names)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warn_once():
+    """Each test sees every once-per-process warning afresh (tl_jax.util.log_once)."""
+    from tl_jax.util import log_once
+
+    log_once.reset()
+    yield

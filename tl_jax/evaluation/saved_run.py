@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -92,7 +93,8 @@ def load(workdir: str | pathlib.Path, checkpoint: str | int = "latest") -> Loade
     sample = {k: np.asarray(v)[None] for k, v in example.items()}
     num_classes = config.model.num_classes or train_split.num_classes
     mesh = mesh_lib.build_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
-    objective, _, target = build_model_and_state(_build_config(config), num_classes, sample, mesh)
+    objective, _, target = build_model_and_state(_build_config(config), num_classes, sample, mesh,
+                                                 groups_log_level=logging.DEBUG)  # a training matter
     target = ema_lib.attach(target, config.train.ema_decay)  # runs trained with EMA hold its weights too
     state = ckpt_lib.restore_state(step_dir, target)
     shapes = {k: tuple(np.shape(v)) for k, v in example.items() if k in INPUT_KEYS}

@@ -26,11 +26,13 @@ PyTree = Any
 
 
 def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, sample: dict, mesh, *,
-                          start_from: dict | None = None):
+                          start_from: dict | None = None, groups_log_level: int = logging.INFO):
     """Objective (with its model), optimizer and initial replicated state, ``init_from`` merged in.
 
     ``start_from``: ``{'params', 'batch_stats'?}`` replacing every param (objective extras included) and
     BatchNorm statistic once the model is built (LP-FT's probe: :mod:`tl_jax.train.lp_ft`).
+    ``groups_log_level``: the level of the param-groups table (``tl-jax eval``/``predict``: DEBUG, it is
+    about training).
     """
     # a zoo name or the user's factory (models/references.py); config.precision: its compute dtype if it takes one
     model = model_from_config(config.model, num_classes, **precision_lib.model_kwargs(config.model, config.precision))
@@ -75,7 +77,7 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
         objective.loss = keep_frozen_stats(objective.loss, frozen_norms)
     tx = groups.optimizer(make_group_tx(config.optimizer, config.train.steps,
                                         mu_dtype=precision_lib.moments_dtype(config.precision)))
-    log.info("param groups (config.param_rules):\n%s", groups.table())
+    log.log(groups_log_level, "param groups (config.param_rules):\n%s", groups.table())
     objective, aux = add_regularizers(objective, config, params, rules, aux)  # config.loss.{l1,l2,l2_sp}
     repl = mesh_lib.replicated(mesh)
 

@@ -32,6 +32,7 @@ from tl_jax.parallel import distributed, make_strategy
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.data import process_sharding
 from tl_jax.util.references import absolute_reference
+from tl_jax.util.log_once import warn_once
 from tl_jax.train import compile_cache
 from tl_jax.train import early_stopping as es_lib
 from tl_jax.train import ema as ema_lib
@@ -263,6 +264,6 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: 
 def warn_small_train_set(batch_size: int, n_train: int) -> None:
     """Warn when one batch holds more examples than the training set (an epoch is shorter than a step)."""
     if batch_size > n_train:
-        log.warning("config.data.batch_size=%d exceeds the %d training examples: the shuffled epochs are "
-                    "concatenated, so each batch holds every example %.1f times on average (fine for few-shot "
-                    "runs; lower the batch size for one pass per step)", batch_size, n_train, batch_size / n_train)
+        warn_once(log, "config.data.batch_size=%d exceeds the %d training examples: the shuffled epochs are "
+                  "concatenated, so each batch holds every example %.1f times on average (fine for few-shot "
+                  "runs; lower the batch size for one pass per step)", batch_size, n_train, batch_size / n_train)
