@@ -35,6 +35,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from tl_jax.data import build_preprocess, load_split
+from tl_jax.evaluation.fewshot_ridge import L2_GRID, check_shots, fewshot_eval
+from tl_jax.transferability.extract import Candidate, extract, split_arrays
+
 log = logging.getLogger("tl_jax")
 KINDS = ("fewshot",)
 DEFAULTS = dict(kind="fewshot", name="", every=0, dataset="", data_dir=None, train_split="train", test_split="test",
@@ -106,9 +110,6 @@ class FewshotEvaluator:
 
     def __call__(self, model: Any, variables: dict) -> dict[str, float]:
         """``{'fewshot/<name>/<k>shot': mean test accuracy over seeds}`` of ``model`` with ``variables``."""
-        from tl_jax.transferability.extract import Candidate, extract
-        from tl_jax.evaluation.fewshot_ridge import L2_GRID, fewshot_eval
-
         cand = Candidate(f"config.evals ({self.name})", model, variables, num_classes=1)
         (xtr, _), (xte, _) = (extract(cand, arrays, self.spec["layer"], self.batch_size)
                               for arrays in (self.train, self.test))
@@ -122,10 +123,6 @@ class FewshotEvaluator:
 def build(config: ml_collections.ConfigDict) -> list[FewshotEvaluator]:
     """The run's evaluators, their splits read and preprocessed (before the workdir is touched: a missing
     dataset or too few examples per class is a one-line error)."""
-    from tl_jax.data import build_preprocess, load_split
-    from tl_jax.transferability.extract import split_arrays
-    from tl_jax.evaluation.fewshot_ridge import check_shots
-
     out = []
     for i, e in enumerate(check_evals(config.evals)):
         where = f"config.evals[{i}]"

@@ -31,9 +31,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tl_jax.data import build_preprocess, load_split
 from tl_jax.data.shots import sample_shots
 from tl_jax.data.validation import carve_validation
+from tl_jax.train import compile_cache
 from tl_jax.transferability._threads import one_blas_thread
+from tl_jax.transferability.extract import extract, load_candidate, split_arrays
+from tl_jax.transferability.ranking import resolve_target
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 L2_GRID = tuple(float(2.0 ** e) for e in range(-10, 11))
@@ -163,12 +167,6 @@ def fewshot_run(workdir: str, target_config, *, shots: Sequence[int] = DEFAULT_S
     """:func:`fewshot_eval` of candidate ``workdir``'s ``layer`` on target config's dataset (train split for the
     shots and the held-out part, test split for the accuracy, both after ``config.data.eval_pp``;
     the target config's own ``shots`` are not used)."""
-    from tl_jax.data import build_preprocess, load_split
-    from tl_jax.transferability.extract import extract, load_candidate, split_arrays
-    from tl_jax.transferability.ranking import resolve_target
-
-    from tl_jax.train import compile_cache
-
     config = resolve_target(target_config, overrides)
     compile_cache.enable(config.compile_cache_dir)
     dc = config.data
