@@ -101,3 +101,37 @@ def test_cli_report_and_errors(study, tmp_path_factory, capsys):
     assert "no run has 'test/acuracy'" in capsys.readouterr().err
     assert main(["report", str(tmp_path_factory.mktemp("empty"))]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_curves_use_every_logged_step_and_the_legend_covers_no_data(tmp_path):
+    """Each group's line has a point at every step any of its runs logged (mean over the runs that logged
+    it, numpy recomputed), and the legend lies outside every panel (the demo's had covered the curves)."""
+    from tl_jax.sweep.report import curves_figure, load_runs
+
+    logged = {("a", 0): range(10, 160, 10), ("a", 1): range(10, 160, 10), ("b", 0): range(5, 155, 5)}
+    loss = {}
+    for (method, seed), steps in logged.items():
+        d = tmp_path / f"{method}_seed{seed}"
+        recs = [{"step": s, "train/loss": 3.0 / s + 0.01 * seed} for s in steps]
+        recs += [{"step": s, "test/accuracy": 0.5 + s / 1000} for s in (50, 100, 150)]
+        for r in recs:
+            if "train/loss" in r:
+                loss.setdefault((method, r["step"]), []).append(r["train/loss"])
+        d.mkdir()
+        (d / "point.json").write_text(json.dumps({"method": method, "seed": seed}))
+        (d / "summary.json").write_text(json.dumps({"test/accuracy": 0.6}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    fig = curves_figure(load_runs(str(tmp_path)), ["method"], "test/accuracy")
+    loss_ax, acc_ax = fig.axes
+    lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}
+    assert sorted(lines) == ["method=a", "method=b"]
+    for method, n in (("a", 15), ("b", 30)):
+        xs, ys = lines[f"method={method}"].get_data()
+        assert len(xs) == n
+        np.testing.assert_allclose(ys, [np.mean(loss[(method, int(x))]) for x in xs])
+    assert [len(ln.get_xdata()) for ln in acc_ax.get_lines()] == [3, 3]
+    assert not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1
+    fig.canvas.draw()
+    legend_box = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert not legend_box.overlaps(ax.get_window_extent()), "the legend covers a panel"

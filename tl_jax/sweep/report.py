@@ -13,8 +13,10 @@ last group field spans the columns, the others the rows; the best mean per
 column is bold (highest, or lowest for a metric named like ``loss``/``error``).
 ``results.png``: metric vs the last group field, one line per combination of
 the others, error bars = std. ``curves.png``: ``train/loss`` and the metric vs
-step from ``metrics.jsonl``, mean over each group's runs. Points with
-``_report: false`` (e.g. the pretraining run) are in the CSV only.
+step from ``metrics.jsonl``, at every step any run of a group logged (mean ± std
+over the runs that logged it). Both plots put their legend under the axes, so it
+never covers a curve. Points with ``_report: false`` (e.g. the pretraining run)
+are in the CSV only.
 
 A partial study (points of ``sweep.json`` without ``summary.json``: failed,
 running or pending, see :mod:`tl_jax.sweep.status`) is still reported from its
@@ -175,7 +177,7 @@ def markdown_table(stats: Stats, group_by: list[str], metric: str) -> str:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: plotting is the only user of matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -183,10 +185,25 @@ def _plt():
     return plt
 
 
+def _legend_below(fig, axes) -> None:
+    """One legend for the figure, centred under the axes (outside them: it covers no data).
+
+    ``constrained`` layout (set when the figure is made) shrinks the axes to make room."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    if labels:
+        fig.legend([handles[lb] for lb in labels], labels, loc="outside lower center", fontsize=8,
+                   ncol=min(len(labels), 4 if len(axes) > 1 else 2), frameon=False)
+
+
 def plot_results(stats: Stats, group_by: list[str], metric: str, path: pathlib.Path) -> None:
     """Metric vs the last group field, one line per combination of the others, std error bars."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
     xs_all = ordered([k[-1] for k in stats]) if group_by else [0]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs_all)
     pos = {x: (x if numeric else i) for i, x in enumerate(xs_all)}
@@ -204,31 +221,44 @@ def plot_results(stats: Stats, group_by: list[str], metric: str, path: pathlib.P
     ax.set_xlabel(group_by[-1] if group_by else "")
     ax.set_ylabel(f"{metric} (mean ± std)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _legend_below(fig, [ax])
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray] | None:
-    """Steps logged by every run and the ``[runs, steps]`` values of ``key``."""
-    series = []
+def _curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """``(steps, mean, std)`` of ``key`` at every step that any of ``runs`` logged, over the runs that
+    logged it (population std). None when fewer than two steps are logged (no curve to draw)."""
+    by_step: dict[int, list[float]] = defaultdict(list)
     for r in runs:
         f = r["dir"] / "metrics.jsonl"
         if not f.exists():
-            return None
-        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        series.append({m["step"]: m[key] for m in recs if isinstance(m.get(key), (int, float))})
-    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-    if len(steps) < 2:
+            continue
+        for line in f.read_text().splitlines():
+            m = json.loads(line) if line.strip() else {}
+            if isinstance(m.get(key), (int, float)) and "step" in m:
+                by_step[int(m["step"])].append(float(m[key]))
+    if len(by_step) < 2:
         return None
-    return steps, np.array([[s[t] for t in steps] for s in series], dtype=float)
+    steps = sorted(by_step)
+    return (steps, np.array([np.mean(by_step[t]) for t in steps]), np.array([np.std(by_step[t]) for t in steps]))
 
 
 def plot_curves(runs: list[dict], group_by: list[str], metric: str, path: pathlib.Path) -> bool:
     """``train/loss`` (and ``metric``, if logged twice or more) vs step, mean ± std band per group.
 
     Returns False (and writes nothing) when no run logged a curve."""
+    fig = curves_figure(runs, group_by, metric)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return True
+
+
+def curves_figure(runs: list[dict], group_by: list[str], metric: str):
+    """The matplotlib figure of :func:`plot_curves` (None when no run logged a curve): one panel per key,
+    one line per group with a marker at each logged step, the legend under the panels."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         if all(g in r["fields"] for g in group_by):
@@ -239,24 +269,23 @@ def plot_curves(runs: list[dict], group_by: list[str], metric: str, path: pathli
         if curves:
             panels[key] = curves
     if not panels:
-        return False
+        return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    n_lines = max(len(c) for c in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4 + 0.2 * n_lines), squeeze=False,
+                             layout="constrained")
     for ax, (key, curves) in zip(axes[0], panels.items()):
-        for g, (steps, vals) in curves.items():
-            mean, std = vals.mean(0), vals.std(0)
-            ax.plot(steps, mean, label=", ".join(f"{f}={_fmt(v)}" for f, v in zip(group_by, g)) or "all")
+        for g, (steps, mean, std) in curves.items():
+            ax.plot(steps, mean, marker=".", markersize=4,
+                    label=", ".join(f"{f}={_fmt(v)}" for f, v in zip(group_by, g)) or "all")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        if key.endswith("loss") and all(np.all(v > 0) for _, v in curves.values()):
+        if key.endswith("loss") and all(np.all(m > 0) for _, m, _ in curves.values()):
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(f"{key} (mean ± std)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    _legend_below(fig, list(axes[0]))
+    return fig
 
 
 def write_report(root: str, group_by: list[str] | None = None, metric: str = "test/accuracy") -> str:
