@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from tl_jax.data.sources import DataSplit
+from tl_jax.data import sources
+from tl_jax.data.image_folder import _files, _probe, _subdirs, _visible, load_image
+from tl_jax.data.sources import DataSplit, load_split
+from tl_jax.data.text_csv import load_tokenizer, tokenize
+from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
 
 log = logging.getLogger("tl_jax")
 
@@ -46,9 +50,6 @@ class ListSource:
 
 def dataset_info(name: str, data_dir: str | None) -> tuple[list[str] | None, dict, tuple | None]:
     """``(class names, tl_jax metadata, stored input shape)`` of a dataset, as far as known."""
-    from tl_jax.data import sources
-    from tl_jax.data.user_datasets import find_user_dataset, read_user_builder
-
     meta: dict = {}
     try:
         if name in sources.EMBEDDED:
@@ -77,17 +78,12 @@ def class_names(name: str, data_dir: str | None) -> list[str] | None:
 
 
 def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    from tl_jax.data.image_folder import _files
-
     return _files(folder)
 
 
 def image_folder_split(folder: str, config: Any, names: list[str] | None
                        ) -> tuple[DataSplit, list[str], np.ndarray]:
     """``(split, paths, labels)`` of the images under ``folder`` (see module doc for the layout)."""
-    from tl_jax.data.image_folder import _probe, _subdirs, _visible, load_image
-    from tl_jax.data.sources import load_split
-
     root = pathlib.Path(folder).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"--image-folder {folder} does not exist (or is not a directory)")
@@ -126,8 +122,6 @@ def image_folder_split(folder: str, config: Any, names: list[str] | None
 def csv_split(path: str, config: Any, names: list[str] | None, tokenizer: str | None, text_column: str,
               label_column: str) -> tuple[DataSplit, list[str], np.ndarray | None]:
     """``(split, ids, labels or None)`` of a CSV of texts, tokenised like the run's dataset."""
-    from tl_jax.data.text_csv import load_tokenizer, tokenize
-
     f = pathlib.Path(path).expanduser()
     if not f.is_file():
         raise FileNotFoundError(f"--csv {path} does not exist")

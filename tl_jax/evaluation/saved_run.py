@@ -35,10 +35,15 @@ import numpy as np
 from tl_jax import config as config_lib
 from tl_jax.data import build_preprocess, eval_batches, load_split
 from tl_jax.data.sources import DataSplit
+from tl_jax.data.validation import train_and_val_indices, validation_split
+from tl_jax.evaluation import predict_inputs as inputs
+from tl_jax.evaluation.during_training import evaluate
 from tl_jax.objectives.base import apply_model
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.train import ema as ema_lib
 from tl_jax.train import checkpoint as ckpt_lib
+from tl_jax.train.build import build_model_and_state
+from tl_jax.train.step import make_eval_step
 
 INPUT_KEYS = ("image", "input_ids", "attention_mask")  # what the model reads of a batch
 RUN_VAL = "val"  # --split val: the run's own validation set (config.data.val_fraction / val_split)
@@ -81,8 +86,6 @@ def _build_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def load(workdir: str | pathlib.Path, checkpoint: str | int = "latest") -> LoadedRun:
     """Rebuild the run in ``workdir`` and restore its ``checkpoint`` step (see module doc)."""
-    from tl_jax.train.loop import build_model_and_state  # lazy: heavy import
-
     config = read_config(workdir)
     wd = pathlib.Path(workdir).expanduser().absolute()
     step_dir = ckpt_lib.select_step(wd, checkpoint, where="--checkpoint")
@@ -155,8 +158,6 @@ def eval_split(run: LoadedRun, dataset: str | None = None, split: str | None = N
 def run_validation(dc: ml_collections.ConfigDict, data_dir: str | None = None) -> DataSplit:
     """The validation split of a run with ``config.data`` = ``dc``: ``val_split``, or the stratified
     ``val_fraction`` of its train split (seeded by ``val_seed``), exactly as training carved it."""
-    from tl_jax.data.validation import train_and_val_indices, validation_split
-
     train = load_split(dc.name, dc.train_split, data_dir or dc.data_dir)
     val_idx = None
     if dc.val_fraction is not None:
@@ -174,9 +175,6 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str | int = "latest", 
     where ``metrics`` are the objective's ``Σ eval_sums / Σ count`` (``accuracy``, ``loss``, ...;
     the run's ``summary.json`` holds them as ``test/<name>``).
     """
-    from tl_jax.train.loop import evaluate
-    from tl_jax.train.step import make_eval_step
-
     run = run or load(workdir, checkpoint)
     data, pp = eval_split(run, dataset, split, data_dir, eval_pp)
     res = evaluate(jax.jit(make_eval_step(run.objective)), run.state, data, pp,
@@ -236,8 +234,6 @@ def predict(workdir: str | pathlib.Path, checkpoint: str | int = "latest", *, sp
     Returns ``{"pred": int [N], "probs": f32 [N, C], "logits": f32 [N, C], "label": int [N] or None
     (-1 = unknown), "index": int [N] or "path": str [N], "class_names": list or None, "step": int}``.
     """
-    from tl_jax.evaluation import predict_inputs as inputs
-
     given = [x for x in (split, image_folder, csv) if x is not None]
     if len(given) != 1:
         raise ValueError("predict needs exactly one input: --split (with optional --dataset), --image-folder or --csv")

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tl_jax.models import get_model
 from tl_jax.util.tree_paths import flatten_paths
 
 PyTree = Any
@@ -87,8 +88,6 @@ def check_rate(rate: Any) -> float:
 
 def default_params(model_name: str, model_kwargs: dict | None = None) -> PyTree:
     """The params' shapes (``jax.eval_shape`` of ``init``) of ``model_name`` with ``model_kwargs``."""
-    from tl_jax.models import get_model
-
     fam = family(model_name)
     model = get_model(model_name, 2, **(model_kwargs or {}))
     shape = _INPUTS[fam]

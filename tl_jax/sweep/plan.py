@@ -53,7 +53,7 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def loss_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The traced keys read by the loss: the regularisers' and the objective's own."""
-    from tl_jax.objectives.base import traced_keys
+    from tl_jax.objectives.base import traced_keys  # deferred: JAX (planning needs none)
 
     return REG_KEYS + tuple(traced_keys(config))
 

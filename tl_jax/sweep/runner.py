@@ -33,6 +33,7 @@ import ml_collections
 
 from tl_jax import config as config_lib
 from tl_jax.sweep import spec as spec_lib
+from tl_jax.sweep.plan import STATE_KEYS, blocker, flat_config, plan_groups
 from tl_jax.sweep import status as status_lib
 from tl_jax.train import progress as progress_lib
 
@@ -159,8 +160,6 @@ class Sweep:
         return self.record
 
     def _run_phase(self, todo: list[SweepPoint]) -> None:
-        from tl_jax.sweep.plan import blocker, plan_groups
-
         sequential: list[SweepPoint] = []
         prepared: dict[str, Any] = {}
         if self.vectorize == "off" or len(todo) < 2:
@@ -185,9 +184,8 @@ class Sweep:
 
     def _try_vectorized(self, members: list[SweepPoint]) -> list | None:
         """Run ``members`` as one vmapped step if possible (and, with auto, faster); else their prepared runs."""
-        from tl_jax.sweep.plan import STATE_KEYS, flat_config
-        from tl_jax.sweep.vectorized import CannotVectorize, VectorizedGroup, probe_sequential
-        from tl_jax.train.loop import prepare_run
+        from tl_jax.sweep.vectorized import CannotVectorize, VectorizedGroup, probe_sequential  # deferred: JAX
+        from tl_jax.train.loop import prepare_run  # deferred: JAX + the training stack
 
         names = [m.name for m in members]
         entry: dict = {"points": names}
@@ -233,7 +231,7 @@ class Sweep:
         print(_result_line(self.done, len(self.points), p, summary, how), flush=True)
 
     def _run_sequential(self, todo: list[SweepPoint], prepared: dict) -> None:
-        from tl_jax.train.loop import train
+        from tl_jax.train.loop import train  # deferred: JAX + the training stack
 
         if self.jobs > 1 and len(todo) > 1:
             for run in prepared.values():

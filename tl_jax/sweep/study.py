@@ -16,6 +16,8 @@ import time
 
 from tl_jax import config as config_lib
 from tl_jax.sweep import spec as spec_lib
+from tl_jax.sweep.report import write_report
+from tl_jax.sweep.runner import run_points
 
 log = logging.getLogger("tl_jax")
 
@@ -31,7 +33,7 @@ def config_arg(point: dict) -> str:
 
 def run_point(config_file: str, point: dict, workdir: pathlib.Path, overrides: list[str] = ()) -> dict:
     """Train one point (or return its existing summary)."""
-    from tl_jax.train.loop import train
+    from tl_jax.train.loop import train  # deferred: JAX + the training stack
 
     workdir = pathlib.Path(workdir)
     summary_file = workdir / "summary.json"
@@ -68,9 +70,6 @@ def run_transfer_study(config_file: str, root: str, points: list[dict], *, vecto
     :mod:`tl_jax.sweep.runner` (the demo keeps ``off``: on 2 CPU cores separate
     runs are faster).
     """
-    from tl_jax.sweep.report import write_report
-    from tl_jax.sweep.runner import run_points
-
     t0 = time.time()
     sweep = [{"stage": "source", "_name": "source", "_report": False}]
     sweep += [{**p, "source": "{workdir}/source", "_phase": 1} for p in points]

@@ -33,7 +33,7 @@ import pathlib
 import time
 
 from tl_jax.sweep import status as status_lib
-from tl_jax.sweep.runner import SweepError, SweepPoint, write_point_json
+from tl_jax.sweep.runner import SweepError, SweepPoint, load_points, resolve, write_point_json
 from tl_jax.train import lock as workdir_lock
 
 log = logging.getLogger("tl_jax")
@@ -175,7 +175,7 @@ class Tasks:
 
     def run_point(self, k: int, p: SweepPoint) -> str:
         """Train point ``k`` under its workdir lock, unless it is finished or another process holds it."""
-        from tl_jax.train.loop import train
+        from tl_jax.train.loop import train  # deferred: JAX + the training stack
 
         try:
             held = workdir_lock.acquire(p.workdir)
@@ -191,7 +191,7 @@ class Tasks:
             try:
                 summary = train(p.config, str(p.workdir))
             except Exception as e:  # noqa: BLE001 (recorded; Preempted/KeyboardInterrupt still stop the task)
-                from tl_jax.train.preemption import Preempted
+                from tl_jax.train.preemption import Preempted  # deferred: with the training stack
 
                 if isinstance(e, Preempted):
                     raise
@@ -214,8 +214,6 @@ def run_tasks(spec: str, root: str, *, index: str | None = None, shard: str | No
     """``tl-jax sweep --list | --index K | --shard I/N``: the status table, or the outcome of each point run.
 
     Every argument is checked (and every point's config resolved) before anything is written."""
-    from tl_jax.sweep.runner import load_points, resolve
-
     shard_in = parse_shard(shard) if shard is not None else None
     config_file, raw = load_points(spec)
     root_dir = pathlib.Path(root).expanduser().absolute()

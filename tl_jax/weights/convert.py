@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tl_jax.models import get_model
 from tl_jax.params.param_rules import flatten_paths
 from tl_jax.weights.mappings import MAPPINGS, TRANSFORMS, Mapping
 from tl_jax.weights.readers import detect_format, read_tensors
@@ -77,8 +78,6 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 def target_shapes(model_name: str, num_classes: int, kwargs: dict, sample: tuple[tuple, dict]) -> dict:
     """``{'params/...': ShapeDtypeStruct, 'batch_stats/...': ...}`` of the model (no FLOPs spent)."""
-    from tl_jax.models import get_model
-
     model = get_model(model_name, num_classes, **kwargs)
     args, kw = sample
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, train=False, **kw))
