@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax.models.registry import accepted_kwargs
+
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 COMPUTE = ("float32", "bfloat16", "float16")
@@ -72,8 +74,6 @@ def model_kwargs(model_cfg: Mapping[str, Any], precision: Mapping[str, Any]) -> 
     dtype = compute_dtype(precision)
     if dtype == jnp.float32 or "dtype" in dict(model_cfg.get("kwargs") or {}):
         return {}
-    from tl_jax.models import accepted_kwargs
-
     return {"dtype": dtype} if "dtype" in accepted_kwargs(model_cfg["name"]) else {}
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from tl_jax.data import cache as data_cache
 from tl_jax.data.pipeline import _Subset
 from tl_jax.data.preprocess import RANDOM_OPS
-from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.models.layers import Classifier
 from tl_jax.models.precision import unwrap
 from tl_jax.objectives.base import Objective
