@@ -1,21 +1,74 @@
-"""The 'multitask' objective: heads per task, fixed / uncertainty / PCGrad vs formulas, end to end."""
-import json
-import os
-
+"""Multitask: weighted sum and uncertainty weighting vs NumPy; heads, weightings, config errors, end to end."""
 import jax
 import jax.numpy as jnp
+import json
 import numpy as np
 import optax
+import os
 import pytest
 
 from tl_jax import config as config_lib
-from tl_jax.losses import pcgrad, per_task_grads
+from tl_jax.objectives.pcgrad import pcgrad, per_task_grads
+from tl_jax.objectives.multitask import uncertainty_weighted, weighted_sum
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
+from tl_jax.params.param_rules import flatten_paths
 from tl_jax.train.state import TrainState
 from tl_jax.train.step import make_train_step
-from tl_jax.params.param_rules import flatten_paths
 from conftest import RUN_FILES, workdir_files
+
+
+LOSSES = {"cls": 1.5, "seg": 0.25, "depth": 4.0}
+
+
+def test_weighted_sum_matches_numpy():
+    weights = {"cls": 1.0, "seg": 2.0, "depth": 0.5}
+    total, terms = weighted_sum({k: jnp.float32(v) for k, v in LOSSES.items()}, weights)
+    np.testing.assert_allclose(total, 1.5 + 0.5 + 2.0, rtol=1e-6)
+    np.testing.assert_allclose(terms["weighted/seg"], 0.5)
+    np.testing.assert_allclose(terms["weight/depth"], 0.5)
+    np.testing.assert_allclose(terms["loss/cls"], 1.5)
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({"cls": 1.0, "seg": 1.0}, "missing \\['depth'\\]"),
+    ({"cls": 1.0, "seg": 1.0, "depth": 1.0, "aux": 1.0}, "extra \\['aux'\\]"),
+    ({"cls": -1.0, "seg": 1.0, "depth": 1.0}, "weights\\['cls'\\]"),
+    ({"cls": float("inf"), "seg": 1.0, "depth": 1.0}, "weights\\['cls'\\]"),
+])
+def test_weighted_sum_bad_weights(weights, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_sum(LOSSES, weights)
+
+
+def test_zero_weight_removes_task_gradient():
+    def total(theta, lam_b):
+        losses = {"a": jnp.sum(theta ** 2), "b": jnp.sum(3.0 * theta)}
+        return weighted_sum(losses, {"a": 1.0, "b": lam_b})[0]
+
+    theta = jnp.array([1.0, -2.0])
+    np.testing.assert_allclose(jax.grad(total)(theta, 0.0), 2 * np.array([1.0, -2.0]))
+    np.testing.assert_allclose(jax.grad(total)(theta, 1.0), 2 * np.array([1.0, -2.0]) + 3.0)
+    # even an inf loss with weight 0 contributes nothing
+    tot, _ = weighted_sum({"a": jnp.float32(2.0), "b": jnp.float32(np.inf)}, {"a": 1.0, "b": 0.0})
+    assert float(tot) == 2.0
+
+
+def test_uncertainty_weighted_formula_and_grad():
+    s = {"cls": 0.0, "seg": 1.0, "depth": -0.5}
+    losses = {k: jnp.float32(v) for k, v in LOSSES.items()}
+    log_vars = {k: jnp.float32(v) for k, v in s.items()}
+    total, terms = uncertainty_weighted(losses, log_vars)
+    want = sum(np.exp(-s[k]) * LOSSES[k] + s[k] for k in LOSSES)
+    np.testing.assert_allclose(total, want, rtol=1e-6)
+    for k in LOSSES:
+        np.testing.assert_allclose(terms[f"weight/{k}"], np.exp(-s[k]), rtol=1e-6)
+    g = jax.grad(lambda lv: uncertainty_weighted(losses, lv)[0])(log_vars)
+    for k in LOSSES:
+        np.testing.assert_allclose(g[k], -np.exp(-s[k]) * LOSSES[k] + 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="log_vars keys"):
+        uncertainty_weighted(losses, {"cls": 0.0})
+
 
 RNG = jax.random.PRNGKey(3)
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tl_jax.losses.classification import accuracy, cross_entropy
+from tl_jax.objectives.classification import accuracy, cross_entropy
 
 PyTree = Any
 Batch = dict[str, jax.Array]

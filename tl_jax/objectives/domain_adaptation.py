@@ -1,4 +1,8 @@
-"""Unsupervised domain adaptation: ``dann``, ``coral``, ``mmd`` (target labels never trained on).
+"""Unsupervised domain adaptation, the shared part: target stream, two-domain pass, gradient reversal.
+
+The methods (one file each) extend :class:`UnsupervisedDA`: ``dann`` (:mod:`.dann`), ``coral`` /
+``mmd`` (:mod:`.coral_mmd`), ``cdan`` (:mod:`.cdan`), ``mcc`` (:mod:`.mcc`), ``mdd`` (:mod:`.mdd`),
+``self_training`` (:mod:`.self_training`); target labels are never trained on.
 
 Labelled source examples come from ``config.data`` (the standard stream);
 unlabelled target examples from the objective's group ``config.objective.<name>``:
@@ -9,7 +13,8 @@ unlabelled target examples from the objective's group ``config.objective.<name>`
   the source images' shape (e.g. optdigits 8x8 -> resize 20 -> pad 28 for
   MNIST); ``target_eval_pp`` ([] = ``target_pp``, which must then be deterministic);
 * ``target_batch_size`` (0 = the source batch size);
-* ``weight``: the trade-off w of the adaptation term.
+* ``weight``: the trade-off w of the adaptation term;
+* ``layer``: ``'features'`` (the backbone output [B, D]) or ``'logits'`` [B, C] as f.
 
 Train batches are ONE grain ``MapDataset`` (source batches zipped index by
 index with target batches), so the iterator state is still ``{'next_index': k}``
@@ -18,27 +23,21 @@ and a resume is exact; a batch holds ``image`` [B, H, W, C], ``label`` [B]
 metrics are computed on the TARGET test split (its labels are used only there).
 
 Both domains go through the model in one pass (``[x_s; x_t]``, so BatchNorm
-sees both); f = the backbone features ``[B, D]`` (``layer='features'``) or
-the logits ``[B, C]`` (``layer='logits'``). With ``CE`` the source
-cross-entropy (mean over B_s)::
+sees both). With ``CE`` the source cross-entropy (mean over B_s) and ``term``
+the method's adaptation term::
 
-    dann:   L = CE + w·L_d(D_ψ(GRL_λ(f_s)), D_ψ(GRL_λ(f_t))),   λ = dann_lambda(step / train.steps, gamma)
-    coral:  L = CE + w·‖C_s − C_t‖_F² / (4 d²)
-    mmd:    L = CE + w·MMD²_k(f_s, f_t),   k = Σ_k exp(−‖x − y‖² / β_k)   (multi-bandwidth)
-
-DANN's discriminator D_ψ (an MLP, ``hidden`` units × ``depth`` layers, each
-with a LayerNorm if ``layer_norm``, one logit) is a trainable extra under
-``params['discriminator']``; the gradient
-reversal layer GRL_λ is the identity forward and multiplies the gradient
-reaching the backbone by −λ, so ψ minimises L_d while the features maximise it.
+    L = CE + w·term(z_s, f_s, z_t, f_t)
 
 Logged: ``train/loss`` (total), ``train/ce``, ``train/accuracy`` (source),
-``train/da/<name>`` (the unweighted adaptation term), and for DANN
-``train/da/lambda`` and ``train/da/domain_accuracy``.
+``train/da/<name>`` (the unweighted adaptation term) and the method's own.
+
+The gradient reversal layer GRL_λ (:func:`gradient_reversal`) is the identity
+forward and multiplies the gradient by −λ, with λ ramped by :func:`dann_lambda`;
+:class:`DomainDiscriminator` is the MLP of DANN and CDAN.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import grain
@@ -47,13 +46,59 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.losses.classification import accuracy, cross_entropy
-from tl_jax.losses.domain_adaptation import (coral_loss, dann_lambda, domain_adversarial_loss, gradient_reversal,
-                                             mmd_loss)
+from tl_jax.data import build_preprocess, load_split, train_dataset
 from tl_jax.models.heads import head_dims
-from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, register
+from tl_jax.objectives._checks import check_scalar
+from tl_jax.objectives.base import Objective, PyTree, apply_model, hparam
+from tl_jax.objectives.classification import accuracy, cross_entropy
 
 LAYERS = ("features", "logits")
+
+
+@jax.custom_vjp
+def _grl(x: jax.Array, lam: jax.Array) -> jax.Array:
+    return x
+
+
+def _grl_fwd(x: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return x, lam
+
+
+def _grl_bwd(lam: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    rev = jax.tree_util.tree_map(lambda t: (-lam * t).astype(t.dtype), g)
+    return rev, jnp.zeros_like(lam)
+
+
+_grl.defvjp(_grl_fwd, _grl_bwd)
+
+
+def gradient_reversal(x: jax.Array, lam: float | jax.Array) -> jax.Array:
+    """Gradient reversal layer (Ganin & Lempitsky, 2015).
+
+    forward: R(x) = x;   backward: ∂R/∂x = −λ·I,   ∂R/∂λ = 0
+
+    Args:
+      x: array (or pytree of arrays) of any shape.
+      lam: scalar λ (Python number or traced array, e.g. :func:`dann_lambda`);
+        it receives a zero cotangent.
+
+    Returns:
+      ``x`` unchanged.
+    """
+    check_scalar("lam", lam, low=None)
+    return _grl(x, jnp.asarray(lam, jnp.float32))
+
+
+def dann_lambda(progress: float | jax.Array, gamma: float = 10.0) -> jax.Array:
+    """DANN adaptation-factor schedule (Ganin & Lempitsky, 2015).
+
+    λ(p) = 2 / (1 + exp(−γ·p)) − 1,   p = training progress clipped to [0, 1]
+
+    λ(0) = 0 and λ(1) = tanh(γ/2) ≈ 1 (0.99991 for γ = 10). Scalar -> scalar.
+    """
+    check_scalar("gamma", gamma, low=0.0)
+    p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+    return 2.0 / (1.0 + jnp.exp(-gamma * p)) - 1.0
 
 
 def target_defaults(**extra: Any) -> dict:
@@ -75,8 +120,18 @@ def _number(cfg: ml_collections.ConfigDict, key: str, where: str, *, low: float 
     return float(value)
 
 
+def _int(cfg: ml_collections.ConfigDict, key: str, where: str, low: int) -> int:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{where}.{key} must be an int >= {low}, got {v!r}")
+    return v
+
+
 class UnsupervisedDA(Objective):
-    """Shared machinery: the target stream, the two-domain forward pass, CE + w·term."""
+    """Shared machinery: the target stream, the one pass over all domains, ``CE + w·term``.
+
+    Subclasses define :meth:`term` (and, with more streams, :meth:`images`).
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
@@ -98,19 +153,21 @@ class UnsupervisedDA(Objective):
 
     # -- data ---------------------------------------------------------------------------------
     def _target_split(self, split: str):
-        from tl_jax.data import load_split
-
         return load_split(self.cfg.target, split, self.cfg.target_data_dir or self.config.data.data_dir)
+
+    def target_batches(self, *, batch_size: int, seed: int, process_index: int, process_count: int
+                       ) -> grain.MapDataset:
+        """Infinite batches of the target train split after ``target_pp`` (shuffle seed ``seed + 1``)."""
+        pp = build_preprocess(list(self.cfg.target_pp), where=f"{self.where}.target_pp")
+        return train_dataset(self._target_split(self.cfg.target_split), pp,
+                             batch_size=self.cfg.target_batch_size or batch_size, seed=seed + 1,
+                             process_index=process_index, process_count=process_count)
 
     def train_dataset(self, standard: Any, *, batch_size: int, seed: int, process_index: int,
                       process_count: int) -> grain.MapDataset:
         """``standard`` zipped with infinite target batches (shuffle seed ``seed + 1``)."""
-        from tl_jax.data import build_preprocess, train_dataset
-
-        pp = build_preprocess(list(self.cfg.target_pp), where=f"{self.where}.target_pp")
-        target = train_dataset(self._target_split(self.cfg.target_split), pp,
-                               batch_size=self.cfg.target_batch_size or batch_size, seed=seed + 1,
-                               process_index=process_index, process_count=process_count)
+        target = self.target_batches(batch_size=batch_size, seed=seed, process_index=process_index,
+                                     process_count=process_count)
         s_shape, t_shape = standard[0]["image"].shape[1:], target[0]["image"].shape[1:]
         if s_shape != t_shape:
             raise ValueError(f"{self.where}.target_pp gives target images of shape {t_shape}, the source images "
@@ -120,35 +177,48 @@ class UnsupervisedDA(Objective):
 
     def eval_data(self, split: Any, preprocess: Any) -> tuple[Any, Any]:
         """The TARGET test split with ``target_eval_pp`` (or ``target_pp``)."""
-        from tl_jax.data import build_preprocess
-
         key = "target_eval_pp" if len(self.cfg.target_eval_pp) else "target_pp"
         pp = build_preprocess(list(self.cfg[key]), where=f"{self.where}.{key}")
         return self._target_split(self.cfg.target_test_split), pp
 
     # -- the maths ----------------------------------------------------------------------------
-    def forward(self, params: PyTree, batch_stats: PyTree, batch: Batch, rng: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array, PyTree]:
-        """One pass over ``[x_s; x_t]``: ``(source logits [B_s, C], f_s, f_t, new_batch_stats)``."""
+    def dims(self, params: PyTree) -> tuple[int, int]:
+        """``(D, C)``: the feature and class sizes read from the model's head."""
+        dims = head_dims(params.get("head", {}))
+        if dims is None:
+            raise ValueError(f"{self.name}: the model has no head/kernel (or head/logits/kernel) to read the "
+                             f"feature size from")
+        return dims
+
+    def images(self, batch: dict) -> list[jax.Array]:
+        """The image batches that go through the model together: source, target (and more, e.g. a second view)."""
         if "target_image" not in batch:
             raise KeyError(f"{self.name}: the batch has no 'target_image' (keys {sorted(batch)}); "
                            f"train batches come from {type(self).__name__}.train_dataset")
-        ns = batch["image"].shape[0]
-        both = {"image": jnp.concatenate([batch["image"], batch["target_image"]], axis=0)}
-        (logits, feats), batch_stats = apply_model(self.model, self.model_params(params), batch_stats, both,
-                                                   train=True, rng=rng, return_features=True)
-        f = feats if self.cfg.layer == "features" else logits
-        return logits[:ns], f[:ns], f[ns:], batch_stats
+        return [batch["image"], batch["target_image"]]
 
-    def adaptation(self, params: PyTree, fs: jax.Array, ft: jax.Array, step: jax.Array
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def outputs(self, params: PyTree, batch_stats: PyTree, batch: dict, rng: jax.Array | None):
+        """One pass over ``[x_s; x_t; …]``: ``(z_s, f_s, z_t, f_t, logits of the further images, new_batch_stats)``."""
+        parts = self.images(batch)
+        ns, nt = parts[0].shape[0], parts[1].shape[0]
+        both = {"image": jnp.concatenate(parts, axis=0)}
+        (z, f), batch_stats = apply_model(self.model, self.model_params(params), batch_stats, both, train=True,
+                                          rng=rng, return_features=True)
+        return z[:ns], f[:ns], z[ns:ns + nt], f[ns:ns + nt], z[ns + nt:], batch_stats
+
+    def layer(self, zs: jax.Array, fs: jax.Array, zt: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(f_s, f_t)`` of ``config.objective.<name>.layer``: the features or the logits."""
+        return (fs, ft) if self.cfg.layer == "features" else (zs, zt)
+
+    def term(self, params: PyTree, aux: PyTree, zs, fs, zt, ft, extra_logits, step
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The unweighted adaptation term and extra metrics (subclasses)."""
         raise NotImplementedError
 
     def loss(self, params, batch_stats, aux, batch, rng, step):
-        zs, fs, ft, batch_stats = self.forward(params, batch_stats, batch, rng)
+        zs, fs, zt, ft, extra_logits, batch_stats = self.outputs(params, batch_stats, batch, rng)
         ce = cross_entropy(zs, batch["label"], label_smoothing=self.label_smoothing).mean()
-        term, extra = self.adaptation(params, fs, ft, step)
+        term, extra = self.term(params, aux, zs, fs, zt, ft, extra_logits, step)
         total = ce + hparam(aux, f"objective.{self.name}.weight", self.weight) * term
         metrics = {"train/loss": total, "train/ce": ce, "train/accuracy": accuracy(zs, batch["label"]).mean(),
                    f"train/da/{self.name}": term, **extra}
@@ -175,73 +245,3 @@ class DomainDiscriminator(nn.Module):
                 f = nn.LayerNorm(name=f"ln{i}")(f)
             f = nn.relu(f)
         return nn.Dense(1, name="out")(f)[:, 0]
-
-
-@register
-class DANN(UnsupervisedDA):
-    """Domain-adversarial training (Ganin & Lempitsky 2015); see the module docstring."""
-
-    name: ClassVar[str] = "dann"
-    defaults: ClassVar[dict] = target_defaults(gamma=10.0, hidden=256, depth=2, layer_norm=True)
-    extra_keys: ClassVar[tuple[str, ...]] = ("discriminator",)
-
-    def __init__(self, config: ml_collections.ConfigDict, model):
-        super().__init__(config, model)
-        self.gamma = _number(self.cfg, "gamma", self.where)
-        for key in ("hidden", "depth"):
-            if isinstance(self.cfg[key], bool) or not isinstance(self.cfg[key], int) or self.cfg[key] < 1:
-                raise ValueError(f"{self.where}.{key} must be an int >= 1, got {self.cfg[key]!r}")
-        self.discriminator = DomainDiscriminator(self.cfg.hidden, self.cfg.depth, bool(self.cfg.layer_norm))
-
-    def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
-        dims = head_dims(params.get("head", {}))  # (D, C) of a linear or MLP head
-        if dims is None:
-            raise ValueError(f"{self.name}: the model has no head/kernel (or head/logits/kernel) to read the "
-                             f"feature size from")
-        dim = dims[0] if self.cfg.layer == "features" else dims[1]
-        disc = self.discriminator.init(rng, jnp.zeros((1, dim), jnp.float32))["params"]
-        return {"discriminator": disc}, {}
-
-    def lam(self, step: jax.Array) -> jax.Array:
-        """GRL coefficient λ = 2 / (1 + exp(−γ·p)) − 1, p = step / config.train.steps."""
-        return dann_lambda(jnp.asarray(step, jnp.float32) / self.total_steps, self.gamma)
-
-    def adaptation(self, params, fs, ft, step):
-        lam = self.lam(step)
-        ns = fs.shape[0]
-        d = self.discriminator.apply({"params": params["discriminator"]},
-                                     gradient_reversal(jnp.concatenate([fs, ft], axis=0), lam))
-        term = domain_adversarial_loss(d[:ns], d[ns:])
-        correct = jnp.concatenate([d[:ns] > 0, d[ns:] <= 0]).astype(jnp.float32)
-        return term, {"train/da/lambda": lam, "train/da/domain_accuracy": jnp.mean(correct)}
-
-
-@register
-class CORAL(UnsupervisedDA):
-    """Deep CORAL (Sun & Saenko 2016): match the feature covariances; see the module docstring."""
-
-    name: ClassVar[str] = "coral"
-    defaults: ClassVar[dict] = target_defaults()
-
-    def adaptation(self, params, fs, ft, step):
-        return coral_loss(fs, ft), {}
-
-
-@register
-class MMD(UnsupervisedDA):
-    """Multi-kernel MMD (DAN, Long et al. 2015) on the features; see the module docstring."""
-
-    name: ClassVar[str] = "mmd"
-    defaults: ClassVar[dict] = target_defaults(kernel_mul=2.0, num_kernels=5)
-
-    def __init__(self, config: ml_collections.ConfigDict, model):
-        super().__init__(config, model)
-        self.kernel_mul = _number(self.cfg, "kernel_mul", self.where)
-        if self.kernel_mul <= 0:
-            raise ValueError(f"{self.where}.kernel_mul must be > 0, got {self.kernel_mul!r}")
-        if isinstance(self.cfg.num_kernels, bool) or not isinstance(self.cfg.num_kernels, int) \
-                or self.cfg.num_kernels < 1:
-            raise ValueError(f"{self.where}.num_kernels must be an int >= 1, got {self.cfg.num_kernels!r}")
-
-    def adaptation(self, params, fs, ft, step):
-        return mmd_loss(fs, ft, kernel_mul=self.kernel_mul, num_kernels=self.cfg.num_kernels), {}

@@ -19,7 +19,7 @@ Config group ``config.objective.feature_distill``: the teacher keys of
   projection of the last axis (a 1x1 convolution on a feature map) to the
   teacher's width, trainable params under ``params['projection']`` (created
   only when β > 0); Q: the normalised attention map
-  (:func:`~tl_jax.losses.finetune_methods.attention_map`; needs equal spatial sizes).
+  (:func:`attention_map`; needs equal spatial sizes).
 
 Logged besides ``distill``'s: ``train/hint``, ``train/at`` (unweighted).
 """
@@ -33,14 +33,52 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.losses.classification import accuracy, cross_entropy
-from tl_jax.losses.distill import distillation_loss
-from tl_jax.losses.finetune_methods import attention_transfer_loss, hint_loss
 from tl_jax.models.heads import head_dims
 from tl_jax.objectives.base import Batch, PyTree, model_inputs, register
-from tl_jax.objectives.distill import DistillObjective
+from tl_jax.objectives.classification import accuracy, at_least_f32, cross_entropy
+from tl_jax.objectives.distill import DistillObjective, distillation_loss
 
 KEY = "config.objective.feature_distill"
+
+
+def hint_loss(student_projected: jax.Array, teacher_features: jax.Array) -> jax.Array:
+    """FitNets hint loss (Romero et al. ICLR 2015): L = (1/B) Σ_b ½‖r(s_b) − t_b‖².
+
+    ``student_projected`` = the learned regressor r applied to the student's
+    features (shape of the teacher's), teacher gradient-stopped. [B, ...] -> scalar.
+    """
+    if jnp.shape(student_projected) != jnp.shape(teacher_features):
+        raise ValueError(f"the projected student features {jnp.shape(student_projected)} must have the teacher "
+                         f"features' shape {jnp.shape(teacher_features)}")
+    diff = at_least_f32(student_projected) - jax.lax.stop_gradient(at_least_f32(teacher_features))
+    return 0.5 * jnp.sum(jnp.square(diff)) / diff.shape[0]
+
+
+def attention_map(features: jax.Array, p: float = 2.0) -> jax.Array:
+    """Attention transfer's spatial map: Q = vec(Σ_c |A_c|^p) / ‖vec(Σ_c |A_c|^p)‖₂.
+
+    [B, H, W, C] -> [B, H·W]; a vector feature [B, D] (no spatial axes) gives
+    Q_b = |f_b|^p / ‖|f_b|^p‖₂ over its D entries (the map of a 1x1xD "image").
+    """
+    x = at_least_f32(features)
+    if x.ndim == 2:
+        q = jnp.abs(x) ** p
+    elif x.ndim >= 3:
+        q = jnp.sum(jnp.abs(x) ** p, axis=-1).reshape(x.shape[0], -1)
+    else:
+        raise ValueError(f"features must be [B, D] or [B, H, W, C], got {jnp.shape(features)}")
+    return q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+
+
+def attention_transfer_loss(student_features: jax.Array, teacher_features: jax.Array, p: float = 2.0
+                            ) -> jax.Array:
+    """Attention transfer (Zagoruyko & Komodakis ICLR 2017): L = (1/B) Σ_b ‖Q^S_b − Q^T_b‖₂²
+    (the squared L2 distance, as in the authors' code; no channel matching needed,
+    only equal spatial sizes). Teacher gradient-stopped."""
+    qs, qt = attention_map(student_features, p), attention_map(jax.lax.stop_gradient(teacher_features), p)
+    if qs.shape != qt.shape:
+        raise ValueError(f"student and teacher attention maps differ in size: {qs.shape} vs {qt.shape}")
+    return jnp.sum(jnp.square(qs - qt)) / qs.shape[0]
 
 
 def layer_outputs(model: nn.Module, variables: dict, batch: Batch, layer: str, *, train: bool,

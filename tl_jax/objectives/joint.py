@@ -21,16 +21,16 @@ Config group ``config.objective.joint`` (select with ``config.objective.name='jo
 * ``weights``: the λ matrix ``[D][T]`` (list of lists; ``None`` or 0 = task absent
   from that domain: no labels needed there, no term, no gradient); ``[]`` = all 1.
 * ``proportions``: per-domain share of each train batch (as ``multidomain``; [] = equal).
-* ``normalization`` (:func:`~tl_jax.losses.joint.joint_loss`): ``'domain_mean'``
+* ``normalization`` (:func:`joint_loss`): ``'domain_mean'``
   (default, recommended: λ alone sets how much a domain counts)
   ``L = Σ_d Σ_i λ_{d,i} · mean_{b∈d} CE_i(b)`` (a domain absent from a batch adds 0), or
   ``'global_mean'``: ``L = Σ_d Σ_i λ_{d,i} Σ_{b∈d} CE_i(b) / B``.
 * ``weighting``: ``'fixed'`` (the λ matrix); ``'uncertainty'``: one learned log-variance
   per active (domain, task) pair, ``task_log_vars/<domain>/<task>``,
   ``L = Σ_{d,i} exp(−s_{d,i})·T_{d,i} + s_{d,i}`` with T_{d,i} the fixed term above
-  (:func:`~tl_jax.losses.multitask.uncertainty_weighted`; per pair because the same
+  (:func:`~tl_jax.objectives.multitask.uncertainty_weighted`; per pair because the same
   task can be noisier in one domain); ``'pcgrad'``: the gradients of the active terms
-  T_{d,i} from ONE ``jax.jacrev``, projected by :func:`~tl_jax.losses.multitask.pcgrad`.
+  T_{d,i} from ONE ``jax.jacrev``, projected by :func:`~tl_jax.objectives.pcgrad.pcgrad`.
 
 **Data.** Task labels are computed once per split (label functions on the whole
 label array, fields read from the examples) and checked against ``[0, C)``; the
@@ -65,14 +65,84 @@ import numpy as np
 from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots, train_dataset
 from tl_jax.data.pipeline import _Subset
 from tl_jax.data.sources import ExampleSource
-from tl_jax.losses.classification import accuracy, cross_entropy
-from tl_jax.losses.joint import NORMALIZATIONS, joint_loss
-from tl_jax.losses.multitask import pcgrad, uncertainty_weighted
+from tl_jax.objectives._checks import check_shape, is_concrete
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
+from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.objectives.joint_spec import (KEY, TaskExample, TaskSource, check_range, parse_domains, parse_tasks,
                                           parse_weights, task_values)
-from tl_jax.objectives.multidomain import ConcatSource, DomainPreprocess
-from tl_jax.objectives.multitask import TASKS, WEIGHTINGS, multi_head_model, number_list
+from tl_jax.objectives.multidomain import NORMALIZATIONS, ConcatSource, DomainPreprocess
+from tl_jax.objectives.multitask import TASKS, WEIGHTINGS, multi_head_model, number_list, uncertainty_weighted
+from tl_jax.objectives.pcgrad import pcgrad
+
+
+def joint_loss(per_example_losses: jax.Array, domain_ids: jax.Array, weights: jax.Array, *,
+               mask: jax.Array | None = None, normalization: str = "domain_mean"
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Domain × task weighted loss over a mixed-domain batch.
+
+    With padding mask m_b ∈ {0, 1}, d(b) the domain of example b and
+    ``active[d, i] = λ_{d,i} > 0``:
+
+        mean_{d,i} = Σ_{b: d(b)=d} m_b CE_i(b) / Σ_{b: d(b)=d} m_b     (0 if domain d is absent)
+
+    'domain_mean' (recommended: each domain averaged on its own, so λ alone sets
+    how much a domain counts, whatever its share of the batch):
+        L = Σ_d Σ_i λ_{d,i} · mean_{d,i}
+
+    'global_mean' (one normaliser, the number of real examples B' = Σ_b m_b):
+        L = Σ_d Σ_i λ_{d,i} Σ_{b: d(b)=d} m_b CE_i(b) / max(B', 1)
+
+    Entries CE_i(b) of inactive pairs (λ_{d(b),i} = 0) and of padding rows are
+    replaced by 0 before any sum, so they reach neither L nor its gradient.
+
+    Args:
+      per_example_losses: [T, B] per-example losses CE_i(b).
+      domain_ids: [B] integer domain of each example, in [0, D).
+      weights: [D, T] λ >= 0 (numpy or a jax array).
+      mask: [B] 0/1 padding mask, or None (all real).
+      normalization: 'domain_mean' or 'global_mean'.
+
+    Returns:
+      ``(L, weighted [D, T], means [D, T])`` with ``weighted[d, i]`` the term
+      λ_{d,i}·(normalised sum) so that ``L = Σ weighted``, and ``means[d, i]`` the
+      raw per-domain mean mean_{d,i} (for logging; 0 for inactive pairs).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if jnp.ndim(per_example_losses) != 2:
+        raise ValueError(f"per_example_losses must have shape [T, B], got {jnp.shape(per_example_losses)}")
+    num_tasks, batch = jnp.shape(per_example_losses)
+    check_shape("domain_ids", domain_ids, (batch,))
+    if isinstance(weights, (list, tuple)):
+        weights = np.asarray(weights, np.float32)
+    if jnp.ndim(weights) != 2 or jnp.shape(weights)[1] != num_tasks:
+        raise ValueError(f"weights must have shape [D, {num_tasks}] (domains x tasks), got {jnp.shape(weights)}")
+    num_domains = jnp.shape(weights)[0]
+    if is_concrete(weights):
+        w = np.asarray(weights, np.float64)
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+    if mask is not None:
+        check_shape("mask", mask, (batch,))
+    if is_concrete(domain_ids) and batch:
+        ids = np.asarray(domain_ids)
+        if ids.min() < 0 or ids.max() >= num_domains:
+            raise ValueError(f"domain_ids must be in [0, {num_domains}), got range [{ids.min()}, {ids.max()}]")
+
+    dtype = jnp.result_type(per_example_losses, jnp.float32)
+    m = jnp.ones((batch,), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
+    lam = jnp.asarray(weights, dtype)                                       # [D, T]
+    onehot = jax.nn.one_hot(domain_ids, num_domains, dtype=dtype) * m[:, None]   # [B, D]
+    example_active = (onehot @ (lam > 0).astype(dtype)).T > 0               # [T, B]
+    safe = jnp.where(example_active, per_example_losses, 0.0)               # [T, B]
+    sums = onehot.T @ safe.T                                                # [D, T]
+    counts = jnp.sum(onehot, axis=0)[:, None]                               # [D, 1]
+    means = jnp.where(counts > 0, sums / jnp.where(counts > 0, counts, 1.0), 0.0)
+    if normalization == "domain_mean":
+        weighted = lam * means
+    else:
+        weighted = lam * sums / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(weighted), weighted, means
 
 
 @register

@@ -18,7 +18,7 @@ every batch holds ≈ p_d·B examples of domain d and the pipeline stays one
 ``MapDataset`` (exact resume). A domain with proportion 0 is not trained on but
 still evaluated (a "train on the others alone" baseline).
 
-**Loss** (:func:`~tl_jax.losses.multidomain.multi_domain_loss`, per-example CE L_i):
+**Loss** (:func:`multi_domain_loss`, per-example CE L_i):
 
 * ``'domain_mean'``: ``L = Σ_d λ_d · mean_{i∈d} L_i`` (a domain absent from the batch adds 0);
 * ``'global_mean'``: ``L = Σ_d λ_d Σ_{i∈d} L_i / B``.
@@ -40,13 +40,85 @@ import numpy as np
 
 from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots
 from tl_jax.data.pipeline import _Subset
-from tl_jax.losses.classification import accuracy, cross_entropy
-from tl_jax.losses.multidomain import NORMALIZATIONS, multi_domain_loss
+from tl_jax.objectives._checks import check_shape, check_weights, is_concrete
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
+from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.objectives.multitask import number_list
 
+NORMALIZATIONS = ("domain_mean", "global_mean")
 KEY = "config.objective.multidomain"
 DOMAIN_KEYS = ("name", "train_split", "test_split", "train_pp", "eval_pp", "shots", "shots_seed")
+
+
+def multi_domain_loss(per_example_loss: jax.Array, domain_ids: jax.Array, domain_weights: jax.Array, *,
+                      example_weights: jax.Array | None = None, mask: jax.Array | None = None,
+                      normalization: str = "domain_mean") -> tuple[jax.Array, jax.Array]:
+    """Domain- and example-weighted loss over a mixed-domain batch.
+
+    With λ_{d,i} = λ_d · w_i, padding mask m_i ∈ {0, 1} and d(i) the domain of example i:
+
+    'domain_mean' (each domain averaged on its own, then weighted):
+        per_domain[d] = λ_d · Σ_{i: d(i)=d} w_i m_i L_i / Σ_{i: d(i)=d} w_i m_i
+        (0 when the denominator is 0, e.g. the domain is absent from the batch)
+
+    'global_mean' (weighted examples, one global normaliser = number of real examples):
+        per_domain[d] = Σ_{i: d(i)=d} λ_d w_i m_i L_i / max(Σ_i m_i, 1)
+
+    and in both cases L = Σ_d per_domain[d]. Examples with w_i m_i = 0 (padding)
+    are zeroed before multiplying, so NaN/inf there never reaches L or its gradient.
+    Domain ids outside [0, D) are rejected when concrete; under ``jit`` they are
+    silently dropped (their one-hot row is all zero).
+
+    Args:
+      per_example_loss: [B] losses L_i.
+      domain_ids: [B] integer domain of each example.
+      domain_weights: [D] λ_d >= 0.
+      example_weights: [B] w_i >= 0, or None (all 1).
+      mask: [B] bool/0-1 padding mask m_i, or None (all 1).
+      normalization: 'domain_mean' or 'global_mean'.
+
+    Returns:
+      (total scalar L, per_domain [D] contributions with Σ_d per_domain[d] = L).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if jnp.ndim(per_example_loss) != 1:
+        raise ValueError(f"per_example_loss must have shape [B], got {jnp.shape(per_example_loss)}")
+    batch = jnp.shape(per_example_loss)[0]
+    check_shape("domain_ids", domain_ids, (batch,))
+    if isinstance(domain_weights, (list, tuple)):
+        domain_weights = np.asarray(domain_weights, np.float32)
+    if jnp.ndim(domain_weights) != 1:
+        raise ValueError(f"domain_weights must have shape [D], got {jnp.shape(domain_weights)}")
+    num_domains = jnp.shape(domain_weights)[0]
+    check_weights("domain_weights", domain_weights)
+    if example_weights is not None:
+        check_shape("example_weights", example_weights, (batch,))
+        check_weights("example_weights", example_weights)
+    if mask is not None:
+        check_shape("mask", mask, (batch,))
+    if is_concrete(domain_ids) and batch:
+        ids = np.asarray(domain_ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"domain_ids must be integers, got dtype {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_domains:
+            raise ValueError(f"domain_ids must be in [0, {num_domains}), got range [{lo}, {hi}]")
+
+    dtype = jnp.result_type(per_example_loss, jnp.float32)
+    m = jnp.ones((batch,), dtype) if mask is None else jnp.asarray(mask).astype(dtype)
+    w = jnp.ones((batch,), dtype) if example_weights is None else jnp.asarray(example_weights, dtype)
+    wm = w * m
+    safe_loss = jnp.where(wm != 0, per_example_loss, 0.0)
+    onehot = jax.nn.one_hot(domain_ids, num_domains, dtype=dtype)      # [B, D]
+    lam = jnp.asarray(domain_weights, dtype)
+    num = onehot.T @ (wm * safe_loss)                                  # [D] Σ_{i∈d} w m L
+    if normalization == "domain_mean":
+        den = onehot.T @ wm                                            # [D] Σ_{i∈d} w m
+        per_domain = lam * jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    else:
+        per_domain = lam * num / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(per_domain), per_domain
 
 
 @dataclasses.dataclass(frozen=True)

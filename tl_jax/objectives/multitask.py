@@ -8,14 +8,14 @@ Config group ``config.objective.multitask`` (select with ``config.objective.name
   accuracy is reported as ``test/accuracy``.
 * ``weighting``: how the task losses L_i (mean softmax CE of head i) combine:
 
-  - ``'fixed'``: ``L = Σ_i λ_i L_i`` (:func:`~tl_jax.losses.multitask.weighted_sum`);
+  - ``'fixed'``: ``L = Σ_i λ_i L_i`` (:func:`weighted_sum`);
   - ``'uncertainty'``: ``L = Σ_i exp(−s_i) L_i + s_i`` with trainable log-variances
     ``s_i`` at ``task_log_vars/<task>`` (scalars, init ``init_log_var``), Kendall et
-    al. 2018 (:func:`~tl_jax.losses.multitask.uncertainty_weighted`); ``weights`` must
+    al. 2018 (:func:`uncertainty_weighted`); ``weights`` must
     be left empty;
   - ``'pcgrad'``: the per-task gradients g_i = ∇_θ λ_i L_i come from ONE
     ``jax.jacrev`` pass (leaves ``[T, ...]``), conflicting components are projected
-    away (:func:`~tl_jax.losses.multitask.pcgrad`, random order per step if
+    away (:func:`~tl_jax.objectives.pcgrad.pcgrad`, random order per step if
     ``pcgrad_random_order``) and the update uses G = Σ_i g_i^PC. The logged
     ``train/loss`` is Σ_i λ_i L_i.
 * ``weights``: λ_i, one finite number >= 0 per task ([] = all 1). λ_i = 0 removes
@@ -30,13 +30,17 @@ such as ``backbone/.*`` keep working and
 Logged: ``train/loss`` (total), ``train/loss/<task>`` (L_i), ``train/weight/<task>`` (λ_i
 or exp(−s_i)), ``train/weighted/<task>``, ``train/accuracy/<task>``; test:
 ``accuracy/<task>``, ``loss/<task>`` and ``accuracy``/``loss`` of the main task.
+
+Task losses are passed to the loss functions as ``{task_name: scalar}`` dicts;
+their ``terms`` dicts use '/'-separated logging keys: ``loss/<task>`` (raw L_i),
+``weighted/<task>`` (λ_i L_i) and ``weight/<task>`` (λ_i).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -44,16 +48,104 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tl_jax.losses.classification import accuracy, cross_entropy
-from tl_jax.losses.multitask import pcgrad, uncertainty_weighted, weighted_sum
 from tl_jax.models.heads import call_head, make_head
 from tl_jax.models.layers import BACKBONE, Classifier, sub_paths
+from tl_jax.objectives._checks import check_same_keys, check_scalar
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, register
+from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.objectives.pcgrad import pcgrad
 
 WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
 KEY = "config.objective.multitask"
 
-# name -> (number of classes or None = the model's num_classes, label function [B] int -> [B] int)
+
+def _check_losses(losses: Mapping[str, Any]) -> None:
+    if not isinstance(losses, Mapping) or not losses:
+        raise ValueError(f"losses must be a non-empty dict of task -> scalar loss, got {losses!r}")
+    for name, value in losses.items():
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"losses[{name!r}] must be a scalar, got shape {jnp.shape(value)}")
+
+
+def weighted_sum(losses: Mapping[str, jax.Array], weights: Mapping[str, float]
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Fixed-weight multi-task loss.
+
+    L = Σ_i λ_i L_i
+
+    A task whose weight is the Python number 0 is left out of the sum entirely,
+    so it contributes exactly zero gradient (even if its L_i is inf/NaN).
+
+    Args:
+      losses: {task: scalar L_i}.
+      weights: {task: λ_i >= 0, finite}; same keys as ``losses``.
+
+    Returns:
+      (total scalar L, terms) with ``loss/<t>``, ``weighted/<t>``, ``weight/<t>``.
+    """
+    _check_losses(losses)
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"weights must be a dict of task -> float, got {type(weights).__name__}")
+    check_same_keys("weights", weights, "losses", losses)
+    for name, lam in weights.items():
+        check_scalar(f"weights[{name!r}]", lam, low=0.0)
+    total = jnp.zeros((), jnp.result_type(*losses.values(), jnp.float32))
+    terms: dict[str, jax.Array] = {}
+    for name, loss in losses.items():
+        lam = weights[name]
+        weighted = lam * loss
+        if not (isinstance(lam, (int, float)) and lam == 0):
+            total = total + weighted
+        terms[f"loss/{name}"] = loss
+        terms[f"weighted/{name}"] = weighted
+        terms[f"weight/{name}"] = jnp.asarray(lam, jnp.float32)
+    return total, terms
+
+
+def uncertainty_weighted(losses: Mapping[str, jax.Array], log_vars: Mapping[str, jax.Array]
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Homoscedastic-uncertainty task weighting (Kendall, Gal & Cipolla, 2018).
+
+    L = Σ_i exp(−s_i)·L_i + s_i,     s_i = log σ_i²  (trainable, one scalar per task)
+
+    Convention: the same form is used for every task, classification included.
+    With factor convention λ_i = exp(−s_i) = 1/σ_i² on the loss and +s_i = log σ_i²
+    as regulariser, this is 2× Kendall's Gaussian (regression) objective
+    (1/(2σ²))L + log σ, and it is NOT Kendall's classification variant
+    (1/σ²)L + log σ = exp(−s)L + s/2. The common simplified form is used so that
+    all tasks share one optimum: ∂L/∂s_i = −exp(−s_i)L_i + 1 = 0 ⇒ s_i* = log L_i,
+    i.e. effective weight 1/L_i. Initialise s_i = 0 (weight 1).
+
+    Args:
+      losses: {task: scalar L_i}.
+      log_vars: {task: scalar s_i}; same keys as ``losses``.
+
+    Returns:
+      (total scalar L, terms) with ``loss/<t>``, ``weighted/<t>`` (exp(−s_i)L_i),
+      ``weight/<t>`` (exp(−s_i), gradient-stopped, for logging) and ``log_var/<t>``.
+    """
+    _check_losses(losses)
+    if not isinstance(log_vars, Mapping):
+        raise ValueError(f"log_vars must be a dict of task -> scalar, got {type(log_vars).__name__}")
+    check_same_keys("log_vars", log_vars, "losses", losses)
+    for name, s in log_vars.items():
+        if jnp.ndim(s) != 0:
+            raise ValueError(f"log_vars[{name!r}] must be a scalar, got shape {jnp.shape(s)}")
+        check_scalar(f"log_vars[{name!r}]", s, low=None)
+    total = jnp.zeros((), jnp.result_type(*losses.values(), *log_vars.values(), jnp.float32))
+    terms: dict[str, jax.Array] = {}
+    for name, loss in losses.items():
+        s = log_vars[name]
+        precision = jnp.exp(-s)
+        weighted = precision * loss
+        total = total + weighted + s
+        terms[f"loss/{name}"] = loss
+        terms[f"weighted/{name}"] = weighted
+        terms[f"weight/{name}"] = jax.lax.stop_gradient(precision)
+        terms[f"log_var/{name}"] = jax.lax.stop_gradient(s)
+    return total, terms
+
+
 TASKS: dict[str, tuple[int | None, Callable[[jax.Array], jax.Array]]] = {
     "digit": (None, lambda y: y),
     "parity": (2, lambda y: y % 2),

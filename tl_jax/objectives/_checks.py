@@ -1,4 +1,4 @@
-"""Argument checks shared by the loss modules (trace-time only, never on tracers).
+"""Argument checks shared by the loss functions (trace-time only, never on tracers).
 
 Every check raises ``ValueError`` with a one-line message that names the
 argument. Values that are JAX tracers (inside ``jit``/``vmap``/``grad``) cannot
@@ -71,3 +71,9 @@ def check_same_keys(name: str, got: Any, ref_name: str, ref: Any) -> None:
             parts.append(f"extra {extra}")
         raise ValueError(f"{name} keys must match {ref_name} keys: " + ", ".join(parts))
 
+
+
+def check_2d(name: str, x: Any) -> None:
+    """Check ``x`` is a 2-D array (``[B, C]``: logits, probabilities)."""
+    if np.ndim(x) != 2:
+        raise ValueError(f"{name} must have shape [B, C], got {np.shape(x)}")

@@ -1,22 +1,4 @@
-"""Residual adaptation ``P_target = P_source + α·P_diff``, at the output or at the parameters.
-
-``residual_output`` (config group ``config.objective.residual_output``)::
-
-    z(x) = sg(f_source(x; θ_source)) + α · f_diff(x; φ)          z: [B, C] logits
-
-* θ_source: a frozen source classifier, loaded from ``source`` (a workdir or
-  checkpoint; '' = ``config.init_from``) into ``state.aux['source']`` (its
-  ``params``/``batch_stats``: no gradient, no optimizer state). Its
-  architecture is read from the source workdir's ``config.json`` (else
-  ``config.model``); it must output the target's C classes. It runs in
-  inference mode (BatchNorm running averages, no dropout).
-* φ: the *difference branch*, the run's own model ``config.model``, i.e. the
-  ``backbone``/``head`` params of ``state.params``, initialised like any run
-  (fresh, or from ``config.init_from``) and covered by ``config.param_rules``:
-  ``[["backbone/.*", null], [".*", 1.0]]`` makes it a linear head on copied
-  source features, ``[[".*", 1.0]]`` a whole second network. With
-  ``zero_init_head`` its head (an MLP head's last layer, ``head/logits``)
-  starts at 0, so training starts exactly at P_source.
+"""Residual adaptation at the parameters ``θ = sg(θ_source) + α·Δ`` (``residual_params``).
 
 ``residual_params`` (config group ``config.objective.residual_params``)::
 
@@ -38,12 +20,27 @@ For inference Δ is folded back into plain params (:func:`merged_params`,
 :func:`write_merged_checkpoint`): the result is a plain ``config.model``
 checkpoint that any run can ``init_from``, with logits identical to the
 residual model's.
+
+**Deltas.** A delta is a nested dict with the same nesting as the (dict) params but covering
+only the adapted leaves. Each delta leaf is either a dense array of the
+parameter's shape, or a LoRA node ``{'a': A, 'b': B}`` with Δ = A @ B:
+
+* 2-D kernel [in, out]:         A [in, r],         B [r, out]
+* conv kernel [kh, kw, in, out]: A [kh, kw, in, r], B [r, out]
+
+The conv A is the [kh·kw·in, r] factor of the kernel reshaped to [kh·kw·in, out],
+stored with the kernel's leading axes so that Δ = A @ B (contracting r) already
+has the kernel's shape and :func:`lora_dense_delta` needs no params. A node is
+recognised as LoRA when it is a dict with exactly the keys 'a' and 'b' holding
+arrays with a.shape[-1] == b.shape[0] and b 2-D.
 """
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -51,121 +48,153 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.losses.classification import accuracy, cross_entropy
-from tl_jax.losses.residual import apply_delta, init_lora, merge, residual_logits
-from tl_jax.models.heads import LOGITS, logits_layer
-from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, model_inputs, register
+from tl_jax.objectives._checks import check_scalar, check_shape, path_str
+from tl_jax.objectives.base import Objective, PyTree, apply_model, hparam, register
+from tl_jax.objectives.residual_output import _alpha_value, _classification, _eval_sums
+from tl_jax.train.checkpoint import load_variables
 
-# Freezes every param outside the objective's own top-level keys ``delta`` and ``alpha``.
 SOURCE_RULE = r"(?!(?:delta|alpha)(?:/|$)).*"
 
 
-def _alpha_value(cfg: ml_collections.ConfigDict, where: str) -> float:
-    alpha = cfg.alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
-        raise ValueError(f"{where}.alpha must be a finite number, got {alpha!r}")
-    return float(alpha)
+def _is_lora(node: Any) -> bool:
+    if not isinstance(node, Mapping) or set(node) != {"a", "b"}:
+        return False
+    a, b = node["a"], node["b"]
+    return (hasattr(a, "shape") and hasattr(b, "shape") and len(b.shape) == 2
+            and len(a.shape) >= 2 and a.shape[-1] == b.shape[0])
 
 
-def _classification(logits: jax.Array, batch: Batch, smoothing: float) -> tuple[jax.Array, dict]:
-    loss = cross_entropy(logits, batch["label"], label_smoothing=smoothing).mean()
-    return loss, {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
+def _lora_product(node: Mapping[str, jax.Array]) -> jax.Array:
+    return jnp.tensordot(node["a"], node["b"], axes=1)
 
 
-def _eval_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    mask = batch["mask"].astype(jnp.float32)
-    return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-            "accuracy": jnp.sum(accuracy(logits, batch["label"]) * mask), "count": jnp.sum(mask)}
+def lora_dense_delta(delta: PyTree) -> PyTree:
+    """Replace every LoRA node {'a': A, 'b': B} of a delta by its dense Δ.
+
+    Δ = A @ B  (contracting the rank axis r):  [in, r]·[r, out] -> [in, out],
+    [kh, kw, in, r]·[r, out] -> [kh, kw, in, out]. Dense leaves pass through.
+
+    Returns:
+      the delta with the same nesting and dense array leaves.
+    """
+    if _is_lora(delta):
+        return _lora_product(delta)
+    if isinstance(delta, Mapping):
+        return {k: lora_dense_delta(v) for k, v in delta.items()}
+    return delta
 
 
-def source_model_for(path: str, config: ml_collections.ConfigDict, num_classes: int):
-    """The source classifier: the architecture in ``path``'s ``config.json`` (searched in the
-    path and up to two parents, i.e. a workdir, its checkpoints/ or a step dir), else ``config.model``."""
-    from tl_jax.models import model_from_config
-    from tl_jax.train.checkpoint import parse_step_spec  # lazy: tl_jax.train imports the objectives
+def _apply(source: PyTree, delta: PyTree, alpha: Any, path: str) -> PyTree:
+    if isinstance(source, Mapping):
+        if not isinstance(delta, Mapping) or _is_lora(delta):
+            raise ValueError(f"delta at {path or '<root>'!r} must be a dict mirroring the params subtree")
+        unknown = sorted(set(delta) - set(source), key=str)
+        if unknown:
+            raise ValueError(f"delta has keys not in source_params at {path or '<root>'!r}: {unknown}")
+        return {k: (_apply(v, delta[k], alpha, f"{path}/{k}" if path else str(k)) if k in delta else v)
+                for k, v in source.items()}
+    dense = _lora_product(delta) if _is_lora(delta) else delta
+    check_shape(f"delta {path!r}", dense, jnp.shape(source))
+    return (source + alpha * dense).astype(jnp.result_type(source))
 
-    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.json").is_file():
-            return model_from_config(json.loads((d / "config.json").read_text())["model"], num_classes,
-                                     dropout_rate=0.0)
-    return model_from_config(config.model, num_classes, dropout_rate=0.0)
+
+def apply_delta(source_params: PyTree, delta: PyTree, alpha: float | jax.Array = 1.0) -> PyTree:
+    """Residual parameters for training: θ = θ_source + α·Δ on the leaves in ``delta``.
+
+    θ_ℓ = sg(θ_source,ℓ) + α·Δ_ℓ  for adapted leaves ℓ,   θ_ℓ = sg(θ_source,ℓ) otherwise
+
+    sg = ``stop_gradient``: the source is frozen, gradients reach only Δ (and α).
+    Δ_ℓ is a dense array of θ_ℓ's shape or a LoRA node (Δ = A @ B). Results keep the
+    source leaf dtype. Params and delta are nested dicts (Mappings); the result is
+    plain nested dicts.
+
+    Args:
+      source_params: nested dict θ_source.
+      delta: nested dict covering a subset of the leaves (see module docstring).
+      alpha: finite scalar α.
+
+    Returns:
+      params with the structure of ``source_params``.
+    """
+    check_scalar("alpha", alpha, low=None)
+    source_params = jax.lax.stop_gradient(source_params)
+    return _apply(source_params, delta, alpha, "")
 
 
-@register
-class ResidualOutput(Objective):
-    """``z = sg(z_source) + α·z_diff`` with a frozen source model in ``state.aux`` (module docstring)."""
+def merge(source_params: PyTree, delta: PyTree, alpha: float | jax.Array = 1.0) -> PyTree:
+    """Fold a (dense or LoRA) delta into plain parameters for inference.
 
-    name: ClassVar[str] = "residual_output"
-    defaults: ClassVar[dict] = dict(source="", alpha=1.0, learn_alpha=False, zero_init_head=True)
-    extra_keys: ClassVar[tuple[str, ...]] = ("alpha",)
+    θ = θ_source + α·dense(Δ)   with dense(Δ) = :func:`lora_dense_delta` (Δ)
 
-    def __init__(self, config: ml_collections.ConfigDict, model):
-        super().__init__(config, model)
-        where = "config.objective.residual_output"
-        cfg = config.objective.residual_output
-        self.alpha = _alpha_value(cfg, where)
-        self.learn_alpha = bool(cfg.learn_alpha)
-        self.source = cfg.source or config.init_from
-        if not self.source:
-            raise ValueError(f"{where}.source (or config.init_from) must name the source run's workdir")
-        self.source_model = source_model_for(self.source, config, model.num_classes)
+    Same value as :func:`apply_delta`; the result carries no gradient (all inputs
+    are ``stop_gradient``-ed) and no LoRA factors: a params tree that the base
+    model can ``apply`` directly.
+    """
+    check_scalar("alpha", alpha, low=None)
+    delta = jax.lax.stop_gradient(lora_dense_delta(delta))
+    return _apply(jax.lax.stop_gradient(source_params), delta, jax.lax.stop_gradient(alpha), "")
 
-    def init_params(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> PyTree:
-        if not self.config.objective.residual_output.zero_init_head:
-            return params
-        head = params.get("head")
-        if head is None or logits_layer(head) is None:
-            raise ValueError("config.objective.residual_output.zero_init_head needs a model with a 'head' "
-                             "(head/kernel or head/logits/kernel)")
-        if "kernel" in head:  # linear head: all of it
-            return {**params, "head": jax.tree.map(jnp.zeros_like, head)}
-        # MLP head: only its last layer, so z_diff = 0 while the hidden layers keep their random init
-        return {**params, "head": {**head, LOGITS: jax.tree.map(jnp.zeros_like, head[LOGITS])}}
 
-    def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
-        from tl_jax.train.checkpoint import load_variables
+def init_lora(params: PyTree, rules: Sequence[str], rank: int, rng: jax.Array) -> PyTree:
+    """LoRA deltas for the 2-D / 4-D kernels whose '/'-joined path matches a rule.
 
-        source = load_variables(self.source)
-        last = logits_layer(source["params"].get("head", {}))
-        head = None if last is None else last.get("kernel")
-        if head is None or head.shape[-1] != self.model.num_classes:
-            got = None if head is None else head.shape[-1]
-            raise ValueError(f"config.objective.residual_output.source {self.source!r}: the source head has {got} "
-                             f"classes, the target model {self.model.num_classes}")
-        extra = {"alpha": jnp.asarray(self.alpha, jnp.float32)} if self.learn_alpha else {}
-        return extra, {"source": source}
+    For each matched kernel W with fan-in n = in (2-D [in, out]) or kh·kw·in
+    (conv [kh, kw, in, out]):  A ~ N(0, 1/n) (std 1/√n),  B = 0,  so Δ = A @ B = 0
+    and θ = θ_source at initialisation. Rules are regexes applied with
+    ``re.fullmatch`` to paths like ``backbone/conv1/kernel``; leaves of other ranks
+    (biases, scales) are skipped. Every rule must match at least one 2-D/4-D
+    leaf, else ``ValueError`` naming the rule. A/B take the kernel's dtype; the
+    key for a leaf is ``fold_in(rng, its index among the matched leaves)``.
 
-    @classmethod
-    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-        return () if config.objective[cls.name].learn_alpha else (f"objective.{cls.name}.alpha",)
+    Args:
+      params: nested dict of parameters.
+      rules: list of regexes over '/'-joined paths.
+      rank: r >= 1.
+      rng: PRNG key.
 
-    def alpha_of(self, params: PyTree, aux: PyTree | None = None) -> jax.Array | float:
-        """The learned ``params['alpha']``, else the config's α (traced in a vectorised sweep)."""
-        if self.learn_alpha:
-            return params["alpha"]
-        return hparam(aux, f"objective.{self.name}.alpha", self.alpha) if aux is not None else self.alpha
-
-    def logits(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, *, train: bool,
-               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, PyTree]:
-        """``(z, z_source, z_diff, new_batch_stats)``, each logits ``[B, C]``."""
-        args, kw = model_inputs(batch)
-        z_src = jax.lax.stop_gradient(self.source_model.apply(aux["source"], *args, train=False, **kw))
-        z_diff, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=train,
-                                          rng=rng)
-        return residual_logits(z_src, z_diff, self.alpha_of(params, aux)), z_src, z_diff, batch_stats
-
-    def loss(self, params, batch_stats, aux, batch, rng, step):
-        z, z_src, z_diff, batch_stats = self.logits(params, batch_stats, aux, batch, train=True, rng=rng)
-        loss, metrics = _classification(z, batch, self.label_smoothing)
-        metrics.update({"train/residual/alpha": jnp.asarray(self.alpha_of(params, aux), jnp.float32),
-                        "train/residual/source_accuracy": accuracy(z_src, batch["label"]).mean(),
-                        "train/residual/diff_abs": jnp.mean(jnp.abs(z_diff))})
-        return loss, (batch_stats, metrics)
-
-    def eval_sums(self, params, batch_stats, aux, batch):
-        z, *_ = self.logits(params, batch_stats, aux, batch, train=False)
-        return _eval_sums(z, batch)
+    Returns:
+      nested dict delta with {'a': A, 'b': B} at every matched kernel.
+    """
+    if isinstance(rules, str) or not isinstance(rules, Sequence) or not rules:
+        raise ValueError(f"rules must be a non-empty list of regex strings, got {rules!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    try:
+        patterns = [re.compile(r) for r in rules]
+    except (re.error, TypeError) as e:
+        raise ValueError(f"rules contains an invalid regex: {e}") from None
+    used = [False] * len(patterns)
+    delta: dict = {}
+    count = 0
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_str(key_path)
+        if jnp.ndim(leaf) not in (2, 4):
+            continue
+        hits = [i for i, rx in enumerate(patterns) if rx.fullmatch(path)]
+        if not hits:
+            continue
+        for i in hits:
+            used[i] = True
+        shape = jnp.shape(leaf)
+        fan_in = 1
+        for s in shape[:-1]:
+            fan_in *= s
+        key = jax.random.fold_in(rng, count)
+        count += 1
+        dtype = jnp.result_type(leaf)
+        a = jax.random.normal(key, (*shape[:-1], rank), dtype) * jnp.asarray(1.0 / math.sqrt(fan_in), dtype)
+        b = jnp.zeros((rank, shape[-1]), dtype)
+        if not all(isinstance(k, jax.tree_util.DictKey) for k in key_path):
+            raise ValueError(f"params must be nested dicts; leaf {path!r} is not reached by dict keys")
+        node = delta
+        keys = [k.key for k in key_path]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = {"a": a, "b": b}
+    for rule, ok in zip(rules, used):
+        if not ok:
+            raise ValueError(f"rule {rule!r} matches no 2-D/4-D kernel in params")
+    return delta
 
 
 def _compile(rules: Any, where: str) -> list[re.Pattern]:
@@ -211,7 +240,6 @@ class ResidualParams(Objective):
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
         """``delta``: dense zeros on ``dense_rules`` leaves, LoRA on the other ``lora_rules`` kernels."""
-        from tl_jax.params.param_rules import path_str
 
         dense_rx = _compile(self.dense_rules, f"{self.where}.dense_rules")
         used = [False] * len(dense_rx)
@@ -297,9 +325,8 @@ def write_merged_checkpoint(workdir: str, out_dir: str) -> dict:
     ``config.init_from=out_dir`` and :func:`tl_jax.train.checkpoint.load_variables`
     accept like any run's checkpoint.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # deferred: orbax is only needed to write this one checkpoint
 
-    from tl_jax.train.checkpoint import load_variables  # lazy: tl_jax.train imports the objectives
 
     cfg_file = pathlib.Path(workdir) / "config.json"
     if not cfg_file.is_file():

@@ -1,10 +1,11 @@
-"""cross_entropy / accuracy / masked_mean vs NumPy float64 formulas."""
+"""cross_entropy / accuracy / masked_mean / entropy vs NumPy float64 formulas."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tl_jax.losses import accuracy, cross_entropy, masked_mean
+from tl_jax.objectives.classification import accuracy, cross_entropy, entropy, masked_mean
+
 
 LOGITS = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, -1.0, 0.5]], np.float32)
 LABELS = np.array([0, 1, 2])
@@ -71,3 +72,8 @@ def test_masked_mean():
     np.testing.assert_allclose(g, [0.5, 0.5, 0.0, 0.0])    # no NaN from the padded entry
     with pytest.raises(ValueError, match="mask"):
         masked_mean(v, jnp.ones(3))
+
+
+def test_entropy_handles_zero_probabilities():
+    p = np.array([[1.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_allclose(entropy(jnp.asarray(p)), [0.0, np.log(2)], rtol=1e-6)

@@ -1,20 +1,42 @@
-"""Unsupervised domain adaptation objectives: DANN (GRL + discriminator), CORAL, MMD; the two-domain stream."""
-import json
-import os
-import shutil
-
+"""Unsupervised domain adaptation, the shared part: gradient reversal, the λ ramp, config checks, the two-domain stream, end to end."""
 import jax
 import jax.numpy as jnp
+import json
 import numpy as np
+import os
 import pytest
+import shutil
 
 from tl_jax import config as config_lib
 from tl_jax.data import build_preprocess, load_split, train_dataset
-from tl_jax.losses import coral_loss, cross_entropy, domain_adversarial_loss, mmd_loss
+from tl_jax.objectives.classification import cross_entropy
+from tl_jax.objectives.domain_adaptation import dann_lambda, gradient_reversal
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from tl_jax.params.param_rules import flatten_paths
 from conftest import RUN_FILES, workdir_files
+
+
+def test_gradient_reversal_flips_and_scales():
+    x = jnp.array([1.0, -2.0, 3.0])
+    c = jnp.array([0.5, 1.0, -2.0])
+    np.testing.assert_array_equal(gradient_reversal(x, 0.7), x)
+    gx, glam = jax.grad(lambda x, lam: jnp.sum(gradient_reversal(x, lam) * c), argnums=(0, 1))(x, 0.7)
+    np.testing.assert_allclose(gx, -0.7 * np.asarray(c), rtol=1e-6)
+    assert float(glam) == 0.0
+    g = jax.jit(jax.grad(lambda x, lam: jnp.sum(gradient_reversal(x, lam) * c)))(x, jnp.float32(2.0))
+    np.testing.assert_allclose(g, -2.0 * np.asarray(c))
+
+
+def test_dann_lambda():
+    assert float(dann_lambda(0.0)) == 0.0
+    np.testing.assert_allclose(dann_lambda(1.0), 2 / (1 + np.exp(-10)) - 1, rtol=1e-6)
+    assert float(dann_lambda(1.0)) > 0.9999
+    np.testing.assert_allclose(dann_lambda(0.3, gamma=5.0), 2 / (1 + np.exp(-1.5)) - 1, rtol=1e-6)
+    np.testing.assert_allclose(dann_lambda(2.0), dann_lambda(1.0))       # clipped
+    with pytest.raises(ValueError, match="gamma"):
+        dann_lambda(0.5, gamma=-1.0)
+
 
 SRC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14}]
 TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
@@ -45,42 +67,8 @@ def grads_of(fn, params):
 
 
 def ce_only(obj, params, batch):
-    zs, *_ = obj.forward(params, {}, batch, None)
+    zs, *_ = obj.outputs(params, {}, batch, None)
     return cross_entropy(zs, batch["label"]).mean()
-
-
-def test_grl_flips_the_discriminator_gradient_into_the_backbone():
-    obj, params, batch = setup("dann", weight=0.7)
-    step = 30
-    lam = float(obj.lam(step))
-    assert 0.9 < lam < 1.0
-
-    def plain_domain_loss(p):  # the same discriminator loss WITHOUT gradient reversal
-        _, fs, ft, _ = obj.forward(p, {}, batch, None)
-        d = obj.discriminator.apply({"params": p["discriminator"]}, jnp.concatenate([fs, ft]))
-        return domain_adversarial_loss(d[:8], d[8:])
-
-    total = grads_of(lambda p: obj.loss(p, {}, {}, batch, None, step)[0], params)
-    ce = grads_of(lambda p: ce_only(obj, p, batch), params)
-    dom = grads_of(plain_domain_loss, params)
-    for path in total:
-        if path.startswith("discriminator/"):  # the discriminator minimises w·L_d
-            want = 0.7 * dom[path]
-        else:  # the backbone gets −λ·w·∂L_d (the head sees only CE)
-            want = ce[path] - lam * 0.7 * dom[path]
-        np.testing.assert_allclose(total[path], want, rtol=2e-4, atol=1e-6, err_msg=path)
-    assert np.abs(dom["backbone/fc/kernel"]).max() > 0
-
-
-def test_dann_lambda_ramp_zero_at_start_removes_the_backbone_term():
-    obj, params, batch = setup("dann")
-    assert float(obj.lam(0)) == 0.0 and float(obj.lam(100)) > 0.999
-    total = grads_of(lambda p: obj.loss(p, {}, {}, batch, None, 0)[0], params)
-    ce = grads_of(lambda p: ce_only(obj, p, batch), params)
-    for path in ce:
-        if not path.startswith("discriminator/"):
-            np.testing.assert_allclose(total[path], ce[path], rtol=1e-5, atol=1e-7, err_msg=path)
-    assert np.abs(total["discriminator/out/kernel"]).max() > 0  # the discriminator still learns
 
 
 @pytest.mark.parametrize("name", ["dann", "coral", "mmd"])
@@ -90,21 +78,6 @@ def test_weight_zero_removes_the_adaptation_gradient(name):
     ce = grads_of(lambda p: ce_only(obj, p, batch), params)
     for path in ce:
         np.testing.assert_allclose(total[path], ce[path], rtol=1e-6, atol=1e-8, err_msg=path)
-
-
-@pytest.mark.parametrize("name, layer", [("coral", "features"), ("mmd", "features"), ("mmd", "logits")])
-def test_coral_mmd_loss_is_ce_plus_weighted_term(name, layer):
-    obj, params, batch = setup(name, weight=3.0, layer=layer)
-    loss, (_, metrics) = obj.loss(params, {}, {}, batch, None, 0)
-    model = obj.model
-    z, f = model.apply({"params": {k: params[k] for k in ("backbone", "head")}},
-                       jnp.concatenate([batch["image"], batch["target_image"]]), return_features=True)
-    f = f if layer == "features" else z
-    term = coral_loss(f[:8], f[8:]) if name == "coral" else mmd_loss(f[:8], f[8:])
-    ce = cross_entropy(z[:8], batch["label"]).mean()
-    np.testing.assert_allclose(float(loss), float(ce + 3.0 * term), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics[f"train/da/{name}"]), float(term), rtol=1e-5)
-    assert float(metrics["train/ce"]) == pytest.approx(float(ce), rel=1e-5)
 
 
 @pytest.mark.parametrize("key, value, msg", [
@@ -185,3 +158,38 @@ def test_train_writes_contract_and_evaluates_the_target(tmp_path, tfds_data_dir,
         resumed = train(config, wd)
         assert metrics(wd) == full
         assert resumed["test/accuracy"] == summary["test/accuracy"]
+
+
+@pytest.mark.parametrize("name, key, value, match", [
+    ("mcc", "temperature", 0.0, r"config.objective.mcc.temperature must be > 0"),
+    ("mdd", "margin", 0.0, r"config.objective.mdd.margin must be > 0"),
+    ("cdan", "randomized_dim", -1, r"config.objective.cdan.randomized_dim must be an int >= 0"),
+    ("self_training", "threshold", 2.0, r"config.objective.self_training.threshold must be in \[0, 1\]"),
+])
+def test_method_bad_config_is_named(name, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        setup(name, **{key: value})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("cdan", {}), ("mcc", {}), ("mdd", {}),
+    ("self_training", {"objective.self_training.weak_pp": [{"op": "random_crop", "size": 14, "pad": 1}],
+                       "objective.self_training.strong_pp": [{"op": "random_crop", "size": 14, "pad": 3}],
+                       "objective.self_training.threshold": 0.5}),
+])
+def test_methods_train_end_to_end_and_resume_exactly(tmp_path, tfds_data_dir, name, extra):
+    from tl_jax.train.loop import train
+
+    wd = str(tmp_path / name)
+    config = tiny(tfds_data_dir, name, **{"train.checkpoint_every": 2, **extra})
+    summary = train(config, wd)
+    assert workdir_files(wd) == RUN_FILES
+    assert summary["steps"] == 4 and 0.0 <= summary["test/accuracy"] <= 1.0
+    assert all(f"train/da/{name}" in m for m in metrics(wd) if "train/loss" in m)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
+    os.remove(os.path.join(wd, "summary.json"))
+    full = metrics(wd)
+    resumed = train(config, wd)
+    assert metrics(wd) == full
+    assert resumed["test/accuracy"] == summary["test/accuracy"]

@@ -1,103 +1,26 @@
-"""Unsupervised domain adaptation losses: DANN (gradient reversal + domain
-classifier), Deep CORAL and multi-kernel MMD.
+"""Deep CORAL (``coral``) and multi-kernel MMD (``mmd``): match the source and target feature distributions.
 
-Source features/logits come from labelled source data, target ones from
-unlabelled target data; all losses are scalars and differentiable in both.
+On top of :mod:`tl_jax.objectives.domain_adaptation` (target stream, keys, one pass over
+``[x_s; x_t]``), with f the chosen layer (``layer``)::
+
+    coral:  L = CE + w·‖C_s − C_t‖_F² / (4 d²)
+    mmd:    L = CE + w·MMD²_k(f_s, f_t),   k = Σ_k exp(−‖x − y‖² / β_k)   (multi-bandwidth)
+
+(``kernel_mul``, ``num_kernels`` set the MMD bandwidths β_k, see :func:`mmd_loss`.)
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
-from tl_jax.losses._checks import check_scalar, is_concrete
-
-# ----------------------------------------------------------------------------- DANN
-
-
-@jax.custom_vjp
-def _grl(x: jax.Array, lam: jax.Array) -> jax.Array:
-    return x
-
-
-def _grl_fwd(x: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return x, lam
-
-
-def _grl_bwd(lam: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    rev = jax.tree_util.tree_map(lambda t: (-lam * t).astype(t.dtype), g)
-    return rev, jnp.zeros_like(lam)
-
-
-_grl.defvjp(_grl_fwd, _grl_bwd)
-
-
-def gradient_reversal(x: jax.Array, lam: float | jax.Array) -> jax.Array:
-    """Gradient reversal layer (Ganin & Lempitsky, 2015).
-
-    forward: R(x) = x;   backward: ∂R/∂x = −λ·I,   ∂R/∂λ = 0
-
-    Args:
-      x: array (or pytree of arrays) of any shape.
-      lam: scalar λ (Python number or traced array, e.g. :func:`dann_lambda`);
-        it receives a zero cotangent.
-
-    Returns:
-      ``x`` unchanged.
-    """
-    check_scalar("lam", lam, low=None)
-    return _grl(x, jnp.asarray(lam, jnp.float32))
-
-
-def dann_lambda(progress: float | jax.Array, gamma: float = 10.0) -> jax.Array:
-    """DANN adaptation-factor schedule (Ganin & Lempitsky, 2015).
-
-    λ(p) = 2 / (1 + exp(−γ·p)) − 1,   p = training progress clipped to [0, 1]
-
-    λ(0) = 0 and λ(1) = tanh(γ/2) ≈ 1 (0.99991 for γ = 10). Scalar -> scalar.
-    """
-    check_scalar("gamma", gamma, low=0.0)
-    p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
-    return 2.0 / (1.0 + jnp.exp(-gamma * p)) - 1.0
-
-
-def _flat_logits(name: str, z: jax.Array) -> jax.Array:
-    if jnp.ndim(z) == 2 and jnp.shape(z)[1] == 1:
-        return z[:, 0]
-    if jnp.ndim(z) != 1:
-        raise ValueError(f"{name} must have shape [B] or [B, 1], got {jnp.shape(z)}")
-    return z
-
-
-def domain_adversarial_loss(domain_logits_source: jax.Array, domain_logits_target: jax.Array) -> jax.Array:
-    """Binary domain-classification loss of DANN (source label 1, target label 0).
-
-    L = ½ [ (1/B_s) Σ_i BCE(z^s_i, 1) + (1/B_t) Σ_j BCE(z^t_j, 0) ],
-    BCE(z, y) = −y·log σ(z) − (1 − y)·log(1 − σ(z))
-
-    (each domain averaged separately, as in TLlib, so unequal batch sizes do not
-    reweight the domains). Computed stably from logits with
-    ``optax.sigmoid_binary_cross_entropy``. Put :func:`gradient_reversal` between
-    the features and the domain classifier so the feature extractor maximises L.
-
-    Args:
-      domain_logits_source: [B_s] or [B_s, 1] discriminator logits z^s.
-      domain_logits_target: [B_t] or [B_t, 1] discriminator logits z^t.
-
-    Returns:
-      scalar.
-    """
-    zs = _flat_logits("domain_logits_source", domain_logits_source)
-    zt = _flat_logits("domain_logits_target", domain_logits_target)
-    ls = optax.sigmoid_binary_cross_entropy(zs, jnp.ones_like(zs))
-    lt = optax.sigmoid_binary_cross_entropy(zt, jnp.zeros_like(zt))
-    return 0.5 * (jnp.mean(ls) + jnp.mean(lt))
-
-
-# ----------------------------------------------------------------------------- CORAL / MMD
+from tl_jax.objectives._checks import check_scalar, is_concrete
+from tl_jax.objectives.base import register
+from tl_jax.objectives.domain_adaptation import UnsupervisedDA, _int, _number, target_defaults
 
 
 def _check_features(fs: jax.Array, ft: jax.Array, min_rows: int) -> None:
@@ -184,3 +107,32 @@ def mmd_loss(fs: jax.Array, ft: jax.Array, *, bandwidths: Sequence[float] | jax.
     kernel = jnp.sum(jnp.exp(-dist[None] / betas[:, None, None]), axis=0)   # [n, n]
     k_ss, k_tt, k_st = kernel[:ns, :ns], kernel[ns:, ns:], kernel[:ns, ns:]
     return jnp.mean(k_ss) + jnp.mean(k_tt) - 2.0 * jnp.mean(k_st)
+
+
+@register
+class CORAL(UnsupervisedDA):
+    """Deep CORAL (Sun & Saenko 2016): match the feature covariances; see the module docstring."""
+
+    name: ClassVar[str] = "coral"
+    defaults: ClassVar[dict] = target_defaults()
+
+    def term(self, params, aux, zs, fs, zt, ft, extra_logits, step):
+        return coral_loss(*self.layer(zs, fs, zt, ft)), {}
+
+
+@register
+class MMD(UnsupervisedDA):
+    """Multi-kernel MMD (DAN, Long et al. 2015) on the features; see the module docstring."""
+
+    name: ClassVar[str] = "mmd"
+    defaults: ClassVar[dict] = target_defaults(kernel_mul=2.0, num_kernels=5)
+
+    def __init__(self, config: ml_collections.ConfigDict, model):
+        super().__init__(config, model)
+        self.kernel_mul = _number(self.cfg, "kernel_mul", self.where)
+        if self.kernel_mul <= 0:
+            raise ValueError(f"{self.where}.kernel_mul must be > 0, got {self.kernel_mul!r}")
+        self.num_kernels = _int(self.cfg, "num_kernels", self.where, 1)
+
+    def term(self, params, aux, zs, fs, zt, ft, extra_logits, step):
+        return mmd_loss(*self.layer(zs, fs, zt, ft), kernel_mul=self.kernel_mul, num_kernels=self.num_kernels), {}

@@ -1,15 +1,21 @@
-"""Per-example classification losses and metrics, plus a padding-aware mean.
+"""Per-example classification losses and metrics, a padding-aware mean and the prediction entropy.
 
-All functions are pure ``jnp`` and work under ``jit``/``vmap``/``grad``; the
-per-example outputs are meant to be reduced with :func:`masked_mean` (padding
-examples in the last batch get mask 0).
+The plain ``classification`` objective that uses them is :class:`tl_jax.objectives.base.Objective`
+(the base every method extends). All functions are pure ``jnp`` and work under
+``jit``/``vmap``/``grad``; the per-example outputs are meant to be reduced with
+:func:`masked_mean` (padding examples in the last batch get mask 0).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from tl_jax.losses._checks import check_scalar, check_shape
+from tl_jax.objectives._checks import check_scalar, check_shape
+
+
+def at_least_f32(x: jax.Array) -> jax.Array:
+    """``x`` as float32, or wider if it already is (the losses' accumulation dtype)."""
+    return jnp.asarray(x, jnp.result_type(x, jnp.float32))
 
 
 def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -81,3 +87,8 @@ def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     m = jnp.asarray(mask).astype(jnp.result_type(values, jnp.float32))
     total = jnp.sum(jnp.where(m != 0, m * values, 0.0))
     return total / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+    """Shannon entropy per row, H(p) = −Σ_c p_c log p_c (0·log 0 = 0). [B, C] -> [B]."""
+    return -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)

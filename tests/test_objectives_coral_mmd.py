@@ -1,45 +1,20 @@
-"""GRL, DANN schedule/loss, CORAL and MMD vs NumPy formulas."""
+"""Deep CORAL and multi-kernel MMD: losses vs NumPy; the objective is CE + w·term."""
 import jax
 import jax.numpy as jnp
+import json
 import numpy as np
+import os
 import pytest
 
-from tl_jax.losses import coral_loss, dann_lambda, domain_adversarial_loss, gradient_reversal, mmd_loss
+from tl_jax import config as config_lib
+from tl_jax.objectives.classification import cross_entropy
+from tl_jax.objectives.coral_mmd import coral_loss, mmd_loss
+from tl_jax.models import get_model
+from tl_jax.objectives import build_objective
+
 
 FS = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [1.0, 3.0]], np.float32)
 FT = np.array([[1.0, 1.0], [3.0, -1.0], [0.0, 0.5]], np.float32)
-
-
-def test_gradient_reversal_flips_and_scales():
-    x = jnp.array([1.0, -2.0, 3.0])
-    c = jnp.array([0.5, 1.0, -2.0])
-    np.testing.assert_array_equal(gradient_reversal(x, 0.7), x)
-    gx, glam = jax.grad(lambda x, lam: jnp.sum(gradient_reversal(x, lam) * c), argnums=(0, 1))(x, 0.7)
-    np.testing.assert_allclose(gx, -0.7 * np.asarray(c), rtol=1e-6)
-    assert float(glam) == 0.0
-    g = jax.jit(jax.grad(lambda x, lam: jnp.sum(gradient_reversal(x, lam) * c)))(x, jnp.float32(2.0))
-    np.testing.assert_allclose(g, -2.0 * np.asarray(c))
-
-
-def test_dann_lambda():
-    assert float(dann_lambda(0.0)) == 0.0
-    np.testing.assert_allclose(dann_lambda(1.0), 2 / (1 + np.exp(-10)) - 1, rtol=1e-6)
-    assert float(dann_lambda(1.0)) > 0.9999
-    np.testing.assert_allclose(dann_lambda(0.3, gamma=5.0), 2 / (1 + np.exp(-1.5)) - 1, rtol=1e-6)
-    np.testing.assert_allclose(dann_lambda(2.0), dann_lambda(1.0))       # clipped
-    with pytest.raises(ValueError, match="gamma"):
-        dann_lambda(0.5, gamma=-1.0)
-
-
-def test_domain_adversarial_loss_matches_numpy():
-    zs, zt = np.array([2.0, -1.0, 0.0], np.float32), np.array([[0.5], [-3.0]], np.float32)
-    sig = lambda z: 1 / (1 + np.exp(-z.astype(np.float64)))
-    want = 0.5 * (np.mean(-np.log(sig(zs))) + np.mean(-np.log(1 - sig(zt[:, 0]))))
-    np.testing.assert_allclose(domain_adversarial_loss(zs, zt), want, rtol=1e-6)
-    np.testing.assert_allclose(domain_adversarial_loss(jnp.zeros(2), jnp.zeros(5)), np.log(2.0), rtol=1e-6)
-    assert np.isfinite(float(domain_adversarial_loss(jnp.array([-1e4]), jnp.array([1e4]))))
-    with pytest.raises(ValueError, match="domain_logits_target"):
-        domain_adversarial_loss(zs, np.zeros((2, 2)))
 
 
 def np_coral(fs, ft):
@@ -98,3 +73,45 @@ def test_mmd_identical_vs_shifted():
 def test_mmd_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mmd_loss(FS, FT, **kwargs)
+
+
+TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
+
+
+def setup(name, data_dir=None, **group):
+    config = config_lib.base_config()
+    config.objective.name = name
+    config.data.data_dir = data_dir
+    config.train.steps = 100
+    config.objective[name].target = "optdigits"
+    config.objective[name].target_pp = TGT_PP
+    for k, v in group.items():
+        config.objective[name][k] = v
+    model = get_model("cnn", 10)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32),
+             "label": jnp.arange(8, dtype=jnp.int32) % 10,
+             "target_image": jnp.asarray(rng.normal(0.5, 1.5, size=(6, 8, 8, 1)), jnp.float32)}
+    obj = build_objective(config, model)
+    params = model.init(jax.random.PRNGKey(0), batch["image"])["params"]
+    extra, _ = obj.init_extra(jax.random.PRNGKey(1), params, {})
+    return obj, {**params, **extra}, batch
+
+
+@pytest.mark.parametrize("name, layer", [("coral", "features"), ("mmd", "features"), ("mmd", "logits")])
+def test_coral_mmd_loss_is_ce_plus_weighted_term(name, layer):
+    obj, params, batch = setup(name, weight=3.0, layer=layer)
+    loss, (_, metrics) = obj.loss(params, {}, {}, batch, None, 0)
+    model = obj.model
+    z, f = model.apply({"params": {k: params[k] for k in ("backbone", "head")}},
+                       jnp.concatenate([batch["image"], batch["target_image"]]), return_features=True)
+    f = f if layer == "features" else z
+    term = coral_loss(f[:8], f[8:]) if name == "coral" else mmd_loss(f[:8], f[8:])
+    ce = cross_entropy(z[:8], batch["label"]).mean()
+    np.testing.assert_allclose(float(loss), float(ce + 3.0 * term), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics[f"train/da/{name}"]), float(term), rtol=1e-5)
+    assert float(metrics["train/ce"]) == pytest.approx(float(ce), rel=1e-5)
+
+
+def metrics(wd):
+    return [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
