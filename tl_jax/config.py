@@ -12,20 +12,26 @@ Command line::
         --config.param_rules='[["backbone/.*", null], [".*", 1.0]]'
 
 Override values are parsed as JSON (``null``, lists, numbers), then as a Python
-literal, else kept as a string; the schema's type is then enforced.
+literal, else kept as a string; the schema's type is then enforced. :func:`validate`
+runs the schema's checks, then the checks that the modules owning a group register
+(:mod:`tl_jax.util.config_checks`: ``config.recipe`` by tl_jax/train/lp_ft.py, ...).
 """
 from __future__ import annotations
 
 import ast
-import difflib
+import contextlib
 import importlib.util
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from tl_jax.util.config_checks import register_check, registered_checks, run_checks  # noqa: F401 (public here)
+from tl_jax.util.config_errors import all_keys, did_you_mean, file_error, quoting_hint
 
 
 # groups whose keys are not fixed by the schema (model kwargs, checked by the model)
@@ -90,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Regularisers of the trainable params (tl_jax/objectives/regularizers.py): weights, 0 = off.
     c.loss = dict(label_smoothing=0.0, l1=0.0, l2=0.0, l2_sp=0.0)
     # The objective (tl_jax/objectives/): its name, and one config group per objective that has options.
+    # Deferred: the objectives import JAX, which loading the CLI or a sweep spec does not need.
     from tl_jax.objectives import default_configs
 
     c.objective = dict(name="classification", **default_configs())
@@ -182,11 +189,16 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"--config: {path} defines no get_config(arg)")
+        config = module.get_config(arg or None)
     except SyntaxError as e:
         raise ConfigError(f"--config: {path} has a syntax error at line {e.lineno}: {e.msg}") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {path} defines no get_config(arg)")
-    config = module.get_config(arg or None)
+    except (AttributeError, KeyError, TypeError) as e:  # a typo in the file's own code: one line, if it is one
+        msg = file_error(e, path)
+        if msg is None:
+            raise
+        raise ConfigError(f"--config: {msg}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--config: {path}: get_config must return an ml_collections.ConfigDict")
     config.lock()
@@ -214,22 +226,6 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
-def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in config.items():
-        keys.append(prefix + k)
-        if isinstance(v, ml_collections.ConfigDict):
-            keys.extend(_all_keys(v, prefix + k + "."))
-    return keys
-
-
-def _close_keys(key: str, keys: list[str], n: int = 3) -> list[str]:
-    """Up to ``n`` keys like ``key``: similarity >= 0.6 and within 0.1 of the closest (no far-fetched extras)."""
-    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in keys), key=lambda rk: -rk[0])
-    best = scored[0][0] if scored else 0.0
-    return [k for r, k in scored[:n] if r >= max(0.6, best - 0.1)]
-
-
 def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """``config.a.b = value`` with schema errors turned into one clear line."""
     *parents, leaf = dotted.split(".")
@@ -252,9 +248,7 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     node = config
     for i, part in enumerate(parents + [leaf]):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            close = _close_keys(dotted, _all_keys(config))
-            hint = f"; did you mean {', '.join('config.' + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key config.{dotted}{hint}")
+            raise ConfigError(f"unknown config key config.{dotted}{did_you_mean(dotted, all_keys(config))}")
         if i < len(parents):
             node = node[part]
     current = node[leaf]
@@ -269,19 +263,12 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     try:
-        with node.ignore_type() if (current is None and not _is_placeholder(node, leaf)) else _nullcontext():
+        with node.ignore_type() if (current is None and not _is_placeholder(node, leaf)) else contextlib.nullcontext():
             node[leaf] = value
     except TypeError:
         expected = _field_type(node, leaf)
-        raise ConfigError(f"config.{dotted}: expected {expected}, got {value!r} ({type(value).__name__})") from None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        raise ConfigError(f"config.{dotted}: expected {expected}, got {value!r} ({type(value).__name__})"
+                          f"{quoting_hint(dotted, value)}") from None
 
 
 def _is_placeholder(node: ml_collections.ConfigDict, leaf: str) -> bool:
@@ -341,9 +328,12 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Semantic checks run before a run touches the disk (one clear line each)."""
-    import math
+    """Semantic checks run before a run touches the disk (one clear line each).
 
+    The schema's own checks (choices, positive integers, ranges), then the registered checks
+    (:func:`tl_jax.util.config_checks.register_check`) of the groups whose rules live with their code (``config.recipe``, ``config.evals``, the head,
+    ``config.train.ema_decay``, ``config.init_map``, the validation set...).
+    """
     for key, choices in _CHOICES.items():
         if _get(config, key) not in choices:
             raise ConfigError(f"config.{key} must be one of {choices}, got {_get(config, key)!r}")
@@ -364,17 +354,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if mock is not None and (isinstance(mock, bool) or not isinstance(mock, int) or mock < 1):
         raise ConfigError(f"config.data.mock_examples (--mock-data) must be a positive integer, or null for the "
                           f"real data, got {mock!r}")
-    _validate_init_map(config.init_map)
     if not 0.0 <= config.loss.label_smoothing < 1.0:
         raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
-    from tl_jax.models.heads import check_head_options
-
-    try:
-        check_head_options(config.model.head.hidden, config.model.head.activation, config.model.head.dropout)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     for key in ("data.cache", "data.device_cache", "train.feature_cache", "train.checkpoint_async"):
         if _get(config, key) not in ("auto", True, False) or isinstance(_get(config, key), int) and \
                 not isinstance(_get(config, key), bool):
@@ -385,89 +368,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("data.cache_max_mb", "data.device_cache_max_mb"):
         if not _get(config, key) > 0:
             raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)}")
-    _validate_recipes(config)
-    _validate_validation(config)
-    from tl_jax.train import lp_ft  # config.recipe, config.evals: their modules check them
-    from tl_jax.evaluation import evaluators as fewshot_evals
-
-    try:
-        lp_ft.check_recipe(config)
-        fewshot_evals.check_evals(config.evals)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _validate_recipes(config: ml_collections.ConfigDict) -> None:
-    """``config.optimizer.accum_steps`` and ``config.train.ema_decay`` (one line each)."""
-    from tl_jax.train.ema import check_decay
-
-    try:
-        check_decay(config.train.ema_decay)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     k = config.optimizer.accum_steps
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"config.optimizer.accum_steps must be an int >= 1, got {k!r}")
     if config.data.batch_size % k:
         raise ConfigError(f"config.optimizer.accum_steps={k} must divide config.data.batch_size="
                           f"{config.data.batch_size} (each step splits the batch into {k} equal micro-batches)")
-
-
-def _validate_init_map(init_map: Any) -> None:
-    """``config.init_map``: a list of ``[regex, replacement or null]`` pairs (one line per problem)."""
-    import re
-
-    if not isinstance(init_map, (list, tuple)):
-        raise ConfigError(f"config.init_map must be a list of [regex, replacement or null] pairs, got {init_map!r}")
-    for i, rule in enumerate(init_map):
-        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
-                and (rule[1] is None or isinstance(rule[1], str))):
-            raise ConfigError(f"config.init_map[{i}] must be [regex, replacement or null], got {rule!r}")
-        try:
-            re.compile(rule[0])
-        except re.error as e:
-            raise ConfigError(f"config.init_map[{i}]: invalid regex {rule[0]!r}: {e}") from None
-
-
-def _validate_validation(config: ml_collections.ConfigDict) -> None:
-    """``config.data.val_*``, ``config.train.best_metric`` and ``config.train.early_stopping`` (one line each).
-
-    Whether a metric is actually logged by the objective is checked once the
-    objective is built (``tl_jax.train.loop.prepare_run``), still before the workdir is touched.
-    """
-    dc, tc = config.data, config.train
-    fraction, split = dc.val_fraction, dc.val_split
-    if fraction is not None and split is not None:
-        raise ConfigError(f"config.data.val_fraction ({fraction}) and config.data.val_split ({split!r}) are mutually "
-                          f"exclusive; set one of them")
-    if fraction is not None and not 0.0 < fraction < 1.0:
-        raise ConfigError(f"config.data.val_fraction must be in (0, 1) (or null for no validation set), got {fraction}")
-    if split is not None and not split.strip():
-        raise ConfigError("config.data.val_split must be a split spec such as 'validation' or 'train[90%:]' "
-                          "(or null for no validation set), got ''")
-    has_val = fraction is not None or split is not None
-    best = tc.best_metric
-    if has_val and best.startswith("test/"):
-        raise ConfigError(f"config.train.best_metric={best!r} selects checkpoints on the test set while a validation "
-                          f"set exists; use a val/* metric (or 'auto': val/accuracy)")
-    if not has_val and best.startswith("val/"):
-        raise ConfigError(f"config.train.best_metric={best!r} needs a validation set: set config.data.val_fraction "
-                          f"or config.data.val_split")
-    es = tc.early_stopping
-    if not es.metric:
-        return
-    if not es.metric.startswith("val/"):
-        raise ConfigError(f"config.train.early_stopping.metric={es.metric!r} must be a val/* metric "
-                          f"(e.g. 'val/accuracy'), or '' for no early stopping")
-    if not has_val:
-        raise ConfigError(f"config.train.early_stopping.metric={es.metric!r} needs a validation set: set "
-                          f"config.data.val_fraction or config.data.val_split")
-    if tc.eval_every <= 0:
-        raise ConfigError(f"config.train.early_stopping.metric={es.metric!r} needs periodic evals: set "
-                          f"config.train.eval_every > 0 (patience is counted in evals)")
-    if es.mode not in ("max", "min"):
-        raise ConfigError(f"config.train.early_stopping.mode must be one of ('max', 'min'), got {es.mode!r}")
-    if isinstance(es.patience, bool) or not isinstance(es.patience, int) or es.patience < 1:
-        raise ConfigError(f"config.train.early_stopping.patience must be a positive integer, got {es.patience!r}")
-    if not es.min_delta >= 0:
-        raise ConfigError(f"config.train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
+    try:
+        run_checks(config)  # the groups' own checks (tl_jax/util/config_checks.py)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -11,7 +11,7 @@
 (one row per example). Neither writes anything else; the run's own files
 (``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``) are never
 touched, and an output path naming one of them is refused. Every check runs before
-the first file is written. Imports of JAX etc. happen inside the commands.
+the first file is written. JAX is imported inside the commands (their --help runs without it).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import pathlib
 import re
 from collections.abc import Sequence
 
-# The run's own files (tl_jax.train.workdir.OWNED; not imported: tl_jax.train pulls in JAX at import).
-OWNED = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "run.log", "wandb", "mlruns")
+from tl_jax.cli.args import split_overrides
+from tl_jax.train.workdir import OWNED  # the run's own files, never written by eval/predict
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,8 +67,6 @@ def default_eval_path(workdir: str, dataset: str, split: str, checkpoint: str) -
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    from tl_jax.cli import split_overrides
-
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="tl-jax eval", description="Evaluate a saved run's checkpoint on a whole split.",
                                 epilog="--config.data.eval_pp=JSON replaces the run's eval preprocessing.")
@@ -77,7 +75,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
     args = p.parse_args(rest)
     eval_pp = eval_pp_override(overrides, "tl-jax eval")
     out = check_output(pathlib.Path(args.out), args.workdir, "--out") if args.out else None
-    from tl_jax.evaluation import saved_run as evaluate
+    from tl_jax.evaluation import saved_run as evaluate  # deferred (JAX): --help and the checks run without it
 
     result = evaluate.evaluate_run(args.workdir, args.checkpoint, dataset=args.dataset, split=args.split,
                                    data_dir=args.data_dir, eval_pp=eval_pp)
@@ -117,8 +115,6 @@ def write_predictions(prefix: pathlib.Path, out: dict) -> tuple[pathlib.Path, pa
 
 
 def cmd_predict(argv: Sequence[str]) -> int:
-    from tl_jax.cli import split_overrides
-
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="tl-jax predict", description="Per-example predictions of a saved run.",
                                 epilog="Exactly one input: --split (with optional --dataset), --image-folder or "
@@ -137,7 +133,7 @@ def cmd_predict(argv: Sequence[str]) -> int:
     prefix = pathlib.Path(args.out).expanduser().absolute()
     for suffix in (".npz", ".csv"):
         check_output(prefix.with_name(prefix.name + suffix), args.workdir, "--out")
-    from tl_jax.evaluation import saved_run as evaluate
+    from tl_jax.evaluation import saved_run as evaluate  # deferred (JAX): --help and the checks run without it
 
     out = evaluate.predict(args.workdir, args.checkpoint, split=args.split, dataset=args.dataset,
                            data_dir=args.data_dir, image_folder=args.image_folder, csv=args.csv,

@@ -20,6 +20,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
+from tl_jax.cli.args import split_overrides
 from tl_jax.cli.eval_predict import check_output
 
 
@@ -30,8 +31,6 @@ def _without_step(spec: str) -> str:
 
 
 def cmd_rank(argv: Sequence[str]) -> int:
-    from tl_jax.cli import split_overrides
-
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="tl-jax rank", description="Rank candidate source models for a target "
                                 "dataset by transferability scores (no training).",
@@ -46,6 +45,7 @@ def cmd_rank(argv: Sequence[str]) -> int:
                    help="comma-separated scores; rows are sorted by the first (default logme,...)")
     p.add_argument("--out", default=None, help="directory for rank.csv, rank.md, rank.json")
     args = p.parse_args(rest)
+    # Deferred (JAX): `tl-jax rank --help` runs without it.
     from tl_jax.transferability.ranking import format_table, parse_scores, rank, write_rank
 
     scores = parse_scores(args.score)
@@ -64,8 +64,6 @@ def cmd_rank(argv: Sequence[str]) -> int:
 
 
 def cmd_fewshot(argv: Sequence[str]) -> int:
-    from tl_jax.cli import split_overrides
-
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="tl-jax fewshot", description="Few-shot accuracy of a run's frozen features "
                                 "on a target dataset by closed-form ridge regression (L2 picked on a held-out part "
@@ -83,7 +81,7 @@ def cmd_fewshot(argv: Sequence[str]) -> int:
     except ValueError:
         raise ValueError(f"--shots must be comma-separated integers, got {args.shots!r}") from None
     out = check_output(pathlib.Path(args.out), args.workdir, "--out") if args.out else None
-    from tl_jax.evaluation.fewshot_ridge import fewshot_run
+    from tl_jax.evaluation.fewshot_ridge import fewshot_run  # deferred (JAX): --help runs without it
 
     res = fewshot_run(args.workdir, args.target, shots=shots, seeds=args.seeds, layer=args.layer,
                       overrides=overrides)

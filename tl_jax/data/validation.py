@@ -19,12 +19,15 @@ Validation examples go through ``config.data.eval_pp``, like the test split.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from tl_jax.data.pipeline import _Subset
 from tl_jax.data.shots import sample_shots
 from tl_jax.data.sources import DataSplit, load_split
 from tl_jax.data.user_datasets import stratified_split
+from tl_jax.util import config_checks
 
 
 def carve_validation(labels: np.ndarray, fraction: float, seed: int, *, name: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -90,3 +93,50 @@ def validation_split(data_config, train_split: DataSplit, val_indices: np.ndarra
     if val_indices is not None:
         return subset_split(train_split, val_indices, f"val_fraction={data_config.val_fraction}")
     return None
+
+
+def check_config(config: Any) -> None:
+    """``config.data.val_*``, ``config.train.best_metric`` and ``config.train.early_stopping`` (one line each).
+
+    Run by :func:`tl_jax.config.validate` (registered below). Whether a metric is actually logged by the
+    objective is checked once the objective is built (the train setup), still before the workdir is touched.
+    """
+    dc, tc = config.data, config.train
+    fraction, split = dc.val_fraction, dc.val_split
+    if fraction is not None and split is not None:
+        raise ValueError(f"config.data.val_fraction ({fraction}) and config.data.val_split ({split!r}) are mutually "
+                         f"exclusive; set one of them")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ValueError(f"config.data.val_fraction must be in (0, 1) (or null for no validation set), got {fraction}")
+    if split is not None and not split.strip():
+        raise ValueError("config.data.val_split must be a split spec such as 'validation' or 'train[90%:]' "
+                         "(or null for no validation set), got ''")
+    has_val = fraction is not None or split is not None
+    best = tc.best_metric
+    if has_val and best.startswith("test/"):
+        raise ValueError(f"config.train.best_metric={best!r} selects checkpoints on the test set while a validation "
+                         f"set exists; use a val/* metric (or 'auto': val/accuracy)")
+    if not has_val and best.startswith("val/"):
+        raise ValueError(f"config.train.best_metric={best!r} needs a validation set: set config.data.val_fraction "
+                         f"or config.data.val_split")
+    es = tc.early_stopping
+    if not es.metric:
+        return
+    if not es.metric.startswith("val/"):
+        raise ValueError(f"config.train.early_stopping.metric={es.metric!r} must be a val/* metric "
+                         f"(e.g. 'val/accuracy'), or '' for no early stopping")
+    if not has_val:
+        raise ValueError(f"config.train.early_stopping.metric={es.metric!r} needs a validation set: set "
+                         f"config.data.val_fraction or config.data.val_split")
+    if tc.eval_every <= 0:
+        raise ValueError(f"config.train.early_stopping.metric={es.metric!r} needs periodic evals: set "
+                         f"config.train.eval_every > 0 (patience is counted in evals)")
+    if es.mode not in ("max", "min"):
+        raise ValueError(f"config.train.early_stopping.mode must be one of ('max', 'min'), got {es.mode!r}")
+    if isinstance(es.patience, bool) or not isinstance(es.patience, int) or es.patience < 1:
+        raise ValueError(f"config.train.early_stopping.patience must be a positive integer, got {es.patience!r}")
+    if not es.min_delta >= 0:
+        raise ValueError(f"config.train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
+
+
+config_checks.register_check("data.val", check_config)

@@ -38,6 +38,7 @@ import numpy as np
 from tl_jax.data import build_preprocess, load_split
 from tl_jax.evaluation.fewshot_ridge import L2_GRID, check_shots, fewshot_eval
 from tl_jax.transferability.extract import Candidate, extract, split_arrays
+from tl_jax.util import config_checks
 
 log = logging.getLogger("tl_jax")
 KINDS = ("fewshot",)
@@ -89,6 +90,14 @@ def check_evals(evals: Any) -> list[dict]:
                              f"got {e['l2s']!r}")
         out.append(e)
     return out
+
+
+def check_config(config: Any) -> None:
+    """``config.evals`` (:func:`check_evals`); run by :func:`tl_jax.config.validate`."""
+    check_evals(config.evals)
+
+
+config_checks.register_check("evals", check_config)
 
 
 @dataclasses.dataclass

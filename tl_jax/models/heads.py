@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tl_jax.util import config_checks
+
 KEY = "config.model.head"
 LOGITS = "logits"
 
@@ -73,6 +75,15 @@ def check_head_options(hidden: Any, activation: Any, dropout: Any) -> tuple[int,
             or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{KEY}.dropout must be a number in [0, 1), got {dropout!r}")
     return tuple(int(w) for w in hidden)
+
+
+def check_config(config: Any) -> None:
+    """``config.model.head`` (:func:`check_head_options`); run by :func:`tl_jax.config.validate`."""
+    head = config.model.head
+    check_head_options(head.hidden, head.activation, head.dropout)
+
+
+config_checks.register_check("model.head", check_config)
 
 
 class MLPHead(nn.Module):

@@ -13,13 +13,12 @@ model before and after fine-tuning over a grid of ``α`` often beats both ends
   exactly (``x·1 + y·0 = x`` in floating point).
 - :func:`wise_ft`: each ``α`` of a grid evaluated on the fine-tuned run's test
   split (:func:`tl_jax.evaluation.saved_run.evaluate_run`), written as ``wise_ft.csv`` and a
-  curve ``wise_ft.png``; ``tl-jax interpolate`` runs it from the command line.
+  curve ``wise_ft.png``; ``tl-jax interpolate`` (:mod:`tl_jax.cli.interpolate`) runs it from the command line.
   BatchNorm running statistics, where both have them, are interpolated like
   the params.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -31,6 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from tl_jax.evaluation import saved_run as eval_lib
+from tl_jax.train.checkpoint import load_variables
 from tl_jax.util.tree_paths import flatten_paths, path_str
 
 PyTree = Any
@@ -80,9 +81,6 @@ def wise_ft(pretrained: str | None, finetuned: str, alphas: Sequence[float], out
     ``config.init_from``. Params matching its ``config.dont_load`` keep their fine-tuned values. Returns one
     row per ``α``: ``{"alpha", "step", "count", <metric>: value}``.
     """
-    from tl_jax.evaluation import saved_run as eval_lib
-    from tl_jax.train.checkpoint import load_variables
-
     alphas = [check_alpha(a, "--alphas") for a in alphas]
     out = pathlib.Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -131,24 +129,3 @@ def write_curve(rows: list[dict], out: pathlib.Path, title: str = "WiSE-FT") -> 
     fig.savefig(out / "wise_ft.png", dpi=100)
     plt.close(fig)
 
-
-def cmd_interpolate(argv: Sequence[str]) -> int:
-    """``tl-jax interpolate --finetuned W1 [--pretrained W0] --alphas 0,0.5,1 --out DIR``."""
-    p = argparse.ArgumentParser(prog="tl-jax interpolate",
-                                description="WiSE-FT: evaluate (1-a)*pretrained + a*fine-tuned weights over a grid of a "
-                                            "on the fine-tuned run's test split; writes a CSV and a curve plot.")
-    p.add_argument("--finetuned", required=True, help="the fine-tuned run's workdir")
-    p.add_argument("--pretrained", default=None, help="workdir or checkpoint (PATH[:best|latest|STEP]); default: "
-                                                      "the fine-tuned run's config.init_from")
-    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated α values")
-    p.add_argument("--checkpoint", default="latest", help="the fine-tuned run's step: latest | best | STEP")
-    p.add_argument("--split", default=None, help="default: the run's test split; val: its validation set (choose α "
-                                                 "there, not on test); or another split of its dataset")
-    p.add_argument("--out", required=True, help="directory for wise_ft.csv, wise_ft.json, wise_ft.png")
-    args = p.parse_args(list(argv))
-    checkpoint = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
-    rows = wise_ft(args.pretrained, args.finetuned, parse_alphas(args.alphas), args.out, checkpoint, args.split)
-    for r in rows:
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-    print(f"wrote {pathlib.Path(args.out) / 'wise_ft.csv'} and wise_ft.png")
-    return 0

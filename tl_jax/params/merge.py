@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from tl_jax.params.param_rules import flatten_paths
+from tl_jax.util import config_checks
 
 PyTree = Any
 
@@ -109,6 +110,20 @@ def _compile_mapping(mapping: Sequence[Sequence[Any]], where: str) -> list[tuple
         except re.error as e:
             raise MergeError(f"{where}[{i}]: invalid regex {rule[0]!r}: {e}") from None
     return rules
+
+
+def check_config(config: Any) -> None:
+    """``config.init_map``: a list of ``[regex, replacement or null]`` pairs (one line per problem).
+
+    Run by :func:`tl_jax.config.validate` (registered below), before anything is loaded.
+    """
+    if not isinstance(config.init_map, (list, tuple)):
+        raise MergeError(f"config.init_map must be a list of [regex, replacement or null] pairs, "
+                         f"got {config.init_map!r}")
+    _compile_mapping(config.init_map, "config.init_map")
+
+
+config_checks.register_check("init_map", check_config)
 
 
 def map_paths(flat: dict[str, Any], mapping: Sequence[Sequence[Any]], target: dict[str, Any] | None = None, *,

@@ -1,8 +1,8 @@
-"""``tl-jax search``: an Optuna (TPE) search over a config file's ``get_search`` space.
+"""An Optuna (TPE) search over a config file's ``get_search`` space.
 
     tl-jax search --config experiments/FILE.py[:ARG] --workdir ROOT --trials N [--config.KEY=VALUE ...]
 
-A config file may define ``get_search(arg)`` next to ``get_config``::
+(the command line: :mod:`tl_jax.cli.search`). A config file may define ``get_search(arg)`` next to ``get_config``::
 
     from tl_jax.sweep.search import loguniform
 
@@ -40,6 +40,8 @@ from typing import Any
 
 from tl_jax.config import ConfigError
 from tl_jax.sweep import spec as spec_lib
+from tl_jax.sweep import status as status_lib
+from tl_jax.sweep.runner import SweepError, _module, resolve, write_point_json
 
 log = logging.getLogger("tl_jax")
 DIRECTIONS = ("maximize", "minimize")
@@ -140,8 +142,6 @@ def check_search(raw: Any, where: str = "get_search") -> Search:
 
 def load_search(spec: str) -> tuple[str, Search]:
     """``FILE[:ARG]`` -> ``(FILE, get_search(ARG))``, checked."""
-    from tl_jax.sweep.runner import _module
-
     path, _, arg = spec.partition(":")
     module = _module(path)
     if not hasattr(module, "get_search"):
@@ -156,8 +156,6 @@ def trial_point(search: Search, params: dict, name: str) -> dict:
 
 def check_space(config_file: str, search: Search, root: pathlib.Path, overrides: list[str]) -> None:
     """Resolve one point per space key (its example value) so a key that is not a config key fails now."""
-    from tl_jax.sweep.runner import resolve
-
     for key, dist in search.space.items():
         try:
             resolve(config_file, [trial_point(search, {key: dist.example()}, "check")], root, overrides)
@@ -211,11 +209,9 @@ def _open_study(optuna, root: pathlib.Path, search: Search):
 
 def _requeue_dead(optuna, study, root: pathlib.Path) -> None:
     """Trials left RUNNING by a process that died: failed in the record, queued again under their workdir."""
-    from tl_jax.sweep.status import point_status
-
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         name = t.user_attrs.get("workdir", f"trial_{t.number}")
-        if point_status(root / name) != "running":
+        if status_lib.point_status(root / name) != "running":
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"workdir": name})
             log.info("search: %s (trial %d) was left unfinished: queued again, it resumes", name, t.number)
@@ -223,10 +219,9 @@ def _requeue_dead(optuna, study, root: pathlib.Path) -> None:
 
 def run_search(spec: str, root: str, *, trials: int, overrides: list[str] = ()) -> dict:
     """Run ``trials`` more trials of ``spec``'s ``get_search`` into ``root``; returns ``search.json``'s record."""
-    from tl_jax.sweep import status as status_lib
-    from tl_jax.sweep.runner import SweepError, resolve, write_point_json
+    # Deferred (JAX and the training stack): loading and checking a search space runs without them.
     from tl_jax.train.loop import train
-    from tl_jax.train.preemption import Preempted
+    from tl_jax.train.preemption import Preempted  # deferred (JAX), as above
 
     optuna = require_optuna()
     if trials < 1:
@@ -290,21 +285,3 @@ def best_lines(record: dict) -> str:
     return (f"best of {n} finished trials: {b['workdir']}: {record['metric']}={b['value']:.4f} ({params})\n"
             f"  {b['command']}")
 
-
-def main(argv: list[str]) -> int:
-    """``tl-jax search --config FILE[:ARG] --workdir ROOT --trials N [--config.KEY=VALUE ...]``."""
-    import argparse
-
-    from tl_jax.cli import split_overrides
-
-    rest, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(prog="tl-jax search", description="Optuna (TPE) search over a config file's "
-                                "get_search space; trials train into ROOT/trial_<k>; resumable.",
-                                epilog="Any --config.KEY=VALUE overrides a config key of every trial.")
-    p.add_argument("--config", required=True, help="experiments/FILE.py[:ARG]; ARG goes to get_search(ARG)")
-    p.add_argument("--workdir", required=True, help="the study dir: trial_<k>/, optuna.journal, search.json")
-    p.add_argument("--trials", type=int, required=True, help="how many trials this invocation adds")
-    args = p.parse_args(rest)
-    record = run_search(args.config, args.workdir, trials=args.trials, overrides=overrides)
-    print(best_lines(record))
-    return 0

@@ -1,7 +1,9 @@
 """``python -m tl_jax.train --config ... --workdir ...`` = ``tl-jax train ...``."""
 import sys
 
-from tl_jax.cli import cmd_train, run_command
+from tl_jax.cli.args import run_command
+from tl_jax.cli.train import cmd_train
 
 if __name__ == "__main__":
-    sys.exit(run_command(cmd_train, sys.argv[1:], prog="python -m tl_jax.train"))
+    prog = "python -m tl_jax.train"
+    sys.exit(run_command(lambda argv: cmd_train(argv, prog=prog), sys.argv[1:], prog=prog))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tl_jax.train.state import TrainState
+from tl_jax.util import config_checks
 
 PyTree = Any
 PREFIX = "ema"  # eval metrics: test/ema/accuracy, val/ema/accuracy
@@ -37,6 +38,14 @@ def check_decay(decay: Any) -> float:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(f"config.train.ema_decay must be a number in [0, 1) (0 = off; e.g. 0.999), got {decay!r}")
     return float(decay)
+
+
+def check_config(config: Any) -> None:
+    """``config.train.ema_decay`` (:func:`check_decay`); run by :func:`tl_jax.config.validate`."""
+    check_decay(config.train.ema_decay)
+
+
+config_checks.register_check("train.ema_decay", check_config)
 
 
 def attach(state: TrainState, decay: float) -> TrainState:

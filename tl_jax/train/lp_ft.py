@@ -37,6 +37,8 @@ from typing import Any
 
 import ml_collections
 
+from tl_jax.util import config_checks
+
 PROBE_DIR = "lp"
 RECIPES = ("", "lp_ft")
 SUMMARY_PREFIX = "lp/"
@@ -67,6 +69,9 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
             re.compile(p)
         except re.error as e:
             raise ValueError(f"config.recipe.lp_trainable: invalid regex {p!r}: {e}") from None
+
+
+config_checks.register_check("recipe", check_recipe)  # run by tl_jax.config.validate
 
 
 def is_lp_ft(config: ml_collections.ConfigDict) -> bool:

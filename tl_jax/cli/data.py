@@ -1,19 +1,30 @@
-"""``tl-jax data prepare`` and ``tl-jax weights convert|inspect``: bring your own data and weights.
+"""``tl-jax data prepare``: an image folder or a CSV of texts as a tfds dataset (bring your own data).
 
     tl-jax data prepare --image-folder photos/ --name my_photos --data-dir data --image-size 64 64 --resize crop
     tl-jax data prepare --csv reviews.csv --name my_reviews --data-dir data --tokenizer tokenizer.json --max-length 64
-    tl-jax weights inspect model.safetensors
-    tl-jax weights convert --from model.safetensors --mapping bert --model bert --out pretrained/minilm \\
-        --ignore 'pooler\\..*'
+
+Prints the dataset's summary and the ``--config.data...`` overrides that train on it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 
+ACTIONS = {"prepare": "an image folder or a CSV of texts as a tfds array_record dataset"}
 
-def _data_parser() -> argparse.ArgumentParser:
+
+def data_parser() -> argparse.ArgumentParser:
+    """``tl-jax data ACTION ...`` (ACTION: ``prepare``); ``--help`` lists the actions."""
+    p = argparse.ArgumentParser(prog="tl-jax data", description="Bring your own data.",
+                                epilog="actions:\n" + "\n".join(f"  {k:9s} {v}" for k, v in ACTIONS.items())
+                                + "\n(tl-jax data ACTION --help)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=sorted(ACTIONS), help="what to do (see below)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's arguments")
+    return p
+
+
+def prepare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-jax data prepare",
                                 description="Prepare an image folder or a CSV of texts as a tfds array_record "
                                             "dataset, usable as config.data.name=NAME, config.data.data_dir=DIR.")
@@ -40,12 +51,11 @@ def _data_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data(argv: Sequence[str]) -> int:
-    if not argv or argv[0] != "prepare":
-        raise ValueError("usage: tl-jax data prepare (--image-folder DIR | --csv FILE) --name NAME ... "
-                         "(tl-jax data prepare --help)")
-    args = _data_parser().parse_args(list(argv[1:]))
+    top = data_parser().parse_args(argv)
+    args = prepare_parser().parse_args(top.args)
     common = dict(test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite)
     if args.image_folder:
+        # Deferred (tensorflow_datasets, PIL): `tl-jax data --help` runs without them.
         from tl_jax.data.image_folder import prepare_image_folder
 
         result = prepare_image_folder(args.image_folder, args.name, args.data_dir, image_size=args.image_size,
@@ -53,7 +63,7 @@ def cmd_data(argv: Sequence[str]) -> int:
     else:
         if not args.tokenizer or not args.max_length:
             raise ValueError("--csv needs --tokenizer tokenizer.json and --max-length L")
-        from tl_jax.data.text_csv import prepare_csv
+        from tl_jax.data.text_csv import prepare_csv  # deferred (tensorflow_datasets, tokenizers)
 
         result = prepare_csv(args.csv, args.name, args.data_dir, tokenizer=args.tokenizer,
                              max_length=args.max_length, test_csv=args.test_csv, text_column=args.text_column,
@@ -62,50 +72,4 @@ def cmd_data(argv: Sequence[str]) -> int:
     hint = f" --config.data.data_dir={args.data_dir}" if args.data_dir else ""
     pp = " --config.data.train_pp='[]' --config.data.eval_pp='[]'" if args.csv else ""
     print(f"use: --config.data.name={args.name}{hint} --config.model.num_classes={len(result.class_names)}{pp}")
-    return 0
-
-
-def _weights_parser() -> argparse.ArgumentParser:
-    from tl_jax.weights import FORMATS, MAPPINGS
-
-    p = argparse.ArgumentParser(prog="tl-jax weights convert",
-                                description="Convert a weights file into a checkpoint for config.init_from.")
-    p.add_argument("--from", dest="source", required=True, metavar="FILE", help=".safetensors, .pt/.pth/.bin, .npz")
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file suffix")
-    p.add_argument("--mapping", required=True, choices=sorted(MAPPINGS), help="the source's naming scheme")
-    p.add_argument("--model", required=True, help="tl_jax model name (config.model.name)")
-    p.add_argument("--model-kwargs", default="{}", help="JSON dict of model kwargs (else read from the weights)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the source classifier's, if any")
-    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="drop source tensors whose name matches (repeatable), e.g. 'pooler\\..*'")
-    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint dir to write (config.init_from)")
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def cmd_weights(argv: Sequence[str]) -> int:
-    if argv and argv[0] == "inspect":
-        if len(argv) != 2:
-            raise ValueError("usage: tl-jax weights inspect FILE")
-        from tl_jax.weights import read_tensors
-
-        for name, value in read_tensors(argv[1]).items():
-            print(f"{name} {tuple(value.shape)} {value.dtype}")
-        return 0
-    if not argv or argv[0] != "convert":
-        raise ValueError("usage: tl-jax weights convert --from FILE --mapping M --model NAME --out DIR "
-                         "(or: tl-jax weights inspect FILE)")
-    args = _weights_parser().parse_args(list(argv[1:]))
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs must be a JSON dict: {e}") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON dict, got {args.model_kwargs!r}")
-    from tl_jax.weights import convert_weights
-
-    result = convert_weights(args.source, mapping=args.mapping, model=args.model, out=args.out, fmt=args.format,
-                             model_kwargs=kwargs, num_classes=args.num_classes, ignore=args.ignore,
-                             overwrite=args.overwrite)
-    print(result.summary())
     return 0

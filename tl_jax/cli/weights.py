@@ -1,0 +1,81 @@
+"""``tl-jax weights convert|inspect``: bring your own weights (safetensors, PyTorch, npz).
+
+    tl-jax weights inspect model.safetensors
+    tl-jax weights convert --from model.safetensors --mapping bert --model bert --out pretrained/minilm \\
+        --ignore 'pooler\\..*'
+
+``convert`` writes a checkpoint dir usable as ``config.init_from`` (:mod:`tl_jax.weights`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+ACTIONS = {"convert": "a weights file as a checkpoint for config.init_from",
+           "inspect": "list a weights file's tensors: name, shape, dtype"}
+
+
+def weights_parser() -> argparse.ArgumentParser:
+    """``tl-jax weights ACTION ...`` (ACTION: ``convert`` | ``inspect``); ``--help`` lists the actions."""
+    p = argparse.ArgumentParser(prog="tl-jax weights", description="Bring your own weights.",
+                                epilog="actions:\n" + "\n".join(f"  {k:9s} {v}" for k, v in ACTIONS.items())
+                                + "\n(tl-jax weights ACTION --help)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=sorted(ACTIONS), help="what to do (see below)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's arguments")
+    return p
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tl-jax weights inspect", description="List a weights file's tensors.")
+    p.add_argument("file", help=".safetensors, .pt/.pth/.bin, .npz")
+    return p
+
+
+def convert_parser(formats: Sequence[str], mappings: Sequence[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tl-jax weights convert",
+                                description="Convert a weights file into a checkpoint for config.init_from.")
+    p.add_argument("--from", dest="source", required=True, metavar="FILE", help=".safetensors, .pt/.pth/.bin, .npz")
+    p.add_argument("--format", choices=formats, default=None, help="default: from the file suffix")
+    p.add_argument("--mapping", required=True, choices=sorted(mappings), help="the source's naming scheme")
+    p.add_argument("--model", required=True, help="tl_jax model name (config.model.name)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON dict of model kwargs (else read from the weights)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the source classifier's, if any")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="drop source tensors whose name matches (repeatable), e.g. 'pooler\\..*'")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint dir to write (config.init_from)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def model_kwargs(text: str) -> dict:
+    """``--model-kwargs``: a JSON dict (one-line error otherwise)."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs must be a JSON dict: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON dict, got {text!r}")
+    return kwargs
+
+
+def cmd_weights(argv: Sequence[str]) -> int:
+    top = weights_parser().parse_args(argv)
+    if top.action == "inspect":
+        args = inspect_parser().parse_args(top.args)
+        # Deferred (JAX, torch readers): `tl-jax weights --help` runs without them.
+        from tl_jax.weights import read_tensors
+
+        for name, value in read_tensors(args.file).items():
+            print(f"{name} {tuple(value.shape)} {value.dtype}")
+        return 0
+    # Deferred (JAX): the mapping and format names are the convert parser's choices.
+    from tl_jax.weights import FORMATS, MAPPINGS, convert_weights
+
+    args = convert_parser(FORMATS, MAPPINGS).parse_args(top.args)
+    result = convert_weights(args.source, mapping=args.mapping, model=args.model, out=args.out, fmt=args.format,
+                             model_kwargs=model_kwargs(args.model_kwargs), num_classes=args.num_classes,
+                             ignore=args.ignore, overwrite=args.overwrite)
+    print(result.summary())
+    return 0
