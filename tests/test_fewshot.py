@@ -100,3 +100,15 @@ def test_a_unit_firing_on_one_shot_does_not_outweigh_the_informative_ones():
     noisy = fewshot_eval(np.hstack([xtr, noise(len(xtr))]), ytr, np.hstack([xte, noise(len(xte))]), yte,
                          shots=(5,), seeds=3)["shots"][5]["accuracy"]
     assert noisy >= clean - 0.02 and clean > 0.9
+
+
+def test_fewshot_cli_errors_name_its_own_flag(tmp_path, tfds_data_dir, capsys):
+    """`tl-jax fewshot` names its run by --workdir (it has no --candidates flag, unlike `tl-jax rank`)."""
+    from tl_jax.cli import main
+
+    run = tmp_path / "not_a_run"
+    run.mkdir()
+    assert main(["fewshot", "--workdir", str(run), "--target", "tests/configs/tiny.py",
+                 f"--config.data.data_dir={tfds_data_dir}", "--shots", "1", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"tl-jax fewshot: error: --workdir {run}") and "--candidates" not in err, err

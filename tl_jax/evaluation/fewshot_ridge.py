@@ -174,7 +174,7 @@ def fewshot_run(workdir: str, target_config, *, shots: Sequence[int] = DEFAULT_S
     check_shots(train.labels(), shots, 0.2, f"{dc.name}:{dc.train_split}")
     test = load_split(dc.name, dc.test_split, dc.data_dir)
     pp = build_preprocess(list(dc.eval_pp), where="config.data.eval_pp")
-    cand = load_candidate(workdir)
+    cand = load_candidate(workdir, flag="--workdir")  # tl-jax fewshot --workdir: errors name that flag
     t0 = time.perf_counter()
     feats = {}
     for key, split in (("train", train), ("test", test)):

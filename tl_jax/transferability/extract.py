@@ -51,6 +51,10 @@ class Candidate:
     model: Any
     variables: dict
     num_classes: int
+    where: str = ""  # how messages name it (default "--candidates PATH": tl-jax rank's flag)
+
+    def __post_init__(self):
+        self.where = self.where or f"--candidates {self.path}"
 
 
 def split_arrays(split: Any, indices: np.ndarray | None, pp: Any, max_mb: float) -> dict[str, np.ndarray]:
@@ -70,8 +74,9 @@ def target_arrays(config: Any) -> dict[str, np.ndarray]:
     return split_arrays(split, indices, pp, dc.cache_max_mb)
 
 
-def candidate_model_config(path: str) -> dict:
-    """The ``model`` group (``name``, ``kwargs``, ``num_classes``, head...) of candidate ``path``."""
+def candidate_model_config(path: str, where: str = "") -> dict:
+    """The ``model`` group (``name``, ``kwargs``, ``num_classes``, head...) of candidate ``path`` (errors name it
+    as ``where``, default ``--candidates PATH``)."""
     from tl_jax.train.checkpoint import parse_step_spec  # lazy: tl_jax.train imports the objectives
 
     p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
@@ -82,23 +87,25 @@ def candidate_model_config(path: str) -> dict:
             meta = json.loads((d / WEIGHTS_META).read_text())
             return {"name": meta["model"], "kwargs": meta.get("model_kwargs") or {},
                     "num_classes": meta.get("num_classes")}
-    raise ValueError(f"--candidates {path}: no config.json (a run) or {WEIGHTS_META} (converted weights) there "
-                     f"or up to two levels above it: cannot tell its architecture")
+    raise ValueError(f"{where or '--candidates ' + path}: no config.json (a run) or {WEIGHTS_META} (converted "
+                     f"weights) there or up to two levels above it: cannot tell its architecture")
 
 
-def load_candidate(path: str) -> Candidate:
-    """Variables, model and source classes of candidate ``path`` (one-line errors name it)."""
+def load_candidate(path: str, flag: str = "--candidates") -> Candidate:
+    """Variables, model and source classes of candidate ``path`` (one-line errors name it as ``flag path``:
+    ``--candidates`` for ``tl-jax rank``, ``--workdir`` for ``tl-jax fewshot``)."""
     from tl_jax.train.checkpoint import load_variables  # lazy: tl_jax.train imports the objectives
 
-    variables = load_variables(str(path), where=f"--candidates {path}")
-    mc = candidate_model_config(str(path))
+    where = f"{flag} {path}"
+    variables = load_variables(str(path), where=where)
+    mc = candidate_model_config(str(path), where)
     dims = head_dims(variables["params"].get("head", {}))
     classes = dims[1] if dims is not None else int(mc.get("num_classes") or 0)
     try:
         model = model_from_config(mc, classes or 1)
     except ValueError as e:
-        raise ValueError(f"--candidates {path}: {e}") from None
-    return Candidate(str(path), model, variables, classes if dims is not None else 0)
+        raise ValueError(f"{where}: {e}") from None
+    return Candidate(str(path), model, variables, classes if dims is not None else 0, where)
 
 
 def _reduce(x: jax.Array) -> jax.Array:
@@ -176,7 +183,7 @@ def check_layer(cand: Candidate, layer: str, sample: dict) -> None:
 
 
 def _check_layer(cand: Candidate, layer: str, sample: dict) -> None:
-    where = f"--candidates {cand.path}"
+    where = cand.where
     if layer not in NAMED_LAYERS and not hasattr(cand.model, "scope"):  # not a linen module (e.g. NNX)
         raise ValueError(f"{where} is a {type(cand.model).__name__}: --layer {layer!r} needs a linen model "
                          f"(use --layer features or logits)")
