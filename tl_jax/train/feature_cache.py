@@ -5,8 +5,19 @@ training preprocessing feeds the same images through the same frozen backbone
 every epoch. When that holds, :func:`maybe_enable` computes the backbone
 features of this process's training examples once, and the run trains on
 batches of ``{"features": [B, D], "label": [B]}`` with an objective whose loss
-runs only ``dropout -> head`` (:meth:`Classifier.head_logits`, the same code
-the whole model runs after its backbone, so an MLP head works too):
+runs only what follows the backbone:
+
+* a zoo :class:`~tl_jax.models.layers.Classifier`: ``dropout -> head``
+  (:meth:`Classifier.head_logits`, the same code the whole model runs after its
+  backbone, so an MLP head works too);
+* any other linen or NNX model with a ``backbone``/``head`` split (the own-model
+  contract, docs/models.md): the model's own ``__call__`` on a zero input with
+  the ``backbone`` submodule's output replaced by the cached features
+  (:func:`tl_jax.models.contract.apply_split`), so pooling or dropout between
+  backbone and head still run; that this equals the model on real inputs is
+  checked on a sample before the cache is used.
+
+Either way:
 
 * same batches: the feature batches come from the same grain chain as the
   image batches (:func:`tl_jax.data.cache.array_dataset`, same seed, same
@@ -20,7 +31,7 @@ the whole model runs after its backbone, so an MLP head works too):
 
 Eligible (``'auto'`` turns it on, ``True`` raises with the reason otherwise):
 the plain ``classification`` objective without regularisers, a
-:class:`~tl_jax.models.layers.Classifier` model, every ``backbone/...`` param
+Classifier or a model with ``backbone`` and ``head`` params, every ``backbone/...`` param
 frozen, no random op in ``config.data.train_pp``, and backbone outputs that do
 not depend on train mode or rngs (frozen BatchNorm runs in inference mode; a
 backbone with active dropout is not cached). The features must fit in
@@ -41,6 +52,7 @@ from tl_jax.data import cache as data_cache
 from tl_jax.data.pipeline import _Subset
 from tl_jax.data.preprocess import RANDOM_OPS
 from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.models import contract
 from tl_jax.models.layers import Classifier
 from tl_jax.models.precision import unwrap
 from tl_jax.objectives.base import Objective
@@ -56,8 +68,12 @@ class CachedFeaturesObjective(Objective):
 
     def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: dict, rng: jax.Array,
              step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
-        logits = self.model.apply({"params": self.model_params(params)}, batch[FEATURES], rngs={"dropout": rng},
-                                  method=_head_logits)
+        if _is_classifier(self.model):
+            logits = self.model.apply({"params": self.model_params(params)}, batch[FEATURES], rngs={"dropout": rng},
+                                      method=_head_logits)
+        else:
+            logits, batch_stats = _split_head_logits(self.model, self.model_params(params), batch_stats,
+                                                     batch[FEATURES], rng, train=True)
         loss = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing).mean()
         metrics = {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
         return loss, (batch_stats, metrics)
@@ -72,12 +88,30 @@ def _backbone(model: Classifier, x: jax.Array, train: bool) -> jax.Array:
     return model.backbone(x, train=train)
 
 
+def _split_head_logits(model: Any, params: PyTree, batch_stats: PyTree, features: jax.Array, rng: jax.Array, *,
+                       train: bool) -> tuple[jax.Array, PyTree]:
+    """``(logits, batch_stats)`` of a split model's ``__call__`` with the backbone's output replaced by
+    ``features`` ``[B, ...]``. The features are also its input: the backbone, the only reader of the input
+    (checked by :func:`_split_matches`), never sees it, so no image-sized placeholder is needed."""
+    update = bool(batch_stats) and train
+    out, _ = contract.apply_split(model, _variables(params, batch_stats), features, features=features, train=train,
+                                  rngs={"dropout": rng}, mutable=["batch_stats"] if update else False)
+    if not update:
+        return out, batch_stats
+    return out[0], out[1].get("batch_stats", batch_stats)
+
+
+def _is_classifier(model: Any) -> bool:
+    return isinstance(unwrap(model), Classifier)  # config.precision may wrap it (models/precision.py)
+
+
 def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params: PyTree, train_pp: Any) -> str | None:
     """Why the run cannot train on cached features, or ``None`` when it can (static checks)."""
-    if type(objective) is not Objective:
+    if type(objective) is not Objective or objective.penalties is not None:
         return f"objective {getattr(objective, 'name', type(objective).__name__)!r} (or config.loss regularisers)"
-    if not isinstance(unwrap(objective.model), Classifier):  # config.precision may wrap it (models/precision.py)
-        return f"model {type(unwrap(objective.model)).__name__} is not a backbone/head Classifier"
+    if not _is_classifier(objective.model) and not contract.has_split(objective.model_params(params)):
+        return (f"model {contract.module_class(objective.model).__name__} has no `backbone` and `head` submodules "
+                f"({contract.CONTRACT})")
     if train_pp.is_random:
         return f"config.data.train_pp has random ops {[o for o in train_pp.op_names if o in RANDOM_OPS]}"
     mults = param_groups(config, objective, params).multipliers
@@ -89,7 +123,7 @@ def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params:
     return None
 
 
-def _embed_fns(model: Classifier):
+def _embed_fns(model: Any):
     """``(variables, x, rng) -> backbone(x)`` in eval mode and in train mode (updates discarded), jitted.
 
     A hashable model (linen modules are, by their fields) is a static argument of module-level jitted
@@ -102,12 +136,16 @@ def _embed_fns(model: Classifier):
     return functools.partial(_embed_static, model), functools.partial(_embed_train_static, model)
 
 
-def _embed(model: Classifier, variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
-    return model.apply(variables, x, False, method=_backbone, rngs={"dropout": rng})
+def _embed(model: Any, variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
+    if _is_classifier(model):
+        return model.apply(variables, x, False, method=_backbone, rngs={"dropout": rng})
+    return contract.apply_split(model, variables, x, train=False, rngs={"dropout": rng})[1]
 
 
-def _embed_train(model: Classifier, variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
-    return model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])[0]
+def _embed_train(model: Any, variables: PyTree, x: jax.Array, rng: jax.Array) -> jax.Array:
+    if _is_classifier(model):
+        return model.apply(variables, x, True, method=_backbone, rngs={"dropout": rng}, mutable=["batch_stats"])[0]
+    return contract.apply_split(model, variables, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])[1]
 
 
 _embed_static = jax.jit(_embed, static_argnums=0)
@@ -118,7 +156,7 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict:
     return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
-def compute_features(model: Classifier, params: PyTree, batch_stats: PyTree, images: np.ndarray,
+def compute_features(model: Any, params: PyTree, batch_stats: PyTree, images: np.ndarray,
                      batch_size: int) -> np.ndarray:
     """Backbone outputs of ``images`` ``[N, ...]`` in batches of ``batch_size`` (last one padded)."""
     embed, _ = _embed_fns(model)
@@ -134,7 +172,7 @@ def compute_features(model: Classifier, params: PyTree, batch_stats: PyTree, ima
     return np.concatenate(out)
 
 
-def _deterministic(model: Classifier, params: PyTree, batch_stats: PyTree, sample: np.ndarray) -> bool:
+def _deterministic(model: Any, params: PyTree, batch_stats: PyTree, sample: np.ndarray) -> bool:
     """Backbone outputs equal in eval mode and in train mode under two rngs (frozen BN, no dropout)."""
     embed, embed_train = _embed_fns(model)
     variables = _variables(params, batch_stats)
@@ -144,6 +182,18 @@ def _deterministic(model: Classifier, params: PyTree, batch_stats: PyTree, sampl
         if not np.allclose(out, ref, rtol=1e-5, atol=1e-6):
             return False
     return True
+
+
+def _split_matches(model: Any, params: PyTree, batch_stats: PyTree, sample: np.ndarray) -> bool:
+    """Eval-mode logits of a split model on ``sample`` equal those of the cached path (its backbone's output
+    given, the input never read: :func:`_split_head_logits`), so nothing but the backbone reads the input."""
+    variables = _variables(params, batch_stats)
+    logits, feats = contract.apply_split(model, variables, sample, train=False)
+    try:
+        replaced, _ = _split_head_logits(model, params, batch_stats, feats, jax.random.PRNGKey(0), train=False)
+    except Exception:  # noqa: BLE001 - the model reshaped or indexed its input before the backbone: not cacheable
+        return False
+    return bool(np.allclose(np.asarray(replaced, np.float32), np.asarray(logits, np.float32), rtol=1e-5, atol=1e-6))
 
 
 def maybe_enable(config: ml_collections.ConfigDict, objective: Any, state: Any, train_split: Any, train_pp: Any,
@@ -175,6 +225,10 @@ def maybe_enable(config: ml_collections.ConfigDict, objective: Any, state: Any, 
         elif not _deterministic(model, objective.model_params(params), batch_stats,
                                 images.arrays["image"][:min(8, len(images))]):
             reason = "the backbone's outputs depend on train mode or rngs (dropout, unfrozen BatchNorm)"
+        elif not _is_classifier(model) and not _split_matches(model, objective.model_params(params), batch_stats,
+                                                              images.arrays["image"][:min(8, len(images))]):
+            reason = (f"the model's __call__ reads its input outside the `backbone` submodule, so the head cannot "
+                      f"run on cached features ({contract.CONTRACT})")
     if reason is not None:
         if mode is True:
             raise ValueError(f"config.train.feature_cache=true but the run cannot use cached features: {reason}")

@@ -299,6 +299,12 @@ class NNXModel:
         """Paths of the norm modules (those with ``use_running_average``), e.g. ``'backbone/bn1'``."""
         return self._info()[0]
 
+    def module_type(self) -> type:
+        """The class of the module ``build`` returns (built abstractly once: no arrays allocated)."""
+        if "type" not in self._cache:
+            self._cache["type"] = type(nnx.eval_shape(lambda: self.build(nnx.Rngs(params=0, dropout=1))))
+        return self._cache["type"]
+
     @property
     def dropout_rate(self) -> float:
         """The override given, else the largest rate of the module's ``nnx.Dropout`` layers (0.0 if none)."""
