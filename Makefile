@@ -2,6 +2,8 @@
 # Each creates (or reuses) .venv and installs the project from pyproject.toml:
 # `make demo` only what the demo needs (`pip install -e .`), `make test` also the
 # test extras (`.[test]`: pytest, torch and transformers for the weight-import checks).
+# `make test-fast`: the tests not marked slow (no end-to-end training; every tl_jax module is reached,
+# tests/test_fast_tier.py checks that), a few minutes on 2 cores; `make test` runs everything (CI).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

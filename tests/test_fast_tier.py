@@ -18,6 +18,8 @@ from __future__ import annotations
 import ast
 import pathlib
 
+from tl_jax.cli.main import COMMANDS  # a static table: importing it imports no JAX
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tl_jax"
 # `python -m` wrappers (`sys.exit(main())`), run in subprocesses by the slow end-to-end tests
@@ -95,8 +97,6 @@ def top_level_imports(name: str, path: pathlib.Path) -> set[str]:
 
 def reached_modules() -> tuple[set[str], list[str]]:
     """(modules the fast tier reaches, the test files it runs)."""
-    from tl_jax.cli.main import COMMANDS  # a static table: no JAX
-
     modules = all_modules()
     reached, fast_files = set(), []
     for test_file in sorted((ROOT / "tests").glob("test_*.py")):
@@ -123,8 +123,6 @@ def test_every_module_is_reached_by_a_fast_test():
 
 def test_the_scan_sees_imports_slow_marks_and_cli_commands(tmp_path):
     """The scanner itself: a slow test's import and a wholly slow file do not count; main(['report']) does."""
-    from tl_jax.cli.main import COMMANDS
-
     f = tmp_path / "test_x.py"
     f.write_text("import pytest\nfrom tl_jax.sweep import report\nfrom tl_jax.cli import main\n\n"
                  "def test_a():\n    from tl_jax.params import merge\n    main(['report', 'x'])\n\n"
