@@ -34,7 +34,7 @@ from tl_jax.data import build_preprocess, load_split
 from tl_jax.data import cache as data_cache
 from tl_jax.data.pipeline import _Subset
 from tl_jax.data.validation import train_and_val_indices
-from tl_jax.models import model_from_config
+from tl_jax.models import contract, model_from_config
 from tl_jax.models.heads import head_dims
 from tl_jax.objectives.base import model_inputs
 
@@ -146,8 +146,10 @@ def forward_fn(cand: Candidate, layer: str):
         if layer in NAMED_LAYERS:
             if not has_head:
                 return _reduce(model.apply(variables, *args, train=False, method="embed", **kw)), None
-            out = model.apply(variables, *args, train=False, return_features=(layer == "features"), **kw)
-            logits, feats = out if layer == "features" else (out, out)
+            if layer == "features":  # return_features=True, or the backbone's output (docs/models.md's contract)
+                logits, feats = contract.logits_and_features(model, variables, *args, train=False, **kw)
+            else:
+                logits = feats = model.apply(variables, *args, train=False, **kw)
             return _reduce(feats), logits.astype(jnp.float32)
         out, state = model.apply(variables, *args, train=False, capture_intermediates=_capture_at(layer),
                                  mutable=["intermediates"], **kw)
@@ -189,6 +191,11 @@ def _check_layer(cand: Candidate, layer: str, sample: dict) -> None:
                          f"(use --layer features or logits)")
     if layer == "logits" and not cand.num_classes:
         raise ValueError(f"{where} has no head: --layer logits (and scores leep, nce) need one")
+    if (layer == "features" and cand.num_classes and not contract.takes_return_features(cand.model)
+            and not contract.has_split(cand.variables["params"])):
+        other = "--layer logits" + (" or a module path (--layer backbone/...)" if hasattr(cand.model, "scope") else "")
+        raise ValueError(f"{where}: {contract.no_features_message(contract.module_class(cand.model).__name__)}; "
+                         f"or use {other}")
     args, kw = model_inputs(sample)
     try:
         if layer in NAMED_LAYERS:
