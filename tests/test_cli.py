@@ -34,7 +34,8 @@ def test_help_lists_every_command_fast(args):
 
 def test_help_imports_no_jax():
     code = ("import sys; from tl_jax.cli import main; assert main(['--help']) == 0; "
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'tensorflow_datasets'));"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('jax', 'flax', 'optax', 'tensorflow_datasets')); "
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -100,14 +100,23 @@ def test_typo_in_own_config_file_through_the_cli_is_one_line(tmp_path, capsys):
     assert err[0].endswith("did you mean config.optimizer.learning_rate?") and not (tmp_path / "wd").exists()
 
 
+HINT = "; JSON needs quotes around strings, and the shell removes unquoted ones (and splits unquoted {a,b}): "
+
+
 def test_unquoted_json_override_gets_a_quoting_hint():
     c = config_lib.base_config()
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.apply_overrides(c, ["param_rules=[[backbone/.*,null],[.*,1.0]]"])
-    assert str(e.value) == ("config.param_rules: expected list, got '[[backbone/.*,null],[.*,1.0]]' (str); JSON needs "
-                            "quotes around strings, and the shell removes unquoted ones: quote the whole value, e.g. "
+    assert str(e.value) == ("config.param_rules: expected list, got '[[backbone/.*,null],[.*,1.0]]' (str)" + HINT +
+                            "quote the whole value, e.g. "
                             "--config.param_rules='[[\"backbone/.*\", null], [\".*\", 1.0]]'")
-    with pytest.raises(config_lib.ConfigError, match=r"expected int, got 'abc' \(str\)$"):  # no hint: not JSON-like
+    with pytest.raises(config_lib.ConfigError) as e:  # the brackets gone too: the value as a one-element list
+        config_lib.apply_overrides(c, ["dont_load=head/.*"])
+    assert str(e.value).endswith(HINT + "quote the whole value, e.g. --config.dont_load='[\"head/.*\"]'")
+    with pytest.raises(config_lib.ConfigError) as e:  # bash split --config.model.kwargs={width:2,stem:cifar}
+        config_lib.apply_overrides(c, ["model.kwargs=width:2"])
+    assert str(e.value).endswith(HINT + "quote the whole value, e.g. --config.model.kwargs='{\"width\": 2}'")
+    with pytest.raises(config_lib.ConfigError, match=r"expected int, got 'abc' \(str\)$"):  # no hint: not JSON
         config_lib.apply_overrides(c, ["train.steps=abc"])
 
 

@@ -239,7 +239,7 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
         return
     if dotted in FREE_GROUPS:
         if not isinstance(value, dict):
-            raise ConfigError(f"config.{dotted} must be a dict, got {value!r}")
+            raise ConfigError(f"config.{dotted} must be a dict, got {value!r}{quoting_hint(dotted, value, 'dict')}")
         node = config
         for part in parents:
             node = node[part]
@@ -268,7 +268,7 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     except TypeError:
         expected = _field_type(node, leaf)
         raise ConfigError(f"config.{dotted}: expected {expected}, got {value!r} ({type(value).__name__})"
-                          f"{quoting_hint(dotted, value)}") from None
+                          f"{quoting_hint(dotted, value, expected)}") from None
 
 
 def _is_placeholder(node: ml_collections.ConfigDict, leaf: str) -> bool:
@@ -330,9 +330,9 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Semantic checks run before a run touches the disk (one clear line each).
 
-    The schema's own checks (choices, positive integers, ranges), then the registered checks
-    (:func:`tl_jax.util.config_checks.register_check`) of the groups whose rules live with their code (``config.recipe``, ``config.evals``, the head,
-    ``config.train.ema_decay``, ``config.init_map``, the validation set...).
+    The schema's own checks (choices, positive integers, ranges), then the checks registered
+    (:func:`tl_jax.util.config_checks.register_check`) by the modules owning a group: ``config.recipe``,
+    ``config.evals``, the head, ``config.train.ema_decay``, ``config.init_map``, the validation set...
     """
     for key, choices in _CHOICES.items():
         if _get(config, key) not in choices:

@@ -65,14 +65,21 @@ def quoted_json(raw: str) -> str | None:
         return None
 
 
-def quoting_hint(dotted: str, value: Any) -> str:
-    """For a string that looks like an unquoted JSON list or dict: how to quote it in the shell, else ``''``."""
-    if not (isinstance(value, str) and value.strip()[:1] in ("[", "{")):
+def quoting_hint(dotted: str, value: Any, expected: str = "") -> str:
+    """How to quote a JSON list or dict in the shell, for a string that looks like one whose quotes the shell
+    removed, or any string where ``expected`` is ``'list'`` or ``'dict'``; else ``''``."""
+    if not isinstance(value, str):
         return ""
-    fixed = quoted_json(value)
-    example = fixed if fixed is not None else '[["backbone/.*", null]]'
-    return (f"; JSON needs quotes around strings, and the shell removes unquoted ones: quote the whole value, "
-            f"e.g. --config.{dotted}='{example}'")
+    bracketed = value.strip()[:1] in ("[", "{")
+    if not bracketed and expected not in ("list", "dict"):
+        return ""
+    if bracketed:
+        fixed = quoted_json(value)
+    else:  # the brackets are gone too: 'head' for a list, 'width:2' for a dict
+        fixed = quoted_json("{" + value + "}") if expected == "dict" else json.dumps([value])
+    example = fixed or ('{"width": 2}' if expected == "dict" or value.strip()[:1] == "{" else '[["backbone/.*", null]]')
+    return (f"; JSON needs quotes around strings, and the shell removes unquoted ones (and splits unquoted "
+            f"{{a,b}}): quote the whole value, e.g. --config.{dotted}='{example}'")
 
 
 def _user_frame(tb: TracebackType | None, path: pathlib.Path):
