@@ -77,6 +77,10 @@ def test_nnx_split_features_are_the_backbone_output(tmp_path):
                      + p["backbone"]["bn"]["bias"], 0)  # eval mode: running statistics
     np.testing.assert_allclose(feats, np.asarray(ref).mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)  # [B,H,W,C] averaged
     np.testing.assert_allclose(logits, model.apply(cand.variables, X), rtol=1e-5, atol=1e-6)
+    # a model never initialised in this process (as `tl-jax rank` loads it): the bridge builds it on the first call
+    fresh = Candidate("runs/mine", get_model(f"{tmp_path}/own.py:Net", 3), cand.variables, 3)
+    again, _ = extract(fresh, {"image": X, "label": np.zeros(5, np.int32)}, "features", batch_size=2)
+    np.testing.assert_allclose(again, feats, rtol=1e-6)
 
 
 def test_linen_compact_split_features_and_replacement():

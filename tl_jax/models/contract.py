@@ -88,6 +88,7 @@ def _nnx_method(slot: _Slot, method: Callable | None) -> Callable:
     through ``slot`` (the module is the bridge's per-call copy; the attribute is put back afterwards)."""
 
     def fn(module, *args, **kwargs):
+        slot.calls, slot.recorded = 0, None  # the bridge may first run fn abstractly to build its definition
         real = getattr(module, BACKBONE, None)
         if real is None:
             raise ValueError(f"the NNX module {type(module).__name__} has no `backbone` attribute ({CONTRACT})")
