@@ -8,7 +8,7 @@
     tl_jax/cli/eval_predict.py  tl-jax eval, predict   tl_jax/cli/rank_fewshot.py tl-jax rank, fewshot
     tl_jax/cli/data.py          tl-jax data prepare    tl_jax/cli/weights.py      tl-jax weights convert|inspect
 
-No module outside tl_jax/cli imports it.
+Nothing outside tl_jax/cli imports it but the ``python -m tl_jax`` / ``python -m tl_jax.train`` entry points.
 """
 from tl_jax.cli.args import USER_ERRORS, resolve_config, run_command, split_overrides
 from tl_jax.cli.main import COMMANDS, help_text, main
