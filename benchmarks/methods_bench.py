@@ -40,7 +40,6 @@ FT = ("bss", "delta", "co_tuning", "distill", "feature_distill")
 
 def _objective(name: str):
     """``(objective, params, aux)`` built without data or checkpoints (teachers / source heads made here)."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -48,6 +47,7 @@ def _objective(name: str):
     from tl_jax import config as config_lib
     from tl_jax.models import get_model
     from tl_jax.objectives import build_objective
+    from tl_jax.objectives.feature_distill import projection
 
     c = config_lib.base_config()
     c.train.steps = 1000
@@ -77,16 +77,15 @@ def _objective(name: str):
         if obj_name == "feature_distill":
             d_s = obj._width(params, obj.student_layer, "student_layer")
             d_t = obj._width(aux["teacher"]["params"], obj.teacher_layer, "teacher_layer")
-            obj.projection = nn.Dense(d_t, use_bias=False)
-            params = {**params, "projection": obj.projection.init(jax.random.PRNGKey(2), jnp.zeros((1, d_s)))["params"]}
+            params = {**params, "projection": projection(d_t).init(jax.random.PRNGKey(2), jnp.zeros((1, d_s)))["params"]}
         return obj, params, aux
     if obj_name == "co_tuning":
-        obj.source_model = obj._source_model(10)
         rel = np.full((10, 10), 0.1, np.float32)
         return obj, {**params, "source_head": jax.tree.map(jnp.array, params["head"])}, {obj.AUX: rel}
     extra, aux = obj.init_extra(jax.random.PRNGKey(3), params, {})
     if obj_name == "delta":  # the step of the paper's form: one [D] channel weighting more
-        obj.attention, aux = True, {**aux, obj.ATTENTION: np.ones(512, np.float32)}
+        group.attention = True
+        obj, aux = build_objective(c, model), {**aux, obj.ATTENTION: np.ones(512, np.float32)}
     return obj, {**params, **extra}, aux
 
 

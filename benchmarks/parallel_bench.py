@@ -46,12 +46,12 @@ def _worker(mode: str) -> dict:
     mesh = mesh_lib.build_mesh({"data": -1, "model": 1})
     strategy = PmapStrategy(mesh) if mode == "pmap" else JitStrategy(mesh)
     config = config_lib.base_config()  # the demo's CNN and Adam
+    config.parallel.mode = mode  # pmap: the model is built with BatchNorm statistics over devices
     rng = np.random.default_rng(0)
     batches = [{"image": rng.random((BATCH, 28, 28, 1), dtype=np.float32),
                 "label": rng.integers(0, 10, BATCH).astype(np.int32)} for _ in range(4)]
     objective, tx, state = build_model_and_state(config, 10, {"image": batches[0]["image"][:1]}, mesh)
     state = strategy.init_state(state)
-    strategy.prepare_objective(objective)
     state = strategy.to_device(state)
     step = strategy.train_step(make_train_step(objective.loss, tx, axis_name=strategy.axis_name))
     t0 = time.perf_counter()

@@ -12,7 +12,6 @@ config errors that need 8 devices.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from tl_jax.parallel.pmap import PmapStrategy
 from tl_jax.parallel import make_strategy
 from tl_jax.parallel.strategy import JitStrategy
 from tl_jax.train import compile_cache
+from tl_jax.train.build import pmap_model
 from tl_jax.train.loop import build_model_and_state, train
 from tl_jax.train.step import make_train_step
 
@@ -54,9 +54,9 @@ def strategies(fsdp: bool) -> dict:
 
 def run_steps(objective, tx, host_state, strategy, batches: list[dict]) -> tuple[dict, dict]:
     """10 steps from ``host_state`` under ``strategy``; the final variables and metrics on the host."""
-    objective = copy.copy(objective)  # prepare_objective may swap its model
+    if strategy.name == "pmap":  # what config.parallel.mode='pmap' builds: BatchNorm statistics over devices
+        objective = objective.replace(model=pmap_model(objective.model))
     state = strategy.init_state(mesh_lib.replicate(host_state, strategy.mesh))
-    strategy.prepare_objective(objective)
     state = strategy.to_device(state)
     step = strategy.train_step(make_train_step(objective.loss, tx, axis_name=strategy.axis_name))
     for batch in batches:

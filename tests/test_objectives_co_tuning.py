@@ -1,4 +1,4 @@
-"""Co-Tuning: the category relationship and soft targets; end to end (with feature distillation from the same source run)."""
+"""Co-Tuning: the category relationship and soft targets; end to end (with feature distillation from its source)."""
 import jax.numpy as jnp
 import json
 import numpy as np

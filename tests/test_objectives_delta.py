@@ -1,4 +1,4 @@
-"""DELTA: feature-map distance, per-channel loss increase and attention vs NumPy; the attention from the training examples."""
+"""DELTA: feature-map distance, channel loss increase and attention vs NumPy; attention from the training set."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Unsupervised domain adaptation, the shared part: gradient reversal, the λ ramp, config checks, the two-domain stream, end to end."""
+"""Unsupervised DA, the shared part: gradient reversal, the λ ramp, config errors, the two-domain stream, end to end."""
 import jax
 import jax.numpy as jnp
 import json

@@ -6,7 +6,7 @@ import pytest
 
 from tl_jax import config as config_lib
 from tl_jax.objectives.classification import cross_entropy
-from tl_jax.objectives.feature_distill import attention_map, attention_transfer_loss, hint_loss
+from tl_jax.objectives.feature_distill import attention_map, attention_transfer_loss, hint_loss, projection
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 
@@ -46,14 +46,11 @@ def make_distill(**group):
     obj = build_objective(c, get_model("cnn", 10))
     params = obj.model.init(jax.random.PRNGKey(0), BATCH["image"])["params"]
     teacher = obj.teacher_model.init(jax.random.PRNGKey(1), BATCH["image"])
-    obj.init_extra = obj.init_extra  # keep the bound method; the teacher comes from here, not a checkpoint
-    extra = {}
+    extra = {}  # the teacher comes from here, not a checkpoint (init_extra would load one)
     if obj.hint_weight > 0:
-        import flax.linen as nn
         d_s = obj._width(params, obj.student_layer, "student_layer")
         d_t = obj._width(teacher["params"], obj.teacher_layer, "teacher_layer")
-        obj.projection = nn.Dense(d_t, use_bias=False)
-        extra = {"projection": obj.projection.init(jax.random.PRNGKey(2), jnp.zeros((1, d_s)))["params"]}
+        extra = {"projection": projection(d_t).init(jax.random.PRNGKey(2), jnp.zeros((1, d_s)))["params"]}
     return obj, {**params, **extra}, {"teacher": teacher}
 
 

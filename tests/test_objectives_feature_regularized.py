@@ -1,4 +1,4 @@
-"""Feature-space fine-tuning regularisers (BSS, DELTA, Co-Tuning): the shared loss, config errors, end to end with exact resume."""
+"""Feature-space regularisers (BSS, DELTA, Co-Tuning): the shared loss, config errors, end to end, exact resume."""
 import jax
 import jax.numpy as jnp
 import json

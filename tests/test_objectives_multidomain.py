@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tl_jax import config as config_lib
-from tl_jax.objectives.multidomain import domain_share, multi_domain_loss
+from tl_jax.objectives.multidomain import domain_scales, domain_share, multi_domain_loss
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
 from conftest import RUN_FILES, workdir_files
@@ -151,10 +151,10 @@ def test_zero_domain_weight_removes_its_gradient():
 
 def test_eval_sums_give_per_domain_and_macro_means():
     obj = make()
-    obj.eval_counts = np.array([3.0, 2.0])  # what eval_data sets: test examples per domain
     b = {"image": np.random.default_rng(1).normal(size=(6, 8, 8, 1)).astype(np.float32),
          "label": np.array([1, 2, 3, 4, 5, 0], np.int32), "domain": np.array([0, 1, 0, 1, 0, 0], np.int32),
          "mask": np.array([1, 1, 1, 1, 1, 0], np.float32)}  # last row: padding
+    b["domain_scale"] = domain_scales([3.0, 2.0])[b["domain"]]  # what eval_data's preprocessing adds
     params = obj.model.init(RNG, b["image"])["params"]
     sums = jax.device_get(obj.eval_sums(params, {}, {}, b))
     logits = obj.model.apply({"params": params}, b["image"])

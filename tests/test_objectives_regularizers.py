@@ -8,7 +8,8 @@ import os
 import pytest
 
 from tl_jax import config as config_lib
-from tl_jax.objectives.regularizers import ANCHOR_KEY, Regularized, add_regularizers, l1, l2, l2_sp
+from tl_jax.objectives.regularizers import ANCHOR_KEY, Penalties, l1, l2, l2_sp, penalties
+from tl_jax.params.param_rules import ParamGroups
 from tl_jax.models import get_model
 from tl_jax.objectives import Objective, apply_model
 from tl_jax.params.param_rules import flatten_paths
@@ -93,6 +94,13 @@ def setup(seed=0, dropout=0.0, **loss):
     return config, model, params, batch
 
 
+def regularized(config, model, params, rules, aux, cls=Objective):
+    """``cls`` built as the train setup builds it: the config.loss penalty terms and the resolved groups."""
+    groups = ParamGroups.resolve(params, rules)
+    terms, aux = penalties(config, params, groups, aux, cls.name)
+    return cls(config, model, param_groups=groups, penalties=terms), aux
+
+
 def perturb(params, scale=0.1, seed=1):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
@@ -102,12 +110,12 @@ def perturb(params, scale=0.1, seed=1):
 def test_l2_sp_gradient_pulls_toward_anchor_on_trainable_only():
     lam = 0.3
     config, model, theta0, batch = setup(l2_sp=lam)
-    obj, aux = add_regularizers(Objective(config, model), config, theta0, RULES, {})
-    assert isinstance(obj, Regularized) and set(aux) == {ANCHOR_KEY}
+    obj, aux = regularized(config, model, theta0, RULES, {})
+    assert isinstance(obj.penalties, Penalties) and set(aux) == {ANCHOR_KEY}
     assert sorted(flatten_paths(aux[ANCHOR_KEY])) == ["backbone/fc/bias", "backbone/fc/kernel", "head/bias",
                                                       "head/kernel"]
     theta = perturb(theta0)
-    value, grads = jax.value_and_grad(lambda p: obj.penalty(p, aux)[0])(theta)
+    value, grads = jax.value_and_grad(lambda p: obj.penalties(p, aux)[0])(theta)
     t, t0, g = flatten_paths(theta), flatten_paths(theta0), flatten_paths(grads)
     trainable = [p for p in t if not p.startswith("backbone/conv")]
     want = sum(lam * np.sum((np.asarray(t[p], np.float64) - np.asarray(t0[p])) ** 2) for p in trainable)
@@ -117,15 +125,15 @@ def test_l2_sp_gradient_pulls_toward_anchor_on_trainable_only():
         np.testing.assert_allclose(np.asarray(g[path]), np.broadcast_to(expected, t[path].shape), rtol=1e-5,
                                    atol=1e-7, err_msg=path)
     # At the anchor the L2-SP term and its gradient vanish.
-    assert float(obj.penalty(theta0, aux)[0]) == 0.0
+    assert float(obj.penalties(theta0, aux)[0]) == 0.0
 
 
 def test_l1_l2_gradients_and_logged_terms():
     config, model, params, batch = setup(l1=0.01, l2=0.02)
-    obj, aux = add_regularizers(Objective(config, model), config, params, RULES, {})
+    obj, aux = regularized(config, model, params, RULES, {})
     assert aux == {}  # no anchor without L2-SP
     params = perturb(params)  # no exact zeros (|x| has no derivative there)
-    grads = jax.grad(lambda p: obj.penalty(p, aux)[0])(params)
+    grads = jax.grad(lambda p: obj.penalties(p, aux)[0])(params)
     for path, g in flatten_paths(grads).items():
         p = np.asarray(flatten_paths(params)[path])
         expected = 0.01 * np.sign(p) + 2 * 0.02 * p if not path.startswith("backbone/conv") else 0 * p
@@ -140,23 +148,26 @@ def test_l1_l2_gradients_and_logged_terms():
 
 def test_zero_weights_leave_objective_unchanged_and_bad_weights_are_named():
     config, model, params, _ = setup()
-    obj = Objective(config, model)
-    assert add_regularizers(obj, config, params, RULES, {"x": 1}) == (obj, {"x": 1})
+    assert penalties(config, params, ParamGroups.resolve(params, RULES), {"x": 1}, "classification") == (None, {"x": 1})
+    assert regularized(config, model, params, RULES, {})[0].penalties is None
     config, model, params, _ = setup(l2=-1.0)
     with pytest.raises(ValueError, match=r"config.loss.l2 must be a finite number >= 0"):
-        add_regularizers(Objective(config, model), config, params, RULES, {})
+        regularized(config, model, params, RULES, {})
     config, model, params, _ = setup(l2_sp=0.1)
     with pytest.raises(ValueError, match="freezes every param"):
-        add_regularizers(Objective(config, model), config, params, [[".*", None]], {})
+        regularized(config, model, params, [[".*", None]], {})
 
 
-def test_wrapper_forwards_attributes():
+def test_objective_is_immutable_and_replace_returns_a_copy():
     config, model, params, _ = setup(l2=0.1)
-    inner = Objective(config, model)
-    obj, _ = add_regularizers(inner, config, params, RULES, {})
+    obj, _ = regularized(config, model, params, RULES, {})
     assert obj.name == "classification" and obj.model is model
-    obj.model = model.clone(dropout_rate=0.5)  # the loop sets e.g. frozen_norms this way
-    assert inner.model.dropout_rate == 0.5
+    with pytest.raises(AttributeError, match="immutable once built"):
+        obj.model = model.clone(dropout_rate=0.5)
+    new = obj.replace(model=model.clone(dropout_rate=0.5))  # the train setup finishes the model this way
+    assert new.model.dropout_rate == 0.5 and obj.model is model and new.penalties is obj.penalties
+    with pytest.raises(ValueError, match="cannot be replaced"):
+        obj.replace(label_smoothing=0.1)
 
 
 def test_dropout_is_active_in_training_and_uses_its_own_rng_stream():
@@ -209,10 +220,15 @@ def test_train_with_l2_sp_writes_terms_and_contract(tmp_path, tfds_data_dir):
 
 def test_custom_value_and_grad_objectives_get_the_penalty_gradient():
     config, model, params, batch = setup(l2=0.05)
-    inner = Objective(config, model)
-    obj, aux = add_regularizers(inner, config, params, RULES, {})
-    assert getattr(obj, "value_and_grad", None) is None  # plain objectives: the loop differentiates obj.loss
-    inner.value_and_grad = jax.value_and_grad(inner.loss, has_aux=True)  # e.g. PCGrad's own update
+    plain, _ = regularized(config, model, params, RULES, {})
+    assert getattr(plain, "value_and_grad", None) is None  # plain objectives: the loop differentiates obj.loss
+
+    class OwnUpdate(Objective):  # e.g. PCGrad's own update
+        def __init__(self, config, model):
+            super().__init__(config, model)
+            self.objective_value_and_grad = jax.value_and_grad(self.objective_loss, has_aux=True)
+
+    obj, aux = regularized(config, model, params, RULES, {}, cls=OwnUpdate)
     (loss, (_, metrics)), grads = obj.value_and_grad(params, {}, aux, batch, jax.random.PRNGKey(0), 0)
     (want_loss, _), want = jax.value_and_grad(obj.loss, has_aux=True)(params, {}, aux, batch,
                                                                       jax.random.PRNGKey(0), 0)

@@ -1,4 +1,4 @@
-"""Residual adaptation at the parameters: dense and LoRA deltas, merge; the objective's layout, gradients, merged checkpoint."""
+"""Residual adaptation at the params: dense and LoRA deltas, merge; layout, gradients, merged checkpoint."""
 import jax
 import jax.numpy as jnp
 import json

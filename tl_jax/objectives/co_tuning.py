@@ -16,7 +16,7 @@ A :class:`~tl_jax.objectives.feature_regularized.FeatureRegularized` objective::
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ import numpy as np
 
 from tl_jax.models import model_from_config
 from tl_jax.models.heads import head_dims
-from tl_jax.objectives.base import apply_model, register
+from tl_jax.objectives.base import PyTree, apply_model, register
 from tl_jax.objectives.classification import at_least_f32
 from tl_jax.objectives.feature_regularized import FeatureRegularized, training_outputs
 from tl_jax.train.checkpoint import load_variables
@@ -76,28 +76,27 @@ class CoTuning(FeatureRegularized):
         if not self.source:
             raise ValueError(f"{self.where}.source is empty and so is config.init_from: name the pretrained "
                              f"checkpoint whose head gives the source classes")
-        self.source_model: Any = None
 
-    def _source_model(self, num_source: int):
-        return model_from_config(self.config.model, num_source)
+    def source_model(self, source_head: PyTree):
+        """``config.model`` with the source head's number of classes (read from its params' shapes)."""
+        return model_from_config(self.config.model, head_dims(source_head)[1])
 
     def init_extra(self, rng, params, batch_stats):
         loaded = load_variables(self.source, where=f"{self.where}.source")
         dims = head_dims(loaded["params"].get("head", {}))
         if dims is None:
             raise ValueError(f"{self.where}.source={self.source!r} has no head/kernel (or head/logits/kernel)")
-        self.source_model = self._source_model(dims[1])
         source_head = jax.tree.map(lambda x: np.array(x, copy=True), loaded["params"]["head"])
+        source_model = self.source_model(source_head)
         source = ({**self.model_params(params), "head": source_head}, batch_stats)
         probs, labels = training_outputs(
-            self.config, lambda v, b: jax.nn.softmax(apply_model(self.source_model, *v, b, train=False)[0]), source,
+            self.config, lambda v, b: jax.nn.softmax(apply_model(source_model, *v, b, train=False)[0]), source,
             int(self.cfg.batch_size))
         rel = category_relationship(jnp.asarray(probs), jnp.asarray(labels), self.model.num_classes)
         return {"source_head": source_head}, {self.AUX: np.asarray(rel)}
 
     def term(self, params, aux, batch, features, rng):
-        if self.source_model is None:
-            raise RuntimeError("co_tuning: init_extra was not called (the train loop builds it)")
-        s = self.source_model.apply({"params": {"head": params["source_head"]}}, features, train=True,
-                                    rngs={"dropout": rng} if rng is not None else {}, method="head_logits")
+        head = params["source_head"]
+        s = self.source_model(head).apply({"params": {"head": head}}, features, train=True,
+                                          rngs={"dropout": rng} if rng is not None else {}, method="head_logits")
         return co_tuning_loss(s, batch["label"], aux[self.AUX])

@@ -163,8 +163,8 @@ class DistillObjective(Objective):
         logits, _ = apply_model(self.teacher_model, t["params"], t.get("batch_stats", {}), batch, train=False)
         return jax.lax.stop_gradient(logits)
 
-    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+    def objective_loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
+                       step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
         student, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
                                            rng=rng)
         teacher = self.teacher_logits(aux, batch)

@@ -198,7 +198,7 @@ class UnsupervisedDA(Objective):
         return [batch["image"], batch["target_image"]]
 
     def outputs(self, params: PyTree, batch_stats: PyTree, batch: dict, rng: jax.Array | None):
-        """One pass over ``[x_s; x_t; …]``: ``(z_s, f_s, z_t, f_t, logits of the further images, new_batch_stats)``."""
+        """One pass over ``[x_s; x_t; …]``: ``(z_s, f_s, z_t, f_t, logits of further images, new_batch_stats)``."""
         parts = self.images(batch)
         ns, nt = parts[0].shape[0], parts[1].shape[0]
         both = {"image": jnp.concatenate(parts, axis=0)}
@@ -215,7 +215,7 @@ class UnsupervisedDA(Objective):
         """The unweighted adaptation term and extra metrics (subclasses)."""
         raise NotImplementedError
 
-    def loss(self, params, batch_stats, aux, batch, rng, step):
+    def objective_loss(self, params, batch_stats, aux, batch, rng, step):
         zs, fs, zt, ft, extra_logits, batch_stats = self.outputs(params, batch_stats, batch, rng)
         ce = cross_entropy(zs, batch["label"], label_smoothing=self.label_smoothing).mean()
         term, extra = self.term(params, aux, zs, fs, zt, ft, extra_logits, step)

@@ -104,6 +104,11 @@ def layer_outputs(model: nn.Module, variables: dict, batch: Batch, layer: str, *
     return logits, node["__call__"][0], new.get("batch_stats", variables.get("batch_stats", {}))
 
 
+def projection(width: int) -> nn.Module:
+    """FitNets' regressor r: a linear map of the last axis to the teacher's ``width`` (a 1x1 conv on a map)."""
+    return nn.Dense(width, use_bias=False)
+
+
 @register
 class FeatureDistill(DistillObjective):
     """FitNets hints + attention transfer (+ optional logit KD); see the module docstring."""
@@ -130,7 +135,6 @@ class FeatureDistill(DistillObjective):
         self.hint_weight, self.at_weight, self.at_p = float(c.hint_weight), float(c.at_weight), float(c.at_p)
         self.logit_kd = c.logit_kd
         self.student_layer, self.teacher_layer = str(c.student_layer), str(c.teacher_layer)
-        self.projection: nn.Module | None = None
 
     def teacher_outputs(self, aux: PyTree, batch: Batch) -> tuple[jax.Array, jax.Array]:
         t = aux["teacher"]
@@ -143,8 +147,7 @@ class FeatureDistill(DistillObjective):
         if self.hint_weight > 0:
             d_s = self._width(self.model_params(params), self.student_layer, "student_layer")
             d_t = self._width(aux["teacher"]["params"], self.teacher_layer, "teacher_layer")
-            self.projection = nn.Dense(d_t, use_bias=False)
-            extra = {**extra, "projection": self.projection.init(rng, jnp.zeros((1, d_s)))["params"]}
+            extra = {**extra, "projection": projection(d_t).init(rng, jnp.zeros((1, d_s)))["params"]}
         return extra, aux
 
     @staticmethod
@@ -166,7 +169,7 @@ class FeatureDistill(DistillObjective):
                              f"or Conv layer, or 'features')")
         return int(np.shape(node["kernel"])[-1])
 
-    def loss(self, params, batch_stats, aux, batch, rng, step):
+    def objective_loss(self, params, batch_stats, aux, batch, rng, step):
         variables = {"params": self.model_params(params), **({"batch_stats": batch_stats} if batch_stats else {})}
         student, fs, batch_stats = layer_outputs(self.model, variables, batch, self.student_layer, train=True,
                                                  rng=rng)
@@ -180,7 +183,8 @@ class FeatureDistill(DistillObjective):
             kd = jnp.zeros(())
         hint = at = jnp.zeros((), jnp.float32)
         if self.hint_weight > 0:
-            hint = hint_loss(self.projection.apply({"params": params["projection"]}, fs), ft)
+            proj = params["projection"]
+            hint = hint_loss(projection(proj["kernel"].shape[-1]).apply({"params": proj}, fs), ft)
         if self.at_weight > 0:
             at = attention_transfer_loss(fs, ft, self.at_p)
         loss = base + self.hint_weight * hint + self.at_weight * at

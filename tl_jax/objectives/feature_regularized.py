@@ -43,7 +43,7 @@ class FeatureRegularized(Objective):
              ) -> jax.Array:
         raise NotImplementedError
 
-    def loss(self, params, batch_stats, aux, batch, rng, step):
+    def objective_loss(self, params, batch_stats, aux, batch, rng, step):
         (z, f), batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
                                           rng=rng, return_features=True)
         ce = cross_entropy(z, batch["label"], label_smoothing=self.label_smoothing).mean()
@@ -65,7 +65,8 @@ def training_outputs(config: ml_collections.ConfigDict, fn, variables: PyTree, b
     ``fn`` (jitted; ``variables`` an argument, not baked-in constants) maps them and a batch dict
     (``image`` or ``input_ids``/``attention_mask``) to an array.
     """
-    from tl_jax.transferability.extract import target_arrays  # deferred: extract imports tl_jax.objectives.base (a module-level cycle)
+    # deferred: transferability.extract imports tl_jax.objectives.base (a module-level cycle otherwise)
+    from tl_jax.transferability.extract import target_arrays
 
     arrays = target_arrays(config)
     labels = np.asarray(arrays.pop("label"), np.int32)

@@ -70,7 +70,7 @@ from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, regist
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.objectives.joint_spec import (KEY, TaskExample, TaskSource, check_range, parse_domains, parse_tasks,
                                           parse_weights, task_values)
-from tl_jax.objectives.multidomain import NORMALIZATIONS, ConcatSource, DomainPreprocess
+from tl_jax.objectives.multidomain import NORMALIZATIONS, ConcatSource, DomainPreprocess, domain_scales, eval_scale
 from tl_jax.objectives.multitask import TASKS, WEIGHTINGS, multi_head_model, number_list, uncertainty_weighted
 from tl_jax.objectives.pcgrad import pcgrad
 
@@ -180,7 +180,6 @@ class JointObjective(Objective):
                for d, i in self.active for t in [self.tasks[i]]}
         self.num_classes = [self._classes(i, raw) for i in range(len(self.tasks))]
         self.train_labels = self._labels(self.train_splits, raw, "train")
-        self.eval_counts: np.ndarray | None = None
         names = tuple(t.name for t in self.tasks)
         if len(names) == 1 and self.num_classes[0] == getattr(model, "num_classes", None):
             pass  # the base model as it is (its head at head/...)
@@ -191,7 +190,7 @@ class JointObjective(Objective):
         else:
             self.model = multi_head_model(model, tuple(zip(names, self.num_classes)))
         if self.weighting == "pcgrad":
-            self.value_and_grad = self._pcgrad_value_and_grad
+            self.objective_value_and_grad = self._pcgrad_value_and_grad
 
     # -- labels ---------------------------------------------------------------------------------
     def _where(self, d: int, i: int, which: str) -> str:
@@ -277,13 +276,13 @@ class JointObjective(Objective):
         labels = self._labels(splits, raw, "test")
         pps = [preprocess] + self.eval_pps[1:]
         self._check_shapes(splits, pps, "eval")
-        self.eval_counts = np.asarray([len(s) for s in splits], np.float64)
         source = ConcatSource([TaskSource(s.source, lab) for s, lab in zip(splits, labels)])
         image_shape = tuple(pps[0](splits[0].source[0])["image"].shape)
         names = "+".join(d.name for d in self.domains)
         return (DataSplit(names, "+".join(d.test_split for d in self.domains), source,
                           max(self.num_classes), image_shape),
-                DomainPreprocess([TaskExample(pp, d, self.label_keys) for d, pp in enumerate(pps)]))
+                DomainPreprocess([TaskExample(pp, d, self.label_keys) for d, pp in enumerate(pps)],
+                                 domain_scales([len(s) for s in splits])))
 
     # -- the maths ----------------------------------------------------------------------------
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
@@ -328,8 +327,8 @@ class JointObjective(Objective):
     def _pair_names(self) -> list[str]:
         return [f"{self.domains[d].name}/{self.tasks[i].name}" for d, i in self.active]
 
-    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+    def objective_loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
+                       step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
         total, weighted, means, acc, batch_stats = self.terms(params, batch_stats, batch, rng)
         extra = {}
         if self.weighting == "uncertainty":
@@ -358,12 +357,10 @@ class JointObjective(Objective):
         """Sums the loop divides by N = Σ_d N_d: example b of domain d enters with weight N/N_d, so
         ``accuracy/<d>/<t>`` is the mean over domain d's test split; ``accuracy``/``loss`` = the macro
         mean over the active pairs."""
-        if self.eval_counts is None:
-            raise RuntimeError("JointObjective.eval_sums before eval_data: the per-domain test sizes are unknown")
+        scale = eval_scale(batch, type(self).__name__)                                         # [B] N/N_d
         outputs, _ = self._outputs(params, batch_stats, batch, train=False)
         mask = batch["mask"].astype(jnp.float32)
-        scale = jnp.asarray(self.eval_counts.sum() / np.maximum(self.eval_counts, 1.0), jnp.float32)   # [D]
-        w = jax.nn.one_hot(batch["domain"], len(self.domains), dtype=jnp.float32) * (mask[:, None] * scale)
+        w = jax.nn.one_hot(batch["domain"], len(self.domains), dtype=jnp.float32) * (mask * scale)[:, None]
         sums = {"count": jnp.sum(mask)}
         for i, t in enumerate(self.tasks):
             y = jnp.maximum(batch[f"label/{t.name}"], 0)

@@ -150,11 +150,20 @@ class WithDomain:
         return {**self.preprocess(example, rng), "domain": np.int32(self.domain)}
 
 
-class DomainPreprocess:
-    """Eval preprocessing of a concatenated split: dispatch on ``example["domain"]``."""
+def domain_scales(counts: Any) -> np.ndarray:
+    """``[D]`` float32 eval weights N/N_d (N_d: test examples of domain d, N = Σ_d N_d): a sum of
+    weighted values divided by N is then the mean over each domain's own examples."""
+    counts = np.asarray(counts, np.float64)
+    return (counts.sum() / np.maximum(counts, 1.0)).astype(np.float32)
 
-    def __init__(self, preprocesses: list):
+
+class DomainPreprocess:
+    """Eval preprocessing of a concatenated split: dispatch on ``example["domain"]``; with ``scales``
+    ([D], :func:`domain_scales`) every example also carries its domain's ``domain_scale``."""
+
+    def __init__(self, preprocesses: list, scales: np.ndarray | None = None):
         self.preprocesses = preprocesses
+        self.scales = scales
         self.where = " / ".join(p.where for p in preprocesses)
 
     @property
@@ -167,7 +176,8 @@ class DomainPreprocess:
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         d = int(example["domain"])
-        return {**self.preprocesses[d](example, rng), "domain": np.int32(d)}
+        out = {**self.preprocesses[d](example, rng), "domain": np.int32(d)}
+        return out if self.scales is None else {**out, "domain_scale": self.scales[d]}
 
 
 class ConcatSource:
@@ -233,7 +243,6 @@ class MultiDomainObjective(Objective):
         self.proportions = number_list(c.proportions, f"{KEY}.proportions", len(domains), default=1.0)
         self.train_pps = [build_preprocess(d.train_pp, where=f"{d.where}.train_pp") for d in domains]
         self.eval_pps = [build_preprocess(d.eval_pp, where=f"{d.where}.eval_pp") for d in domains]
-        self.eval_counts: np.ndarray | None = None  # [D] test examples per domain (set by eval_data)
 
     # -- data -------------------------------------------------------------------------------
     def _split(self, d: int, which: str) -> DataSplit:
@@ -279,15 +288,15 @@ class MultiDomainObjective(Objective):
         splits = [split] + [self._split(d, "test") for d in range(1, len(self.domains))]
         pps = [preprocess] + self.eval_pps[1:]
         self._check_shapes(splits, pps, "eval")
-        self.eval_counts = np.asarray([len(s) for s in splits], np.float64)
         source = ConcatSource([s.source for s in splits])
         image_shape = tuple(pps[0](split.source[0])["image"].shape)
         return (DataSplit("+".join(self.names), "+".join(d.test_split for d in self.domains), source,
-                          max(s.num_classes for s in splits), image_shape), DomainPreprocess(pps))
+                          max(s.num_classes for s in splits), image_shape),
+                DomainPreprocess(pps, domain_scales([len(s) for s in splits])))
 
     # -- the maths ----------------------------------------------------------------------------
-    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+    def objective_loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
+                       step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
         logits, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
                                           rng=rng)
         ce = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)    # [B]
@@ -310,14 +319,11 @@ class MultiDomainObjective(Objective):
         ``accuracy/<d>`` with weight N/N_d: Σ_{i∈d} (N/N_d) a_i / N = mean_{i∈d} a_i. The
         macro mean over D domains uses weight N/(D·N_d). Same for ``loss``.
         """
-        if self.eval_counts is None:
-            raise RuntimeError("MultiDomainObjective.eval_sums before eval_data: the per-domain test sizes "
-                               "are unknown")
+        scale = eval_scale(batch, type(self).__name__)                                         # [B] N/N_d
         logits, _ = apply_model(self.model, self.model_params(params), batch_stats, batch, train=False)
         mask = batch["mask"].astype(jnp.float32)
         num = len(self.domains)
-        scale = jnp.asarray(self.eval_counts.sum() / np.maximum(self.eval_counts, 1.0), jnp.float32)   # [D]
-        w = jax.nn.one_hot(batch["domain"], num, dtype=jnp.float32) * (mask[:, None] * scale[None, :])  # [B, D]
+        w = jax.nn.one_hot(batch["domain"], num, dtype=jnp.float32) * (mask * scale)[:, None]   # [B, D]
         correct = accuracy(logits, batch["label"])
         ce = cross_entropy(logits, batch["label"])
         acc_d, loss_d = w.T @ correct, w.T @ ce                                                # [D]
@@ -326,6 +332,14 @@ class MultiDomainObjective(Objective):
             sums[f"accuracy/{name}"] = acc_d[d]
             sums[f"loss/{name}"] = loss_d[d]
         return sums
+
+
+def eval_scale(batch: Batch, owner: str) -> jax.Array:
+    """The eval batch's ``domain_scale`` [B] (set by the eval preprocessing of ``owner.eval_data``)."""
+    if "domain_scale" not in batch:
+        raise KeyError(f"{owner}.eval_sums: the batch has no 'domain_scale' (keys {sorted(batch)}); eval batches "
+                       f"come from {owner}.eval_data")
+    return batch["domain_scale"].astype(jnp.float32)
 
 
 def domain_share(dataset: grain.MapDataset, num_domains: int, batches: int) -> np.ndarray:

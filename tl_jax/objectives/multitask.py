@@ -265,7 +265,7 @@ class MultitaskObjective(Objective):
         classes = {t: TASKS[t][0] or model.num_classes for t in tasks}
         self.model = multi_head_model(model, tuple((t, classes[t]) for t in tasks))
         if self.weighting == "pcgrad":
-            self.value_and_grad = self._pcgrad_value_and_grad
+            self.objective_value_and_grad = self._pcgrad_value_and_grad
 
     @classmethod
     def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -300,8 +300,8 @@ class MultitaskObjective(Objective):
         metrics.update({f"train/accuracy/{t}": a for t, a in accs.items()})
         return metrics
 
-    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
+    def objective_loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
+                       step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
         losses, batch_stats, accs = self.task_losses(params, batch_stats, batch, rng)
         if self.weighting == "uncertainty":
             total, terms = uncertainty_weighted(losses, params["task_log_vars"])

@@ -20,8 +20,10 @@ Logged per step: ``train/reg/<term>`` = the weighted term (λ·R, what it adds t
 the loss), ``train/objective_loss`` = the objective's own loss, and
 ``train/loss`` = the total that is differentiated.
 
-:func:`add_regularizers` is applied by the train loop (``build_model_and_state``)
-to every objective; with all weights 0 it returns the objective unchanged.
+:func:`penalties` builds the named terms (a :class:`Penalties`, or ``None`` with
+all weights 0) once in the train setup (``build_model_and_state``); every
+objective receives them at construction and :meth:`Objective.loss
+<tl_jax.objectives.base.Objective.loss>` adds them to its own loss.
 
 The norms themselves (:func:`l1`, :func:`l2`, :func:`l2_sp`) take an optional
 ``mask``: a pytree with the structure of ``params`` whose leaves are bools
@@ -34,6 +36,7 @@ another structure raises ``ValueError``. The sums are accumulated in at least fl
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -177,46 +180,20 @@ def subset(tree: PyTree, paths: list[tuple]) -> dict:
     return out
 
 
-class Regularized:
-    """An objective with ``config.loss`` regularisers added to its loss.
+@dataclasses.dataclass(frozen=True)
+class Penalties:
+    """The named penalty terms ``λ_k R_k(θ)`` of a run over its trainable leaves ``paths``.
 
-    Everything but :meth:`loss` is the wrapped objective's (attribute reads and
-    writes are forwarded), so the loop treats it as the objective itself; an
-    objective's own ``value_and_grad`` (PCGrad) gets the penalty's gradient added.
+    Called as ``penalties(params, aux) -> (Σ_k λ_k R_k, {'train/reg/<k>': λ_k R_k})``; λ_k are
+    ``config.loss.<k>`` (traced in vectorised sweeps: :func:`~tl_jax.objectives.base.hparam`).
     """
 
-    _OWN = ("inner", "weights", "paths")
+    weights: tuple[tuple[str, float], ...]  # (term, λ > 0) in TERMS order
+    paths: tuple[tuple, ...]   # key tuples of the trainable leaves, in tree order
 
-    def __init__(self, inner: Any, weights: dict[str, float], paths: list[tuple]):
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "weights", dict(weights))
-        object.__setattr__(self, "paths", list(paths))
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.inner, name)
-        if name == "value_and_grad":  # e.g. PCGrad: its update direction + the penalty's gradient
-            return self._with_penalty(value)
-        return value
-
-    def _with_penalty(self, inner_value_and_grad: Any) -> Any:
-        def value_and_grad(params, batch_stats, aux, batch, rng, step):
-            (loss, (batch_stats, metrics)), grads = inner_value_and_grad(params, batch_stats, aux, batch, rng, step)
-            (reg, reg_metrics), reg_grads = jax.value_and_grad(self.penalty, has_aux=True)(params, aux)
-            metrics = {**metrics, **reg_metrics, "train/objective_loss": loss, "train/loss": loss + reg}
-            return (loss + reg, (batch_stats, metrics)), jax.tree.map(jnp.add, grads, reg_grads)
-
-        return value_and_grad
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self._OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.inner, name, value)
-
-    def penalty(self, params: PyTree, aux: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``(Σ_k λ_k R_k, {'train/reg/<k>': λ_k R_k})`` over the trainable leaves."""
-        theta = subset(params, self.paths)
-        w = {k: hparam(aux, f"loss.{k}", v) for k, v in self.weights.items()}  # traced in vectorised sweeps
+    def __call__(self, params: PyTree, aux: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
+        theta = subset(params, list(self.paths))
+        w = {k: hparam(aux, f"loss.{k}", v) for k, v in self.weights}  # traced in vectorised sweeps
         terms = {}
         if "l1" in w:
             terms["l1"] = w["l1"] * l1(theta)
@@ -227,33 +204,26 @@ class Regularized:
         total = sum(terms.values(), jnp.zeros((), jnp.float32))
         return total, {f"train/reg/{k}": v for k, v in terms.items()}
 
-    def loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: dict, rng: jax.Array,
-             step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
-        loss, (batch_stats, metrics) = self.inner.loss(params, batch_stats, aux, batch, rng, step)
-        reg, reg_metrics = self.penalty(params, aux)
-        total = loss + reg
-        metrics = {**metrics, **reg_metrics, "train/objective_loss": loss, "train/loss": total}
-        return total, (batch_stats, metrics)
 
+def penalties(config: ml_collections.ConfigDict, params: PyTree, groups: Any, aux: dict, objective_name: str
+              ) -> tuple[Penalties | None, dict]:
+    """``(Penalties or None, aux)`` of the ``config.loss`` regularisers.
 
-def add_regularizers(objective: Any, config: ml_collections.ConfigDict, params: PyTree, rules: list,
-                     aux: dict) -> tuple[Any, dict]:
-    """Wrap ``objective`` with the ``config.loss`` regularisers; returns ``(objective, aux)``.
-
-    ``params`` are the run's starting params (model + extras, ``init_from``
-    merged in): for L2-SP their trainable leaves become ``aux['reg_anchor']``.
-    With every weight 0 the objective and aux come back unchanged.
+    ``params`` are the run's starting params (model + extras, ``init_from`` merged
+    in) and ``groups`` their resolved :class:`~tl_jax.params.param_rules.ParamGroups`;
+    for L2-SP the trainable leaves become ``aux['reg_anchor']``. With every weight 0:
+    ``(None, aux)`` unchanged.
     """
     weights = regularizer_weights(config)
     if not weights:
-        return objective, aux
-    paths = trainable_paths(params, rules, getattr(objective, "param_groups", None))
+        return None, aux
+    paths = trainable_paths(params, [], groups)
     if not paths:
         raise ValueError(f"config.loss.{'/'.join(weights)} > 0 but config.param_rules freezes every param")
     if "l2_sp" in weights:
         if ANCHOR_KEY in aux:
-            raise ValueError(f"objective {objective.name!r} already uses state.aux[{ANCHOR_KEY!r}]; "
+            raise ValueError(f"objective {objective_name!r} already uses state.aux[{ANCHOR_KEY!r}]; "
                              f"config.loss.l2_sp cannot add its anchor")
         anchor = jax.tree.map(lambda x: jnp.array(x, copy=True), subset(params, paths))
         aux = {**aux, ANCHOR_KEY: anchor}
-    return Regularized(objective, weights, paths), aux
+    return Penalties(tuple(weights.items()), tuple(paths)), aux

@@ -142,7 +142,7 @@ class ResidualOutput(Objective):
                                           rng=rng)
         return residual_logits(z_src, z_diff, self.alpha_of(params, aux)), z_src, z_diff, batch_stats
 
-    def loss(self, params, batch_stats, aux, batch, rng, step):
+    def objective_loss(self, params, batch_stats, aux, batch, rng, step):
         z, z_src, z_diff, batch_stats = self.logits(params, batch_stats, aux, batch, train=True, rng=rng)
         loss, metrics = _classification(z, batch, self.label_smoothing)
         metrics.update({"train/residual/alpha": jnp.asarray(self.alpha_of(params, aux), jnp.float32),

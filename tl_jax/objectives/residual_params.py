@@ -286,7 +286,7 @@ class ResidualParams(Objective):
         """θ_source + α·Δ (differentiable in Δ and α only): what the model runs with."""
         return apply_delta(self.model_params(params), params["delta"], self.alpha_of(params, aux))
 
-    def loss(self, params, batch_stats, aux, batch, rng, step):
+    def objective_loss(self, params, batch_stats, aux, batch, rng, step):
         logits, batch_stats = apply_model(self.model, self.adapted_params(params, aux), batch_stats, batch,
                                           train=True, rng=rng)
         loss, metrics = _classification(logits, batch, self.label_smoothing)

@@ -4,7 +4,7 @@ For users with pmap-era code. The step is built with ``axis_name='data'``, so
 gradients, batch statistics and metrics are averaged over all devices (of all
 processes) with ``lax.pmean`` (see :func:`tl_jax.train.step.make_train_step`),
 and BatchNorm layers compute their statistics over the whole global batch
-(``norm_axis_name``), which makes the update identical to the single-device
+(``norm_axis_name``, set when the model is built: :func:`tl_jax.train.build.pmap_link`), which makes the update identical to the single-device
 one on the same global batch (up to float summation order). Dropout masks
 differ (each device folds its index into the step's rng).
 
@@ -18,7 +18,6 @@ works across modes). Metrics and eval sums, the same on every device after
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.strategy import Strategy
 
-log = logging.getLogger("tl_jax")
 PyTree = Any
 AXIS = mesh_lib.DATA
 
@@ -73,14 +71,6 @@ class PmapStrategy(Strategy):
         self.devices = jax.local_devices()
         self.n = len(self.devices)
         self.local_sharding = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
-
-    def prepare_objective(self, objective: Any) -> None:
-        model = objective.model
-        if hasattr(model, "norm_axis_name"):
-            objective.model = model.clone(norm_axis_name=AXIS)
-        elif getattr(model, "norm_module_paths", lambda: ())():
-            log.warning("config.parallel.mode='pmap': %s has no norm_axis_name, so its BatchNorm statistics "
-                        "are per device (use mode='jit' for global-batch statistics)", type(model).__name__)
 
     def to_device(self, state: PyTree) -> PyTree:
         return replicate(state, self.devices)
