@@ -79,7 +79,7 @@ _METHODS_EXEMPT = ("cdan", "distill", "feature_distill")
 
 
 def later_goals(s: dict) -> list[list]:
-    """Rows for the speed goals of issues 19 (byo), 22 (recipes), 23 (methods) and 24 (shard)."""
+    """Rows for the speed goals of issues 19 (byo), 22 (recipes), 23 (methods), 24 (shard) and 33 (transferability)."""
     byo, rec, shard, methods = (s.get(k, {}) for k in ("byo", "recipes", "shard", "methods"))
     rows = [["19 your model", "NNX / linen train step time (CNN)", "<= 1.03", fmt(_get(byo, "step_ratio")),
              _met(_get(byo, "step_ratio"), 1.03, higher=False)],
@@ -112,6 +112,11 @@ def later_goals(s: dict) -> list[list]:
               "<= 0.10", fmt(_get(shard, "overhead_ratio")), _met(_get(shard, "overhead_ratio"), 0.10, higher=False)],
              ["24 sweep tasks", "Ray task overhead per point, local runtime (s)", "<= 1",
               fmt(_get(shard, "ray", "overhead_s_mean")), _met(_get(shard, "ray", "overhead_s_mean"), 1.0, higher=False)]]
+    for score, name in (("logme", "LogME"), ("hscore", "H-score")):
+        ratio, rel = _get(s, "transferability", "ratios", score), _get(s, "transferability", "rel_diff", score)
+        rows.append(["33 scores", f"{name}: TLlib's numpy s / tl_jax's s, N=5,000 D=2,048 C=100, values equal to "
+                     f"1e-6 (measured: {'n/a' if rel is None else f'{rel:.0e}'})", ">= 1.5", fmt(ratio),
+                     "n/a" if ratio is None or rel is None else ("yes" if ratio >= 1.5 and rel <= 1e-6 else "**no**")])
     return rows
 
 
@@ -387,6 +392,8 @@ def render(results: dict) -> str:
                  "byo": ("Your own model and data: NNX vs linen, in-memory data (benchmarks/byo_bench.py)", None),
                  "recipes": ("Choosing and fine-tuning: ranking, few-shot ridge, gradient accumulation "
                              "(benchmarks/recipes_bench.py)", None),
+                 "transferability": ("Transferability scores vs Transfer-Learning-Library "
+                                     "(benchmarks/transferability_bench.py)", None),
                  "gpu": ("7. GPU: ResNet-50 224x224 bf16", None)}
     for name, (title, fn) in renderers.items():
         if name not in s:

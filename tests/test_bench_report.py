@@ -27,6 +27,15 @@ def test_later_goals_read_each_sections_figures_and_say_met_or_not():
     assert all(r[-1] == "n/a" for r in later_goals({}) if r[-1] != "-")  # sections not run
 
 
+def test_transferability_goal_needs_the_speed_and_the_agreement():
+    s = {"transferability": {"ratios": {"logme": 4.0, "hscore": 1.2}, "rel_diff": {"logme": 1e-12, "hscore": 1e-12}}}
+    rows = [r for r in later_goals(s) if r[0] == "33 scores"]
+    assert [r[1].split(":")[0] for r in rows] == ["LogME", "H-score"]
+    assert [r[3] for r in rows] == ["4.00", "1.20"] and [r[-1] for r in rows] == ["yes", "**no**"]
+    s["transferability"]["rel_diff"]["logme"] = 1e-5  # fast but not the same values: not met
+    assert [r[-1] for r in later_goals(s) if r[0] == "33 scores"][0] == "**no**"
+
+
 def test_a_new_report_keeps_the_hand_written_notes_below_the_marker(tmp_path):
     out = tmp_path / "B.md"
     assert kept_notes(out) == ""

@@ -1,21 +1,27 @@
 """Transferability scores against independent numpy transcriptions of the papers' algorithms.
 
-LogME: the authors' original per-class loop (SVD of FᵀF, α/β updated until convergence);
+LogME: the authors' original per-class loop (SVD of FᵀF, α/β updated until convergence), and
+a direct numerical maximisation of the Gaussian marginal likelihood over (log α, log β);
 LEEP, NCE, H-score, TransRate: the papers' formulas written with explicit loops/dicts.
-Plus properties (perfect source, identical labels, separable > random) and bad input.
+Plus properties (perfect source, identical labels, separable > random, scale invariance),
+Transfer-Learning-Library's transcriptions used by ``make bench``, and bad input.
 """
 import numpy as np
 import pytest
+import scipy.linalg
+import scipy.optimize
 
 from tl_jax.transferability import h_score, ledoit_wolf_shrinkage, leep, logme, nce, transrate
 
 
 # -- independent references -------------------------------------------------------------------------------------
-def logme_reference(f, y, tol=1e-10, max_iter=1000):
+def logme_reference(f, y, tol=1e-10, max_iter=1000, eps=0.0):
     """You et al.'s original LogME (github.com/thuml/LogME, ``LogME_basic``/``each_evidence``): an SVD of FᵀF
     (D x D), then per class
     the loop m = V diag(β/(α+βs)) Vᵀ Fᵀy, α = γ/‖m‖², β = (N−γ)/‖y − F m‖².
-    The authors stop at a 1% change of α/β (≤ 11 steps); here the loop runs to ``tol`` to reach the fixed point."""
+    The authors stop at a 1% change of α/β (≤ 11 steps); here the loop runs to ``tol`` to reach the fixed point.
+    ``eps``: the authors add 1e-5 to both norms (Transfer-Learning-Library does not); tl_jax follows the
+    latter, as the evidence is then invariant to the features' scale."""
     f = f.astype(np.float64)
     fh = f
     f = f.T
@@ -24,7 +30,6 @@ def logme_reference(f, y, tol=1e-10, max_iter=1000):
     evidences = []
     for c in range(int(y.max()) + 1):
         y_ = (y == c).astype(np.float64)
-        eps = 1e-5
         alpha, beta = 1.0, 1.0
         lam = alpha / beta
         tmp = vh @ (f @ y_)
@@ -43,6 +48,41 @@ def logme_reference(f, y, tol=1e-10, max_iter=1000):
                     - beta / 2.0 * (beta_de + eps) - alpha / 2.0 * (alpha_de + eps) - n / 2.0 * np.log(2 * np.pi))
         evidences.append(evidence / n)
     return float(np.mean(evidences))
+
+
+def log_marginal_likelihood(f, y, log_alpha, log_beta):
+    """log N(y; 0, β⁻¹ I_N + α⁻¹ F Fᵀ) / N: the evidence of ``y = F w + noise``, w ~ N(0, α⁻¹ I), by its definition
+    (a Cholesky factor of the N x N covariance; no eigendecomposition, no posterior mean)."""
+    n = len(y)
+    cov = np.exp(-log_beta) * np.eye(n) + np.exp(-log_alpha) * f @ f.T
+    try:
+        chol = scipy.linalg.cho_factor(cov, lower=True)
+    except np.linalg.LinAlgError:
+        return -np.inf
+    quad = y @ scipy.linalg.cho_solve(chol, y)
+    log_det = 2 * np.log(np.diag(chol[0])).sum()
+    return (-0.5 * quad - 0.5 * log_det - n / 2 * np.log(2 * np.pi)) / n
+
+
+def max_evidence_reference(f, y, box=(-30.0, 60.0)):
+    """Mean over classes of the maximum of :func:`log_marginal_likelihood` over (log α, log β) in ``box``²:
+    Nelder-Mead from the 3 best points of a 46 x 46 grid (steps of 2). A supremum at α → ∞ (features useless
+    for a class) or β → ∞ (noise-free interpolation, N ≤ D) is approached at the box's edge, within ~e^-60 of
+    its limit."""
+    grid = np.linspace(*box, 46)
+    out = []
+    for c in np.unique(y):
+        yc = (y == c).astype(np.float64)
+
+        def neg(z):
+            value = log_marginal_likelihood(f, yc, *np.clip(z, *box))
+            return -value if np.isfinite(value) else 1e300
+
+        starts = sorted(((a, b) for a in grid for b in grid), key=neg)[:3]
+        out.append(-min(scipy.optimize.minimize(neg, x0, method="Nelder-Mead",
+                                                options={"xatol": 1e-9, "fatol": 1e-14, "maxfev": 10000}).fun
+                        for x0 in starts))
+    return float(np.mean(out))
 
 
 def leep_reference(theta, y):
@@ -77,14 +117,20 @@ def h_score_reference(f, y):
     return float(np.trace(np.linalg.pinv(covf, hermitian=True) @ covg))
 
 
-def transrate_reference(f, y, eps=1e-4):
-    """Huang et al.'s R(Z) − Σ_c n_c/N R(Z_c), with the D x D determinant of the paper."""
+def transrate_reference(f, y, eps=1e-4, weighting="size"):
+    """Huang et al.'s R(Z) − Σ_c w_c R(Z_c) with w_c = n_c/N ('size') or 1/C ('uniform'), with the D x D
+    determinant of the paper and a loop over the classes."""
     def rate(z):
         n, d = z.shape
         return 0.5 * np.linalg.slogdet(np.eye(d) + z.T @ z / (n * eps))[1]
 
     z = f - f.mean(0)
-    return rate(z) - sum((y == c).mean() * rate(z[y == c]) for c in np.unique(y))
+    classes = np.unique(y)
+    total = 0.0
+    for c in classes:
+        weight = (y == c).sum() / len(y) if weighting == "size" else 1.0 / len(classes)
+        total += weight * rate(z[y == c])
+    return rate(z) - total
 
 
 def make_data(n=60, d=8, k=3, sep=1.0, seed=0):
@@ -106,6 +152,30 @@ def test_logme_close_to_the_authors_default_stopping_rule():
     assert logme(f, y) == pytest.approx(logme_reference(f, y, tol=0.01, max_iter=11), abs=1e-2)
 
 
+# (N, D, class separation): interior maxima (N > D); N < D with two classes at β → ∞ (noise-free
+# interpolation) and one inside; weak features, N > D (inside) and N < D (two classes at α → ∞: the evidence
+# is highest without the features); separable N < D (all three at β → ∞)
+EVIDENCE_CASES = [(60, 8, 2.0), (20, 30, 2.0), (80, 10, 0.2), (40, 60, 0.1), (30, 90, 3.0)]
+
+
+@pytest.mark.parametrize("n,d,sep", EVIDENCE_CASES)
+def test_logme_is_the_maximum_evidence_and_invariant_to_the_features_scale(n, d, sep):
+    f, y = make_data(n, d, k=3, sep=sep, seed=n + d)
+    score = logme(f, y)
+    assert score == pytest.approx(max_evidence_reference(f, y), rel=1e-6)
+    for scale in (10.0, 0.01):
+        assert logme(scale * f, y) == pytest.approx(score, rel=1e-6)
+
+
+def test_the_authors_eps_made_logme_depend_on_the_features_scale():
+    """Adding 1e-5 to ‖m‖² and ‖y − Fm‖² (the authors' code, tl_jax before issue 33) moves the score of the
+    same features x10 by far more than 1e-6; without it the score does not move."""
+    f, y = make_data(60, 8, k=3, sep=2.0, seed=0)
+    with_eps = [logme_reference(s * f, y, eps=1e-5) for s in (1.0, 10.0)]
+    assert abs(with_eps[1] - with_eps[0]) > 1e-3 * abs(with_eps[0])
+    assert logme(10 * f, y) == pytest.approx(logme(f, y), rel=1e-9)
+
+
 def test_leep_and_nce_equal_their_formulas():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(40, 5)) * 2
@@ -122,6 +192,30 @@ def test_h_score_and_transrate_equal_their_formulas():
     assert transrate(f, y) == pytest.approx(transrate_reference(f, y), rel=1e-8)
     wide, yw = make_data(12, 20, k=3, seed=4)  # N < D: the N x N determinant
     assert transrate(wide, yw) == pytest.approx(transrate_reference(wide, yw), rel=1e-8)
+
+
+@pytest.mark.parametrize("n,d", [(40, 6), (10, 30)])
+def test_transrate_both_weightings_equal_their_formulas_on_unbalanced_classes(n, d):
+    f, y = make_data(n, d, k=3, seed=n)
+    y = np.where(y == 2, 0, y)
+    y[:2] = 2  # class 2 holds exactly 2 examples (issue 33: the weightings were 29 % apart on such a set)
+    size, uniform = transrate(f, y), transrate(f, y, weighting="uniform")
+    assert size == pytest.approx(transrate_reference(f, y, weighting="size"), rel=1e-8)
+    assert uniform == pytest.approx(transrate_reference(f, y, weighting="uniform"), rel=1e-8)
+    assert abs(size - uniform) > 0.05 * abs(size)  # the weightings differ when the classes do
+    balanced = np.arange(n) % 2
+    assert transrate(f, balanced) == pytest.approx(transrate(f, balanced, weighting="uniform"), rel=1e-12)
+
+
+def test_the_benchmarks_tllib_transcriptions_agree_with_tl_jax():
+    """benchmarks/transferability_bench.py times tl_jax against these transcriptions of Transfer-Learning-Library."""
+    from benchmarks.transferability_bench import tllib_h_score, tllib_logme, tllib_transrate
+
+    f, y = make_data(90, 12, k=3, sep=1.0, seed=11)
+    assert logme(f, y, tol=0.01, max_iter=11) == pytest.approx(tllib_logme(f, y), rel=1e-9)  # TLlib's stopping rule
+    assert logme(f, y) == pytest.approx(tllib_logme(f, y), rel=1e-3)
+    assert h_score(f, y) == pytest.approx(tllib_h_score(f, y), rel=1e-8)
+    assert transrate(f, y, weighting="uniform") == pytest.approx(tllib_transrate(f, y), rel=1e-8)
 
 
 @pytest.mark.parametrize("n,d", [(50, 6), (12, 30)])
@@ -186,6 +280,8 @@ def test_plain_h_score_saturates_when_n_le_d_and_shrinkage_does_not():
     (lambda: nce(np.arange(4), np.zeros(4, int)), "at least 2 classes in target_labels"),
     (lambda: h_score(np.ones((4, 3)), np.arange(4) % 2, shrinkage=2), "shrinkage"),
     (lambda: logme(np.ones((4, 3)), np.array([0, 1, -1, 0])), "negative"),
+    (lambda: logme(np.zeros((4, 3)), np.arange(4) % 2), "all zero"),
+    (lambda: transrate(np.ones((4, 3)), np.arange(4) % 2, weighting="equal"), "weighting"),
 ])
 def test_bad_input_is_one_line(call, match):
     with pytest.raises(ValueError, match=match) as e:

@@ -50,6 +50,26 @@ def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
     return 0.0 if b2 == 0 else float(b2 / d2)
 
 
+def _class_energy(fc: np.ndarray, index: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(w [k], e [k])`` of centred features ``fc`` ``[N, D]``: eigenvalues ``w_i`` of ``FcᵀFc`` and
+    ``e_i = Σ_c n_c (v_iᵀ μ_c)²``, the between-class scatter along each eigenvector ``v_i``.
+
+    ``N > D``: ``v_i`` from ``eigh(FcᵀFc)`` ``[D, D]`` and the class means ``μ_c`` ``[C, D]``.
+    ``N ≤ D``: ``u_i`` from ``eigh(FcFcᵀ)`` ``[N, N]``; as ``μ_c = Fcᵀ 1_c / n_c`` and
+    ``v_i = Fcᵀ u_i / √w_i``, ``e_i = w_i · Σ_c (1_cᵀ u_i)² / n_c`` (no division by a small ``√w_i``).
+    """
+    n, d = fc.shape
+    if n > d:
+        w, v = np.linalg.eigh(fc.T @ fc)
+        sums = np.zeros((counts.size, d))
+        np.add.at(sums, index, fc)
+        return w, ((sums @ v) ** 2 / counts[:, None]).sum(0)  # n_c (v·μ_c)² = (v·Σ_c f)² / n_c
+    w, u = np.linalg.eigh(fc @ fc.T)
+    sums = np.zeros((counts.size, n))
+    np.add.at(sums, index, u)  # [C, N]: 1_cᵀ u_i
+    return w, w * (sums ** 2 / counts[:, None]).sum(0)
+
+
 def h_score(features, labels, *, shrinkage: float | str = 0.0) -> float:
     """H-score of ``features`` ``[N, D]`` for integer ``labels`` ``[N]`` (see module doc).
 
@@ -58,12 +78,6 @@ def h_score(features, labels, *, shrinkage: float | str = 0.0) -> float:
     mismatched lengths, non-finite features or a bad ``shrinkage``.
     """
     f, y = check_pair(features, labels, "h_score")
-    fc = f - f.mean(0)
-    _, index = class_indices(y)
-    counts = np.bincount(index)
-    means = np.zeros((counts.size, f.shape[1]))
-    np.add.at(means, index, fc)
-    gc = (means / counts[:, None])[index]  # E[f | y] per row, centred (class means average to the mean)
     n, d = f.shape
     if shrinkage == "auto":
         alpha = ledoit_wolf_shrinkage(f)
@@ -71,14 +85,14 @@ def h_score(features, labels, *, shrinkage: float | str = 0.0) -> float:
         alpha = float(shrinkage)
     else:
         raise ValueError(f"h_score: shrinkage must be a number in [0, 1] or 'auto', got {shrinkage!r}")
-    # cov(f) = V diag(s²/(N−1)) Vᵀ from the thin SVD of the centred features; the centred class means lie in
-    # the span of V (they are averages of centred rows), so tr(cov⁺ cov_g) = Σ_i ‖G v_i‖² / ((N−1) λ_i):
-    # O(N·D·min(N, D)) instead of a D x D inverse. Shrinkage changes λ_i on the span (and 1/(α σ̄) outside
-    # it, which G does not reach).
-    _, s, vt = np.linalg.svd(fc, full_matrices=False)
-    lam = s ** 2 / (n - 1)
+    _, index = class_indices(y)
+    # cov(f) = Σ_i λ_i v_i v_iᵀ with λ_i = w_i/(N−1) (the eigenpairs of the smaller Gram matrix), cov(E[f|y]) =
+    # Σ_c n_c μ_c μ_cᵀ/(N−1), so tr(cov⁺ cov_g) = Σ_i e_i / ((N−1) λ_i): one eigh of a min(N, D) square matrix
+    # instead of a D x D pseudo-inverse and product. Shrinkage changes λ_i to (1−α)λ_i + α σ̄ (the class means
+    # have no component outside the span of the centred rows, where only α σ̄ would remain).
+    w, e = _class_energy(f - f.mean(0), index, np.bincount(index))
+    lam = np.maximum(w, 0.0) / (n - 1)
+    keep = lam > lam.max() * max(n, d) * np.finfo(np.float64).eps  # the pseudo-inverse's tolerance
     if alpha > 0:
         lam = (1 - alpha) * lam + alpha * lam.sum() / d  # tr cov(f) = Σ λ_i
-    keep = lam > lam.max() * max(n, d) * np.finfo(np.float64).eps  # the pseudo-inverse's tolerance
-    proj = gc @ vt[keep].T  # [N, k]
-    return float((1 - alpha) * np.sum(proj ** 2 / lam[keep]) / (n - 1))
+    return float((1 - alpha) * np.sum(e[keep] / lam[keep]) / (n - 1))
