@@ -53,7 +53,7 @@ def _accumulation(data_dir: str, quick: bool, batch_size: int) -> dict[str, Any]
 
     from tl_jax.parallel import mesh as mesh_lib
     from tl_jax.train.build import build_model_and_state
-    from tl_jax.train.loop import pure_train_step
+    from tl_jax.train.programs import pure_train_step
 
     r = np.random.default_rng(0)
     batch = {"image": r.normal(size=(batch_size, 28, 28, 1)).astype(np.float32),

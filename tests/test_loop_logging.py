@@ -7,7 +7,7 @@ import pytest
 
 from tl_jax import config as config_lib
 from tl_jax.train import loop as loop_lib
-from tl_jax.train import run_loop as run_loop_lib
+from tl_jax.train import train_metrics as train_metrics_lib
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.util.tree_paths import flatten_paths
 
@@ -29,13 +29,13 @@ def train_records(wd):
 
 def test_windows_are_logged_one_step_late_as_the_means_of_their_steps(tmp_path, tfds_data_dir, monkeypatch):
     seen = []
-    original = run_loop_lib.log_window
+    original = train_metrics_lib.log_window
 
     def spy(pending, wd, is_main, nan_policy, state, **kw):
         seen.append(([(s, float(m["train/loss"])) for s, m in jax.device_get(pending)], int(state.step)))
         return original(pending, wd, is_main, nan_policy, state, **kw)
 
-    monkeypatch.setattr(run_loop_lib, "log_window", spy)
+    monkeypatch.setattr(train_metrics_lib, "log_window", spy)
     c = tiny(tfds_data_dir, **{"train.steps": 8, "train.log_every": 3, "train.eval_every": 0,
                                "train.checkpoint_every": 100, "data.prefetch": 0})
     loop_lib.train(c, str(tmp_path / "run"))

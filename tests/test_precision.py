@@ -18,7 +18,7 @@ from tl_jax.models import precision
 from tl_jax.objectives.base import apply_model
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.train.build import build_model_and_state
-from tl_jax.train.loop import pure_train_step
+from tl_jax.train.programs import pure_train_step
 
 TINY = "tests/configs/tiny.py"
 STEPS, B = 30, 32

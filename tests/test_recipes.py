@@ -12,7 +12,7 @@ import pytest
 from tl_jax import config as config_lib
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.train.build import build_model_and_state
-from tl_jax.train.loop import pure_train_step
+from tl_jax.train.programs import pure_train_step
 
 TINY = pathlib.Path(__file__).parent / "configs" / "tiny.py"
 

@@ -15,7 +15,8 @@ from tl_jax import cli
 from tl_jax import config as config_lib
 from tl_jax.objectives import Objective, register
 from tl_jax.train.checkpoint import load_variables
-from tl_jax.train.loop import NonFiniteError, train
+from tl_jax.train.loop import train
+from tl_jax.train.train_metrics import NonFiniteError
 from tl_jax.params.param_rules import flatten_paths
 
 TINY = "tests/configs/tiny.py"

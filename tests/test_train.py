@@ -8,7 +8,7 @@ import pytest
 from tl_jax.data import build_preprocess, load_split
 from tl_jax.models import get_model
 from tl_jax.parallel import mesh as mesh_lib
-from tl_jax.train.loop import evaluate
+from tl_jax.evaluation.during_training import evaluate
 from tl_jax.train.state import TrainState
 from tl_jax.config import base_config
 from tl_jax.objectives import Objective

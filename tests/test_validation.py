@@ -16,6 +16,7 @@ from tl_jax.data import load_split
 from tl_jax.data.validation import carve_validation, train_and_val_indices
 from tl_jax.train import early_stopping as es_lib
 from tl_jax.train import loop as loop_lib
+from tl_jax.train import setup as setup_lib
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.params.param_rules import flatten_paths
 
@@ -82,13 +83,13 @@ def test_a_class_left_without_training_examples_is_named():
 
 def test_same_validation_subset_whatever_the_batch_size_and_shots(tmp_path, tfds_data_dir, monkeypatch):
     seen = []
-    real = loop_lib.train_dataset
+    real = setup_lib.train_dataset
 
     def recording(split, pp, **kw):
         seen.append(kw["indices"])
         return real(split, pp, **kw)
 
-    monkeypatch.setattr(loop_lib, "train_dataset", recording)
+    monkeypatch.setattr(setup_lib, "train_dataset", recording)
     vals = []
     for i, extra in enumerate([["data.batch_size=16"], ["data.batch_size=32", "data.shots=7"]]):
         c = tiny(tfds_data_dir, "data.val_fraction=0.05", "train.feature_cache=false", *extra)

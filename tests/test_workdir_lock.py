@@ -11,7 +11,10 @@ import time
 import pytest
 
 from tl_jax import cli
+from tl_jax import config as config_lib
 from tl_jax.train import lock as lock_lib
+from tl_jax.train import setup as setup_lib
+from tl_jax.train.loop import train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "configs" / "tiny.py")
@@ -101,6 +104,25 @@ def test_other_hosts_fresh_lock_refuses_a_stale_one_is_taken(tmp_path):
     assert path.read_text() != ""  # still held once
     lock.release()
     assert path.read_text() == ""
+
+
+def test_a_held_workdir_is_refused_before_any_data_is_read(tmp_path, tfds_data_dir, monkeypatch):
+    """Issue 33: the refusal comes first, not after seconds of data loading and caching."""
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    path = lock_lib.lock_path(wd, 0)
+    path.write_text(json.dumps({"host": "node-17", "pid": 4242, "started": time.time()}))  # a live holder
+    before = snapshot(wd)
+
+    def read(*a, **k):
+        raise AssertionError("the data was read before the workdir lock")
+
+    monkeypatch.setattr(setup_lib, "load_split", read)
+    c = config_lib.load_config(TINY)
+    c.data.data_dir = tfds_data_dir
+    with pytest.raises(lock_lib.WorkdirLockedError, match="in use by pid 4242 on host 'node-17'"):
+        train(c, str(wd))
+    assert snapshot(wd) == before  # nothing written, the holder's lock file as it was
 
 
 def test_config_that_is_not_python_is_one_line(tmp_path, capsys):

@@ -33,7 +33,8 @@ import numpy as np
 from tl_jax.data import eval_batches
 from tl_jax.sweep.plan import LR_KEY, RULES_KEY, flat_config, loss_keys, swept_keys
 from tl_jax.train import compile_cache
-from tl_jax.train.loop import Run, grad_norm_flags, pure_train_step
+from tl_jax.train.loop import Run
+from tl_jax.train.programs import grad_norm_flags, pure_train_step
 from tl_jax.train.train_metrics import NonFiniteError, grad_norm_steps, log_window
 from tl_jax.train.preemption import Preempted, StopSignal
 from tl_jax.train.prefetch import Prefetcher, auto_size

@@ -37,6 +37,8 @@ from typing import Any
 
 import ml_collections
 
+from tl_jax.params.merge import merge_params
+from tl_jax.train.checkpoint import load_variables
 from tl_jax.util import config_checks
 
 PROBE_DIR = "lp"
@@ -99,16 +101,12 @@ def probe_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 def probe_variables(workdir: str | pathlib.Path) -> dict:
     """``{'params', 'batch_stats'?}`` of the finished probe of ``workdir`` (its last checkpoint)."""
-    from tl_jax.train.checkpoint import load_variables
-
     return load_variables(str(probe_dir(workdir)), where="config.recipe (the LP-FT probe in WORKDIR/lp)")
 
 
 def start_from_probe(params: Any, batch_stats: Any, loaded: dict, where: str) -> tuple[Any, Any]:
     """``params`` / ``batch_stats`` replaced leaf for leaf by the probe's (same paths and shapes, else one error
     listing every mismatch: :func:`tl_jax.params.merge.merge_params` with nothing kept fresh)."""
-    from tl_jax.params.merge import merge_params
-
     params = merge_params(loaded["params"], params, (), source=where)
     if batch_stats:
         batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, (), source=f"{where} (batch_stats)")

@@ -8,6 +8,18 @@ the signature::
 and :func:`make_train_step` closes over it and an optax transformation. The
 step is pure, so it runs under ``jax.jit`` (sharded over a mesh), ``jax.pmap``
 (with ``axis_name`` for ``lax.pmean``) or ``jax.vmap`` alike.
+
+Why ``train/grad_norm`` only on the logged steps: a reduction over every
+gradient that XLA:CPU does not fuse into the update is a noticeable share of a
+small model's step, so the step computes ``‖g‖₂`` on the steps the loop logs
+(``config.train.log_every``). The finiteness check is then ``isfinite(loss)``
+on every step plus ``isfinite(‖g‖)`` on those steps: a NaN/Inf gradient under
+a finite loss makes the next step's loss non-finite, which stops the run there.
+``nan_policy='skip'`` must know before every update, so it computes the norm
+on every step. Why two programs (``grad_norm=True/False``) rather than one
+``lax.cond``: a conditional costs a little even when its predicate is false,
+and on GPUs XLA's conditional thunk copies its predicate to the host and
+waits for it, inside every step.
 """
 from __future__ import annotations
 
@@ -51,40 +63,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
                     ema_decay: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
-    ``value_and_grad``: optional replacement for ``jax.value_and_grad(loss_fn,
-    has_aux=True)`` with the same signature as ``loss_fn`` and the same output
-    ``((loss, (batch_stats, metrics)), grads)``, for objectives whose update is
-    not the gradient of a scalar (e.g. PCGrad: an objective's ``value_and_grad``).
-
+    ``value_and_grad``, ``trainable``, ``accum_steps``: how the gradients are taken (:func:`gradient_fn`).
     ``nan_policy``: ``'skip'`` keeps the old state when the loss or any gradient
     is non-finite and counts it in ``state.skipped``; ``'error'`` applies the
     update and reports ``train/finite`` = 0 so the loop can stop and name the
     step. ``axis_name``: set under ``jax.pmap`` to average grads, batch stats
-    and metrics over devices with ``lax.pmean``. ``trainable``: a bool pytree
-    like the params (``param_rules.trainable_mask``); the gradients of the other
-    (frozen) leaves are replaced by zeros before anything reads them, so XLA
-    never computes them (a frozen backbone costs its forward pass only), and
-    ``train/grad_norm`` and the finiteness check cover the trained params.
+    and metrics over devices with ``lax.pmean``.
 
     ``grad_norm_every``, ``last_step``: ``train/grad_norm = ‖g‖₂`` (over all
     gradient leaves) is computed only on the steps where
-    :func:`is_grad_norm_step` holds (a ``lax.cond``; 0 on the others). A
-    reduction over every gradient that XLA:CPU does not fuse into the update
-    is a noticeable share of a small model's step, so the loop computes it on
-    the steps it logs (``config.train.log_every``). The finiteness check is then
-    ``isfinite(loss)`` on every step plus ``isfinite(‖g‖)`` on those steps: a
-    NaN/Inf gradient under a finite loss makes the next step's loss non-finite,
-    which stops the run there. ``nan_policy='skip'`` must know before every
-    update, so it computes the norm on every step.
-
-    ``grad_norm``: ``None`` (default) is the ``lax.cond`` above, one program for
-    every step (vmapped sweeps). ``True``/``False`` build a step that computes
-    the norm on every step / on none (0, finiteness from the loss alone), with
-    no ``lax.cond``: the loop compiles both and runs the first on the steps
-    :func:`is_grad_norm_step` picks (``config.train.grad_norm_program``): a
-    conditional costs a little even when its predicate is false, and on GPUs
-    XLA's conditional thunk copies its predicate to the host and waits for it,
-    inside every step. ``grad_norm=False`` with ``nan_policy='skip'`` is an error.
+    :func:`is_grad_norm_step` holds (a ``lax.cond``; 0 on the others; the
+    module docstring says why). ``grad_norm``: ``None`` (default) is that
+    ``lax.cond``, one program for every step (vmapped sweeps); ``True``/``False``
+    build a step that computes the norm on every step / on none (0, finiteness
+    from the loss alone), with no ``lax.cond``: the loop compiles both and runs
+    the first on the steps :func:`is_grad_norm_step` picks
+    (``config.train.grad_norm_program``). ``grad_norm=False`` with
+    ``nan_policy='skip'`` is an error.
 
     ``hparams`` (optional third argument; :mod:`tl_jax.sweep.vectorized` vmaps
     over it): ``{"loss": {config_key: value}}`` is passed to the loss as
@@ -92,28 +87,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
     ``{"update_scale": tree like params}`` multiplies each param's update (a
     learning-rate factor). Without it the step is the plain one.
 
-    ``accum_steps`` (``config.optimizer.accum_steps``, k): gradient accumulation,
-    see :func:`accumulate`: one optimizer update from the mean gradient of k
-    micro-batches of ``B/k`` examples, computed one after the other (k times less
-    activation memory). k=1 is the plain step, unchanged.
-
     ``ema_decay`` (``config.train.ema_decay``, d): a state with an ``ema`` field
     (:class:`tl_jax.train.ema.EmaTrainState`) gets ``ema ← d·ema + (1−d)·params``
     after the update (a skipped update keeps the old average).
     """
-    if nan_policy not in ("error", "skip"):
-        raise ValueError(f"config.train.nan_policy must be 'error' or 'skip', got {nan_policy!r}")
-    if not isinstance(grad_norm_every, int) or grad_norm_every < 1:
-        raise ValueError(f"grad_norm_every must be an int >= 1, got {grad_norm_every!r}")
-    if grad_norm is False and nan_policy == "skip":
-        raise ValueError("grad_norm=False cannot skip non-finite updates (nan_policy='skip' needs the gradient "
-                         "norm on every step)")
-    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"config.optimizer.accum_steps must be an int >= 1, got {accum_steps!r}")
+    _check_step_args(nan_policy, grad_norm_every, grad_norm, accum_steps)
     every = 1 if nan_policy == "skip" or grad_norm else grad_norm_every
-
-    def norm_of(grads: PyTree) -> jax.Array:
-        return optax.tree.norm(grads).astype(jnp.float32)
+    grad_fn = gradient_fn(loss_fn, value_and_grad, trainable, accum_steps)
 
     def train_step(state: TrainState, batch: Batch, hparams: dict | None = None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -122,11 +102,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
             aux = {**aux, HPARAMS: hparams["loss"]}
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
-        if trainable is not None:  # frozen leaves: zeros, so their gradients are dead code for XLA
-            grad_fn = masked(grad_fn, trainable)
-        if accum_steps > 1:
-            grad_fn = accumulate(grad_fn, accum_steps)
         (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, aux, batch, rng, state.step)
         if axis_name is not None:
             grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
@@ -134,13 +109,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         if hparams and hparams.get("update_scale") is not None:  # per-param lr factors of a vectorised sweep
             updates = jax.tree.map(lambda u, f: (u * f).astype(u.dtype), updates, hparams["update_scale"])
         params = optax.apply_updates(state.params, updates)
-        if grad_norm is False:
-            norm = jnp.zeros((), jnp.float32)
-        elif every == 1:
-            norm = norm_of(grads)
-        else:
-            norm = jax.lax.cond(is_grad_norm_step(state.step + 1, every, last_step), norm_of,
-                                lambda g: jnp.zeros((), jnp.float32), grads)
+        norm = _grad_norm(grads, state.step + 1, grad_norm, every, last_step)
         # One reduction for both: a NaN/Inf anywhere in the grads makes their norm non-finite (as does a
         # norm that overflows float32), instead of a second pass over every gradient.
         finite = jnp.isfinite(loss) & jnp.isfinite(norm)
@@ -159,6 +128,53 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, nan_po
         return new, metrics
 
     return train_step
+
+
+def gradient_fn(loss_fn: LossFn, value_and_grad: Callable | None, trainable: PyTree | None,
+                accum_steps: int) -> Callable:
+    """``(params, batch_stats, aux, batch, rng, step) -> ((loss, (batch_stats, metrics)), grads)``.
+
+    ``value_and_grad``: optional replacement for ``jax.value_and_grad(loss_fn, has_aux=True)`` with the same
+    signature as ``loss_fn`` and the same output, for objectives whose update is not the gradient of a scalar
+    (e.g. PCGrad). ``trainable``: a bool pytree like the params (``param_rules.trainable_mask``); the
+    gradients of the other (frozen) leaves are replaced by zeros before anything reads them, so XLA never
+    computes them (a frozen backbone costs its forward pass only), and ``train/grad_norm`` and the finiteness
+    check cover the trained params. ``accum_steps`` (``config.optimizer.accum_steps``, k): gradient
+    accumulation (:func:`accumulate`): one update from the mean gradient of k micro-batches of ``B/k``
+    examples, computed one after the other (k times less activation memory); k=1 is the plain step.
+    """
+    grad_fn = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
+    if trainable is not None:  # frozen leaves: zeros, so their gradients are dead code for XLA
+        grad_fn = masked(grad_fn, trainable)
+    if accum_steps > 1:
+        grad_fn = accumulate(grad_fn, accum_steps)
+    return grad_fn
+
+
+def _grad_norm(grads: PyTree, step: jax.Array, grad_norm: bool | None, every: int, last_step: int | None):
+    """``‖grads‖₂`` as float32 for the step that ends at ``step`` (0 where it is not computed)."""
+
+    def norm_of(grads: PyTree) -> jax.Array:
+        return optax.tree.norm(grads).astype(jnp.float32)
+
+    if grad_norm is False:
+        return jnp.zeros((), jnp.float32)
+    if every == 1:
+        return norm_of(grads)
+    return jax.lax.cond(is_grad_norm_step(step, every, last_step), norm_of, lambda g: jnp.zeros((), jnp.float32),
+                        grads)
+
+
+def _check_step_args(nan_policy: str, grad_norm_every: Any, grad_norm: bool | None, accum_steps: Any) -> None:
+    if nan_policy not in ("error", "skip"):
+        raise ValueError(f"config.train.nan_policy must be 'error' or 'skip', got {nan_policy!r}")
+    if not isinstance(grad_norm_every, int) or grad_norm_every < 1:
+        raise ValueError(f"grad_norm_every must be an int >= 1, got {grad_norm_every!r}")
+    if grad_norm is False and nan_policy == "skip":
+        raise ValueError("grad_norm=False cannot skip non-finite updates (nan_policy='skip' needs the gradient "
+                         "norm on every step)")
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"config.optimizer.accum_steps must be an int >= 1, got {accum_steps!r}")
 
 
 def masked(grad_fn: Callable, trainable: PyTree) -> Callable:

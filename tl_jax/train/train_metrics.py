@@ -110,3 +110,40 @@ def log_window(pending: list, wd: Workdir, is_main: bool, nan_policy: str, state
     if is_main:
         wd.log(record)
     return record
+
+
+class MetricsWindow:
+    """The per-step metrics not logged yet: ``(step, metrics)`` in step order, device vectors until fetched
+    (dicts when restored from a checkpoint).
+
+    The loop :meth:`add` s each step's metrics and :meth:`close` s the window at a logged step (every
+    ``config.train.log_every`` and the last); the closed window is logged (:meth:`log`) one step later, once
+    the next step is queued behind it, so the devices never wait for the host, or at once where the loop
+    syncs anyway (an eval, a checkpoint). ``to_host``: ``(step, vector)`` pairs -> ``(step, dict)`` pairs.
+    """
+
+    def __init__(self, pending: list | None, to_host, wd: Workdir, nan_policy: str, norm_steps):
+        self.pending = [tuple(p) for p in pending or []]
+        self.closed = 0  # pending[:closed]: a window that ended at an earlier step, not logged yet
+        self.to_host, self.wd, self.nan_policy, self.norm_steps = to_host, wd, nan_policy, norm_steps
+        self.is_main = jax.process_index() == 0
+
+    def add(self, step: int, metrics: Any) -> None:
+        self.pending.append((step, metrics))
+
+    def close(self) -> None:
+        """The window ends at the newest step."""
+        self.closed = len(self.pending)
+
+    def log(self, state: TrainState, n: int | None = None) -> dict:
+        """Check and log ``pending[:n]`` (default: the closed window) as one record (:func:`log_window`)."""
+        n = self.closed if n is None else n
+        record = log_window(self.to_host(self.pending[:n]), self.wd, self.is_main, self.nan_policy, state,
+                            norm_steps=self.norm_steps)
+        self.pending, self.closed = self.pending[n:], 0
+        return record
+
+    def for_checkpoint(self) -> list:
+        """The not-yet-logged metrics as JSON (``[[step, {name: value}]...]``): they travel with a checkpoint,
+        so a run resumed from any step logs exactly the same windows."""
+        return [[s, {k: float(v) for k, v in m.items()}] for s, m in self.to_host(self.pending)]
