@@ -35,6 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from tl_jax.sweep.status import point_status
+from tl_jax.train.trackers import TensorBoardWriter
+from tl_jax.train.workdir import EVENTS_GLOB
+
 Stats = dict[tuple, tuple[float, float, int]]
 log = logging.getLogger("tl_jax")
 
@@ -72,8 +76,6 @@ def load_runs(root: str) -> list[dict]:
 
 def missing_points(root: str) -> list[dict]:
     """``[{"run", "status", "fields"}]`` for the points of ``sweep.json`` that have no ``summary.json``."""
-    from tl_jax.sweep.status import point_status
-
     base = pathlib.Path(root)
     try:  # the fields of points that never started: sweep.json's record
         planned = json.loads((base / "sweep.json").read_text())["points"]
@@ -332,9 +334,6 @@ def write_report(root: str, group_by: list[str] | None = None, metric: str = "te
 
 def _tensorboard_images(root: pathlib.Path, names: list[str], table: str) -> None:
     """The study's plots and table as TensorBoard images/text in ``root`` (the runs are its sub-folders)."""
-    from tl_jax.train.trackers import TensorBoardWriter
-    from tl_jax.train.workdir import EVENTS_GLOB
-
     for old in root.glob(EVENTS_GLOB):  # one report at a time
         old.unlink()
     try:
