@@ -9,7 +9,7 @@ import numpy as np
 from tl_jax import config as config_lib
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.train.build import build_model_and_state
-from tl_jax.train.loop import warn_small_train_set
+from tl_jax.train.setup import warn_small_train_set
 from tl_jax.util import log_once
 
 
