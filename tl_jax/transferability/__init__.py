@@ -38,7 +38,7 @@ DEFAULT_SCORES = ("logme", "leep", "nce", "hscore", "hscore_lw", "transrate")
 
 def rank(*args, **kwargs):
     """:func:`tl_jax.transferability.ranking.rank` (imported on first use: it needs JAX and the data code)."""
-    from tl_jax.transferability.ranking import rank as _rank
+    from tl_jax.transferability.ranking import rank as _rank  # deferred: JAX + data code (and ranking imports SCORES from here)
 
     return _rank(*args, **kwargs)
 
