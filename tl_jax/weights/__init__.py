@@ -8,7 +8,8 @@ Typical use::
     # then: config.model.name = "bert"; config.init_from = "pretrained/minilm"
 """
 
-from tl_jax.weights.convert import Converted, WeightMappingError, convert_weights, map_tensors
+from tl_jax.weights.convert import SOURCES, Converted, WeightMappingError, convert_weights, map_tensors
+from tl_jax.weights.hf_vision import convert_hf_vision  # registers the Hugging Face folder source
 from tl_jax.weights.mappings import MAPPINGS, Mapping, Rule
 from tl_jax.weights.readers import FORMATS, read_tensors
 
@@ -18,7 +19,9 @@ __all__ = [
     "Converted",
     "Mapping",
     "Rule",
+    "SOURCES",
     "WeightMappingError",
+    "convert_hf_vision",
     "convert_weights",
     "map_tensors",
     "read_tensors",

@@ -19,6 +19,11 @@
 5. writes ``out/state`` (orbax, ``{'params', 'batch_stats'}``), the layout
    :func:`tl_jax.train.checkpoint.load_variables` reads, and
    ``out/tl_jax_weights.json`` (model name, kwargs, what was dropped).
+
+Sources recognised from the files themselves (``mapping=None``, no flags): each
+format module registers ``(detect, convert)`` with :func:`register_source`
+(issue 30: Hugging Face model folders in :mod:`tl_jax.weights.hf_vision` (H7);
+timm / open_clip / big_vision files (H8) register theirs the same way).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import json
 import pathlib
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,6 +44,19 @@ from tl_jax.weights.mappings import MAPPINGS, TRANSFORMS, Mapping
 from tl_jax.weights.readers import detect_format, read_tensors
 
 META_FILE = "tl_jax_weights.json"
+# name -> (detect(path) -> bool, convert(path, *, out, model_kwargs, num_classes, ignore, overwrite) -> Converted)
+SOURCES: dict[str, tuple[Callable[[pathlib.Path], bool], Callable[..., "Converted"]]] = {}
+
+
+def register_source(name: str, detect: Callable[[pathlib.Path], bool], convert: Callable[..., "Converted"]) -> None:
+    """Make ``convert_weights(path, mapping=None)`` hand ``path`` to ``convert`` when ``detect(path)``."""
+    SOURCES[name] = (detect, convert)
+
+
+def detect_source(path: str | pathlib.Path) -> str | None:
+    """The registered source format that recognises ``path`` (first in registration order), or None."""
+    path = pathlib.Path(path)
+    return next((name for name, (detect, _) in SOURCES.items() if detect(path)), None)
 
 
 class WeightMappingError(ValueError):
@@ -139,8 +157,8 @@ def map_tensors(tensors: dict[str, np.ndarray], mapping: Mapping, targets: dict[
 def convert_weights(
     source: str | pathlib.Path,
     *,
-    mapping: str,
-    model: str,
+    mapping: str | None = None,
+    model: str | None = None,
     out: str | pathlib.Path | None,
     fmt: str | None = None,
     model_kwargs: dict | None = None,
@@ -150,10 +168,16 @@ def convert_weights(
 ) -> Converted:
     """Converts ``source`` for model ``model`` and writes it to ``out`` (see module doc; None: no write).
 
+    ``mapping=None``: the source is recognised by a registered format (:data:`SOURCES`), which
+    also picks the model (``model`` must then be None or the one it picks).
+
     Raises:
       WeightMappingError: the tensors and the model's variables do not correspond.
       ValueError / FileNotFoundError: unknown mapping or model, unreadable file, ``out`` exists.
     """
+    if mapping is None:
+        return _convert_detected(pathlib.Path(source), model=model, out=out, model_kwargs=model_kwargs,
+                                 num_classes=num_classes, ignore=ignore, overwrite=overwrite)
     if mapping not in MAPPINGS:
         raise ValueError(f"unknown mapping {mapping!r}; known: {sorted(MAPPINGS)}")
     m = MAPPINGS[mapping]
@@ -188,6 +212,17 @@ def convert_weights(
             "num_classes": num_classes, "has_head": bool(heads), "model_kwargs": kwargs, "dropped": dropped}
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return dataclasses.replace(result, out=out)
+
+
+def _convert_detected(source: pathlib.Path, *, model: str | None, **kwargs: Any) -> Converted:
+    name = detect_source(source)
+    if name is None:
+        raise ValueError(f"cannot tell what {source} is (known sources: {list(SOURCES)}); pass --mapping "
+                         f"{sorted(MAPPINGS)} and --model for a bare weights file")
+    result = SOURCES[name][1](source, **kwargs)
+    if model is not None and model != result.model:
+        raise ValueError(f"{source} is a {name} source converted into model {result.model!r}, not --model {model!r}")
+    return result
 
 
 def save_variables(out: pathlib.Path, variables: dict, *, overwrite: bool = False) -> None:

@@ -1,0 +1,208 @@
+"""Vision transformers imported from Hugging Face folders: parity with transformers, strict errors, provenance.
+
+Each reference model is built by transformers with random init (tiny: D=64, 2 blocks, patch 4, 32 px),
+every constant parameter (LayerNorm scale/bias, LayerScale, tokens, zero biases) perturbed so a
+swapped or skipped tensor shows, written with ``save_pretrained``, converted, and run in tl_jax.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tl_jax.models import get_model  # noqa: E402
+from tl_jax.train.checkpoint import load_variables  # noqa: E402
+from tl_jax.weights import WeightMappingError, convert_weights  # noqa: E402
+
+torch.set_num_threads(1)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+            patch_size=4)
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+            max_position_embeddings=16)
+
+
+def perturbed(model):
+    """``model`` in eval mode with every constant-valued parameter (ones, zeros) replaced by noise."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() == 1 or float(p.std()) == 0.0:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def save(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+def images(size: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def tl_run(out_dir, x_nchw: torch.Tensor):
+    """(logits, features) of the converted checkpoint in ``out_dir`` on NCHW images."""
+    meta = json.loads((out_dir / "tl_jax_weights.json").read_text())
+    model = get_model(meta["model"], meta["num_classes"], **meta["model_kwargs"])
+    x = x_nchw.numpy().transpose(0, 2, 3, 1)
+    variables = load_variables(str(out_dir))
+    if not meta["has_head"]:  # a headless source: a fresh head (the features do not depend on it)
+        fresh = model.init(jax.random.key(0), x)
+        variables = {**variables, "params": {**variables["params"], "head": fresh["params"]["head"]}}
+    fn = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
+    logits, feats = fn(variables, x)
+    return np.asarray(logits), np.asarray(feats)
+
+
+def assert_rel(got, want, tol: float) -> None:
+    """max |got - want| <= tol * max |want| (relative to the output's scale)."""
+    want = want.detach().numpy() if hasattr(want, "detach") else np.asarray(want)
+    assert got.shape == want.shape
+    err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def test_vit_for_image_classification_parity_and_provenance(tmp_path):
+    ref = perturbed(transformers.ViTForImageClassification(transformers.ViTConfig(**TINY, num_labels=5)))
+    src = save(ref, tmp_path / "vit")
+    res = convert_weights(src, out=tmp_path / "ck")
+    assert res.model == "vit" and res.num_classes == 5 and res.model_kwargs["pooling"] == "cls"
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x, output_hidden_states=True)
+    logits, feats = tl_run(tmp_path / "ck", x)
+    assert_rel(logits, want.logits, 1e-5)
+    assert_rel(feats, ref.vit.layernorm(want.hidden_states[-1])[:, 0], 1e-5)
+    meta = json.loads((tmp_path / "ck" / "tl_jax_weights.json").read_text())
+    assert meta["format"] == "huggingface" and meta["architecture"] == "ViTForImageClassification"
+    assert meta["files"] == [{"name": "model.safetensors",
+                              "sha256": hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()}]
+    assert meta["preprocessing"]["mean"] == [0.5] * 3 and meta["preprocessing"]["image_size"] == [32, 32]
+    # another resolution: the table is resized like transformers' interpolate_pos_encoding
+    x48 = images(48, seed=2)
+    with torch.no_grad():
+        want48 = ref(x48, interpolate_pos_encoding=True).logits
+    assert_rel(tl_run(tmp_path / "ck", x48)[0], want48, 1e-4)
+
+
+def test_deit_with_teacher_two_heads_as_one(tmp_path):
+    cfg = transformers.DeiTConfig(**TINY, num_labels=4)
+    ref = perturbed(transformers.DeiTForImageClassificationWithTeacher(cfg))
+    res = convert_weights(save(ref, tmp_path / "deit"), out=tmp_path / "ck")
+    assert res.model_kwargs["pooling"] == "cls_dist" and res.model_kwargs["dist_token"] is True
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x)
+        hidden = ref.deit(x).last_hidden_state
+    logits, feats = tl_run(tmp_path / "ck", x)
+    assert_rel(logits, want.logits, 1e-5)
+    assert_rel(feats, torch.cat([hidden[:, 0], hidden[:, 1]], -1), 1e-5)
+    x40 = images(40, seed=3)
+    with torch.no_grad():
+        want40 = ref(x40, interpolate_pos_encoding=True).logits
+    assert_rel(tl_run(tmp_path / "ck", x40)[0], want40, 1e-4)
+
+
+def test_dinov2_with_registers_features_and_interpolation(tmp_path):
+    cfg = transformers.Dinov2WithRegistersConfig(**{k: v for k, v in TINY.items() if k != "intermediate_size"},
+                                                 mlp_ratio=2, num_register_tokens=3)
+    ref = perturbed(transformers.Dinov2WithRegistersModel(cfg))
+    res = convert_weights(save(ref, tmp_path / "dino"), out=tmp_path / "ck")
+    kw = res.model_kwargs
+    assert (kw["num_registers"], kw["layer_scale"], kw["pos_interp"], kw["mlp_dim"]) == (3, 1.0, "bicubic_aa", 128)
+    assert res.dropped == ("embeddings.mask_token",)
+    for size, tol in ((32, 1e-5), (48, 1e-4), (24, 1e-4)):  # native, up (antialiased bicubic), down
+        x = images(size, seed=size)
+        with torch.no_grad():
+            want = ref(x).pooler_output
+        assert_rel(tl_run(tmp_path / "ck", x)[1], want, tol)
+
+
+def test_dinov2_classifier_reads_cls_and_patch_mean(tmp_path):
+    cfg = transformers.Dinov2Config(**{k: v for k, v in TINY.items() if k != "intermediate_size"}, mlp_ratio=2,
+                                    num_labels=3)
+    ref = perturbed(transformers.Dinov2ForImageClassification(cfg))
+    res = convert_weights(save(ref, tmp_path / "dino"), out=tmp_path / "ck")
+    assert res.model_kwargs["pooling"] == "cls_gap" and res.model_kwargs["pos_interp"] == "bicubic"
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x).logits
+    logits, feats = tl_run(tmp_path / "ck", x)
+    assert feats.shape == (2, 128)
+    assert_rel(logits, want, 1e-5)
+
+
+def test_clip_vision_with_projection_and_full_clip_model(tmp_path):
+    vcfg = transformers.CLIPVisionConfig(**TINY, projection_dim=16)
+    ref = perturbed(transformers.CLIPVisionModelWithProjection(vcfg))
+    res = convert_weights(save(ref, tmp_path / "clipv"), out=tmp_path / "ck")
+    kw = res.model_kwargs
+    assert (kw["act"], kw["pre_norm"], kw["patch_bias"], kw["projection_dim"]) == ("quick_gelu", True, False, 16)
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x).image_embeds
+    assert_rel(tl_run(tmp_path / "ck", x)[1], want, 1e-5)
+    x40 = images(40, seed=4)
+    with torch.no_grad():
+        want40 = ref(x40, interpolate_pos_encoding=True).image_embeds
+    assert_rel(tl_run(tmp_path / "ck", x40)[1], want40, 1e-4)
+    # a full CLIPModel: the vision tower and its projection; the text tower dropped on purpose
+    full = perturbed(transformers.CLIPModel(transformers.CLIPConfig(vision_config=TINY, text_config=TEXT,
+                                                                    projection_dim=16)))
+    res = convert_weights(save(full, tmp_path / "clip"), out=tmp_path / "ck2",
+                          ignore=[r"visual_projection\.weight"])
+    assert "projection_dim" not in res.model_kwargs
+    assert "logit_scale" in res.dropped and any(d.startswith("text_model.") for d in res.dropped)
+    assert r"visual_projection\.weight" not in res.dropped and "visual_projection.weight" in res.dropped
+    with torch.no_grad():
+        want = full.vision_model(x).pooler_output
+    assert_rel(tl_run(tmp_path / "ck2", x)[1], want, 1e-5)
+    assert json.loads((tmp_path / "ck2" / "tl_jax_weights.json").read_text())["preprocessing"]["std"][0] == \
+        pytest.approx(0.26862954)
+
+
+def test_siglip_vision_map_head_and_full_model(tmp_path):
+    ref = perturbed(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY)))
+    res = convert_weights(save(ref, tmp_path / "sig"), out=tmp_path / "ck")
+    assert res.model_kwargs["pooling"] == "map" and res.model_kwargs["class_token"] is False
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x).pooler_output
+    assert_rel(tl_run(tmp_path / "ck", x)[1], want, 1e-5)
+    x48 = images(48, seed=5)
+    with torch.no_grad():
+        want48 = ref(x48, interpolate_pos_encoding=True).pooler_output
+    assert_rel(tl_run(tmp_path / "ck", x48)[1], want48, 1e-4)
+    full = perturbed(transformers.SiglipModel(transformers.SiglipConfig(vision_config=TINY, text_config=TEXT)))
+    convert_weights(save(full, tmp_path / "sigfull"), out=tmp_path / "ck2")
+    with torch.no_grad():
+        want = full.vision_model(x).pooler_output
+    assert_rel(tl_run(tmp_path / "ck2", x)[1], want, 1e-5)
+
+
+def test_mismatch_is_one_line_naming_both_paths(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = save(perturbed(transformers.ViTModel(transformers.ViTConfig(**TINY))), tmp_path / "vit")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["encoder.layer.1.layernorm_after.weight"] = np.ones(7, np.float32)
+    tensors["encoder.layer.0.extra.weight"] = np.ones(3, np.float32)
+    del tensors["encoder.layer.0.output.dense.bias"]
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(WeightMappingError) as e:
+        convert_weights(src, out=tmp_path / "ck")
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 3
+    assert any("encoder.layer.1.layernorm_after.weight (7,) -> params/backbone/encoderblock_1/LayerNorm_1/scale"
+               in ln and "(64,)" in ln for ln in lines)
+    assert any("unused source tensor encoder.layer.0.extra.weight" in ln for ln in lines)
+    assert any("unfilled target params/backbone/encoderblock_0/MlpBlock_0/Dense_1/bias" in ln for ln in lines)
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(ValueError, match="cannot tell what"):
+        convert_weights(tmp_path, out=tmp_path / "ck")
