@@ -130,8 +130,26 @@ def test_curves_use_every_logged_step_and_the_legend_covers_no_data(tmp_path):
         assert len(xs) == n
         np.testing.assert_allclose(ys, [np.mean(loss[(method, int(x))]) for x in xs])
     assert [len(ln.get_xdata()) for ln in acc_ax.get_lines()] == [3, 3]
+    _assert_legend_outside(fig)
+
+
+def _assert_legend_outside(fig):
     assert not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1
     fig.canvas.draw()
     legend_box = fig.legends[0].get_window_extent()
     for ax in fig.axes:
         assert not legend_box.overlaps(ax.get_window_extent()), "the legend covers a panel"
+
+
+def test_results_plot_has_a_line_per_method_and_its_legend_outside(study):
+    from tl_jax.sweep.report import results_figure
+
+    stats = aggregate(collect(str(study)), ["method", "lam"], "test/accuracy")
+    fig = results_figure(stats, ["method", "lam"], "test/accuracy")
+    (ax,) = fig.axes
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["method=finetune", "method=scratch"]
+    bars = {c.get_label(): c for c in ax.containers}  # errorbar containers: (data line, caps, bars)
+    for method in METHODS:  # the means per lam, lams ascending
+        np.testing.assert_allclose(bars[f"method={method}"].lines[0].get_ydata(),
+                                   [stats[(method, lam)][0] for lam in LAMS])
+    _assert_legend_outside(fig)

@@ -204,6 +204,13 @@ def _legend_below(fig, axes) -> None:
 
 def plot_results(stats: Stats, group_by: list[str], metric: str, path: pathlib.Path) -> None:
     """Metric vs the last group field, one line per combination of the others, std error bars."""
+    fig = results_figure(stats, group_by, metric)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
+def results_figure(stats: Stats, group_by: list[str], metric: str):
+    """The matplotlib figure of :func:`plot_results` (its legend under the axes)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
     xs_all = ordered([k[-1] for k in stats]) if group_by else [0]
@@ -224,8 +231,7 @@ def plot_results(stats: Stats, group_by: list[str], metric: str, path: pathlib.P
     ax.set_ylabel(f"{metric} (mean ± std)")
     ax.grid(alpha=0.3)
     _legend_below(fig, [ax])
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray, np.ndarray] | None:
