@@ -161,6 +161,7 @@ def make(num_classes):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nnx", "linen"])
 def test_own_split_model_cached_probe_equals_uncached(kind, tmp_path, tfds_data_dir, caplog):
     path = tmp_path / "own.py"
