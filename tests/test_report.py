@@ -150,6 +150,6 @@ def test_results_plot_has_a_line_per_method_and_its_legend_outside(study):
     assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["method=finetune", "method=scratch"]
     bars = {c.get_label(): c for c in ax.containers}  # errorbar containers: (data line, caps, bars)
     for method in METHODS:  # the means per lam, lams ascending
-        np.testing.assert_allclose(bars[f"method={method}"].lines[0].get_ydata(),
+        np.testing.assert_allclose(np.asarray(bars[f"method={method}"].lines[0].get_ydata(), float),
                                    [stats[(method, lam)][0] for lam in LAMS])
     _assert_legend_outside(fig)
