@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import jax
 import numpy as np
@@ -206,3 +207,38 @@ def test_mismatch_is_one_line_naming_both_paths(tmp_path):
     assert not (tmp_path / "ck").exists()
     with pytest.raises(ValueError, match="cannot tell what"):
         convert_weights(tmp_path, out=tmp_path / "ck")
+
+
+def test_cli_convert_without_flags_and_layer_decay_over_every_vit_part(tmp_path, capsys):
+    """`tl-jax weights convert --from FOLDER --out DIR` recognises the folder; layer-wise LR decay covers
+    registers, LayerScale, CLIP's pre-norm and projection, SigLIP's MAP head."""
+    from tl_jax.cli import main
+    from tl_jax.params.layer_decay import layer_decay
+    from tl_jax.params.param_rules import flatten_paths
+
+    dino = transformers.Dinov2WithRegistersConfig(**{k: v for k, v in TINY.items() if k != "intermediate_size"},
+                                                  num_register_tokens=2)
+    save(perturbed(transformers.Dinov2WithRegistersModel(dino)), tmp_path / "dino")
+    assert main(["weights", "convert", "--from", str(tmp_path / "dino"), "--out", str(tmp_path / "ck")]) == 0
+    assert "--config.model.name=vit" in capsys.readouterr().out
+    assert main(["weights", "convert", "--from", str(tmp_path / "dino"), "--out", str(tmp_path / "ck2"),
+                 "--model", "resnet18"]) == 2
+    assert "not --model 'resnet18'" in capsys.readouterr().err and not (tmp_path / "ck2").exists()
+    save(perturbed(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**TINY, projection_dim=8))),
+         tmp_path / "clip")
+    save(perturbed(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY))), tmp_path / "sig")
+    for name in ("dino", "clip", "sig"):
+        res = convert_weights(tmp_path / name, out=None)
+        rules = layer_decay("vit", 0.5, res.variables["params"])
+        depth = {}
+        for path in flatten_paths(res.variables["params"]):
+            hits = [rate for rx, rate in rules if re.fullmatch(rx, path)]
+            assert len(hits) == 1, (name, path, hits)
+            depth[path] = hits[0]
+        low, top = min(depth.values()), max(depth.values())
+        assert low == 0.5 ** 3 and top == 1.0  # embedding side: 3 levels below the features (2 blocks)
+        for path, rate in depth.items():
+            if path.split("/")[1] in ("reg", "cls", "pos_embedding", "embedding", "pre_norm"):
+                assert rate == low, path
+            if path.split("/")[1] in ("encoder_norm", "map_head", "projection"):
+                assert rate == top, path

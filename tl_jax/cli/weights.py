@@ -3,6 +3,7 @@
     tl-jax weights inspect model.safetensors
     tl-jax weights convert --from model.safetensors --mapping bert --model bert --out pretrained/minilm \\
         --ignore 'pooler\\..*'
+    tl-jax weights convert --from path/to/hf_model_folder --out pretrained/dinov2   # recognised: no --mapping
 
 ``convert`` writes a checkpoint dir usable as ``config.init_from`` (:mod:`tl_jax.weights`).
 """
@@ -36,10 +37,11 @@ def inspect_parser() -> argparse.ArgumentParser:
 def convert_parser(formats: Sequence[str], mappings: Sequence[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-jax weights convert",
                                 description="Convert a weights file into a checkpoint for config.init_from.")
-    p.add_argument("--from", dest="source", required=True, metavar="FILE", help=".safetensors, .pt/.pth/.bin, .npz")
+    p.add_argument("--from", dest="source", required=True, metavar="FILE", help=".safetensors, .pt/.pth/.bin, .npz, or a model folder")
     p.add_argument("--format", choices=formats, default=None, help="default: from the file suffix")
-    p.add_argument("--mapping", required=True, choices=sorted(mappings), help="the source's naming scheme")
-    p.add_argument("--model", required=True, help="tl_jax model name (config.model.name)")
+    p.add_argument("--mapping", default=None, choices=sorted(mappings),
+                   help="the source's naming scheme (default: recognised from the source, e.g. a Hugging Face folder)")
+    p.add_argument("--model", default=None, help="tl_jax model name (config.model.name; default: the source's)")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict of model kwargs (else read from the weights)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the source classifier's, if any")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",

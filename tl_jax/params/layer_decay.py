@@ -9,8 +9,9 @@ the NNX twins ``*_nnx`` have the same paths):
 - ``cnn``: ``backbone/conv1`` 0 < ``conv2`` 1 < ``fc`` 2 < ``head`` 3;
 - ``resnet18`` / ``resnet50`` (any ``resnet*``): the stem ``backbone/conv1``,
   ``bn1`` 0 < stage ``backbone/layerS_*`` S (1..4) < ``head`` 5;
-- ``vit``: ``backbone/embedding``, ``cls``, ``pos_embedding`` 0 < block
-  ``encoderblock_i`` i+1 < ``head`` (and the final ``encoder_norm``) L+1;
+- ``vit``: ``backbone/embedding``, ``cls``, ``dist``, ``reg``, ``pos_embedding``,
+  ``pre_norm`` 0 < block ``encoderblock_i`` i+1 < ``head`` (and what follows the
+  blocks: ``encoder_norm``, ``map_head``, ``projection``) L+1;
 - ``bert``: ``backbone/embeddings`` 0 < ``layer_i`` i+1 < ``head`` L+1.
 
 The table has one rule per depth present, ``[regex over '/'-joined paths,
@@ -54,9 +55,9 @@ def _vit(path: str) -> int | str | None:
     m = re.match(r"backbone/encoderblock_(\d+)/", path)
     if m:
         return int(m.group(1)) + 1
-    if path.startswith("backbone/encoder_norm/"):
+    if re.match(r"backbone/(encoder_norm|map_head|projection)/", path):
         return HEAD
-    return 0 if re.match(r"backbone/(embedding/|cls$|pos_embedding$)", path) else None
+    return 0 if re.match(r"backbone/(embedding/|pre_norm/|(cls|dist|reg|pos_embedding)$)", path) else None
 
 
 def _bert(path: str) -> int | str | None:

@@ -219,10 +219,12 @@ def _convert_detected(source: pathlib.Path, *, model: str | None, **kwargs: Any)
     if name is None:
         raise ValueError(f"cannot tell what {source} is (known sources: {list(SOURCES)}); pass --mapping "
                          f"{sorted(MAPPINGS)} and --model for a bare weights file")
-    result = SOURCES[name][1](source, **kwargs)
-    if model is not None and model != result.model:
-        raise ValueError(f"{source} is a {name} source converted into model {result.model!r}, not --model {model!r}")
-    return result
+    convert = SOURCES[name][1]
+    if model is not None:  # checked before anything is written (a dry run: model building is abstract)
+        picked = convert(source, **{**kwargs, "out": None}).model
+        if model != picked:
+            raise ValueError(f"{source} is a {name} source converted into model {picked!r}, not --model {model!r}")
+    return convert(source, **kwargs)
 
 
 def save_variables(out: pathlib.Path, variables: dict, *, overwrite: bool = False) -> None:
