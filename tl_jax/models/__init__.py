@@ -8,6 +8,7 @@ this module only re-exports; the code lives in
 * :mod:`tl_jax.models.contract`: what an own model must provide for each feature
   (``return_features``, a ``backbone``/``head`` split; docs/models.md);
 * the zoo: :mod:`~tl_jax.models.cnn`, :mod:`~tl_jax.models.resnet`, :mod:`~tl_jax.models.vit`,
+  :mod:`~tl_jax.models.convnext`,
   :mod:`~tl_jax.models.bert` (linen, on :class:`tl_jax.models.layers.Classifier`) and
   :mod:`tl_jax.models.nnx` (the NNX bridge and the NNX twins).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from tl_jax.models.bert import Bert, BertEncoder
 from tl_jax.models.cnn import CNN, CNNBackbone, cnn_param_count
+from tl_jax.models.convnext import ConvNeXt, ConvNeXtBackbone  # registers convnext, convnext_tiny/_small/_base
 from tl_jax.models.inputs import model_inputs
 from tl_jax.models.layers import Classifier
 from tl_jax.models.registry import (
@@ -51,6 +53,8 @@ __all__ = [
     "CNN",
     "CNNBackbone",
     "Classifier",
+    "ConvNeXt",
+    "ConvNeXtBackbone",
     "ResNet",
     "ResNet18",
     "ResNet34",

@@ -10,6 +10,8 @@ Typical use::
 
 from tl_jax.weights.convert import SOURCES, Converted, WeightMappingError, convert_weights, map_tensors
 from tl_jax.weights.hf_vision import convert_hf_vision  # registers the Hugging Face folder source
+from tl_jax.weights.convnext import convert_hf_convnext  # registers the Hugging Face ConvNeXt source
+from tl_jax.weights.timm_source import convert_timm  # registers the timm source
 from tl_jax.weights.mappings import MAPPINGS, Mapping, Rule
 from tl_jax.weights.readers import FORMATS, read_tensors
 
@@ -21,7 +23,9 @@ __all__ = [
     "Rule",
     "SOURCES",
     "WeightMappingError",
+    "convert_hf_convnext",
     "convert_hf_vision",
+    "convert_timm",
     "convert_weights",
     "map_tensors",
     "read_tensors",
