@@ -7,6 +7,7 @@ not a parallel strategy.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -19,6 +20,7 @@ from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.parallel.pmap import PmapStrategy
 from tl_jax.parallel.strategy import JitStrategy
 from tl_jax.train.build import build_model_and_state
+from tl_jax.train.step import make_train_step
 
 PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14}]
 TARGET_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
@@ -87,13 +89,14 @@ def test_built_objective_is_immutable_and_not_mutated_by_its_users(name, tfds_da
     with pytest.raises(AttributeError, match="immutable once built"):
         objective.penalties = None
     # what the loop does with it: its train and eval data, the step's loss (or the method's own update)
-    # and the eval sums traced, every parallel strategy's preparation
+    # and the eval sums traced, a parallel strategy's programs built around its loss
     variables = (state.params, state.batch_stats, state.aux)
     batch = train_batch(objective, config, tfds_data_dir)
     jax.eval_shape(objective.value_and_grad or objective.loss, *variables, batch, jax.random.PRNGKey(0), jnp.int32(0))
     jax.eval_shape(objective.eval_sums, *variables, eval_batch(objective, config, tfds_data_dir))
     for strategy in (JitStrategy(mesh), PmapStrategy(mesh)):
-        strategy.prepare_objective(objective)
+        strategy.train_step(make_train_step(objective.loss, optax.sgd(0.1), axis_name=strategy.axis_name,
+                                            value_and_grad=objective.value_and_grad))
     after = dict(vars(objective))
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before), [k for k in before if after[k] is not before[k]]

@@ -44,9 +44,6 @@ class Strategy:
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
 
-    def prepare_objective(self, objective: Any) -> None:
-        """Adapt the objective's model to the mode (e.g. BatchNorm statistics across devices)."""
-
     def init_state(self, state: PyTree) -> PyTree:
         """The global layout of a freshly built (replicated) state: what checkpoints hold."""
         return state

@@ -284,7 +284,6 @@ def probe_sequential(run: Run, steps: int = 3) -> tuple[float, float]:
     host = next(run.data_iter)
     run.data_iter.set_state(saved)
     strategy = run.strategy
-    strategy.prepare_objective(run.objective)
     batch = strategy.put_batch(host)
     state = strategy.to_device(jax.tree.map(jnp.copy, run.state))
     fns = {}

@@ -182,7 +182,6 @@ class Loop:
         self.is_main = jax.process_index() == 0
         self.total, self.log_every, self.ckpt_every = tc.steps, tc.log_every, tc.checkpoint_every  # read once
         self.step = int(jax.device_get(run.state.step))
-        strategy.prepare_objective(run.objective)  # tl_jax/parallel/: sharded jit or pmap
         self.state = strategy.to_device(run.state)
         self.programs = StepPrograms(config, run.objective, run.tx, self.state.params, strategy, run.device_data)
         self.evals = LoopEvals(config, run.wd, strategy, run.objective, run.test_split, run.val_split, run.eval_pp,
