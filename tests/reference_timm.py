@@ -106,9 +106,18 @@ def build_timm(spec: dict, out: pathlib.Path) -> None:
     size = spec.get("size", 32)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        tokens = model.forward_features(x)
+        if spec.get("features") == "cls_dist":  # a distilled DeiT: both tokens (timm's pre_logits averages them)
+            feats = torch.cat([tokens[:, 0], tokens[:, 1]], dim=-1)
+        else:
+            feats = model.forward_head(tokens, pre_logits=True)
         logits = model(x)
-    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), logits=logits.numpy())
+    extra = {}
+    if spec.get("size2"):  # another input size: the model resizes its position table (dynamic_img_size=True)
+        x2 = torch.randn(2, 3, spec["size2"], spec["size2"], generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            extra = {"x2": x2.numpy(), "logits2": model(x2).numpy()}
+    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), logits=logits.numpy(), **extra)
 
 
 BUILDERS = {"timm": build_timm}

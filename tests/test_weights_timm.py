@@ -20,7 +20,7 @@ import pytest
 from tl_jax.models import get_model
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.weights import WeightMappingError, convert_weights
-from tl_jax.weights.timm_source import convert_timm, family, is_timm
+from tl_jax.weights.timm_source import convert_timm, family, is_timm, timm_vit_tensors
 
 torch = pytest.importorskip("torch")
 from safetensors.numpy import load_file, save_file  # noqa: E402
@@ -31,11 +31,15 @@ torch.set_num_threads(1)
 
 REFERENCE = pathlib.Path(__file__).with_name("reference_timm.py")
 TINY = {"depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 5}
+VIT = {"embed_dim": 32, "depth": 2, "num_heads": 4, "img_size": 32, "patch_size": 8, "num_classes": 5}
 SPECS = [
     {"name": "convnext_convmlp", "timm": "convnext_atto", "kwargs": TINY},  # MLP as 1x1 convs, safetensors
     {"name": "convnext_linear", "timm": "convnext_tiny", "kwargs": TINY, "safe": False, "size": 64},  # .bin
     # timm's plain stem is 64 wide whatever `channels` says: the real resnet50 (25M params), 32 px inputs
     {"name": "resnet50", "timm": "resnet50", "kwargs": {"num_classes": 4}},
+    {"name": "vit", "timm": "vit_base_patch16_224", "kwargs": {**VIT, "dynamic_img_size": True}, "size2": 56},
+    {"name": "deit_distilled", "timm": "deit_base_distilled_patch16_224", "kwargs": VIT, "features": "cls_dist"},
+    {"name": "deit3", "timm": "deit3_small_patch16_224", "kwargs": VIT},  # LayerScale, patch-only positions
 ]
 
 
@@ -82,6 +86,23 @@ def test_timm_parity(refs, tmp_path, name):
     logits, feats = run_converted(tmp_path / "ck", ref["x"])
     close(feats, ref["features"])
     close(logits, ref["logits"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit", "deit_distilled", "deit3"])
+def test_timm_vit_parity(refs, tmp_path, name):
+    res = convert_weights(refs / name, out=tmp_path / "ck")
+    assert res.model == "vit" and res.model_kwargs["num_heads"] == 4 and res.model_kwargs["pos_grid"] == [4, 4]
+    assert res.model_kwargs["pooling"] == ("cls_dist" if name == "deit_distilled" else "cls")
+    assert (res.model_kwargs["layer_scale"] is not None) == (name == "deit3")
+    ref = np.load(refs / name / "reference.npz")
+    logits, feats = run_converted(tmp_path / "ck", ref["x"])
+    close(feats, ref["features"])
+    close(logits, ref["logits"])
+    meta = json.loads((tmp_path / "ck" / "tl_jax_weights.json").read_text())
+    assert meta["mapping"] == "timm_vit" and meta["format"] == "timm" and meta["dropped"] == []
+    if "x2" in ref:  # 56 px: the 4x4 table resized to 7x7 (antialiased bicubic), against timm's own resize
+        close(run_converted(tmp_path / "ck", ref["x2"])[0], ref["logits2"], rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -143,3 +164,15 @@ def test_family_names():
         family("resnet50d")
     with pytest.raises(ValueError, match="'convnextv2_atto' is not one tl_jax converts"):
         family("convnextv2_atto")
+
+
+def test_timm_vit_refusals_are_one_line():
+    base = {"patch_embed.proj.weight": np.zeros((8, 3, 4, 4)), "pos_embed": np.zeros((1, 5, 8)),
+            "blocks.0.mlp.fc1.weight": np.zeros((16, 8)), "cls_token": np.zeros((1, 1, 8))}
+    with pytest.raises(ValueError, match=r"global_pool='avg' \(fc_norm / attention pooling\)"):
+        timm_vit_tensors({**base, "fc_norm.weight": np.ones(8)}, {"global_pool": "avg"}, "vit_base_patch16_224")
+    with pytest.raises(ValueError, match="register tokens"):
+        timm_vit_tensors({**base, "reg_token": np.zeros((1, 4, 8))}, {}, "vit_base_patch16_reg4_gap_256")
+    t, kw = timm_vit_tensors(dict(base, **{"pos_embed": np.ones((1, 4, 8))}), {}, "deit3_small_patch16_224")
+    assert t["pos_embed"].shape == (1, 5, 8) and not t["pos_embed"][0, 0].any() and t["pos_embed"][0, 1:].all()
+    assert kw["num_heads"] == 6 and kw["pos_grid"] == [2, 2] and kw["act"] == "gelu" and kw["norm_eps"] == 1e-6

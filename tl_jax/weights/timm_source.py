@@ -1,4 +1,5 @@
-"""timm checkpoints -> tl_jax models: ``convnext_*`` -> ``convnext``, ``resnet*`` -> ``resnet18`` / ``resnet50``.
+"""timm checkpoints -> tl_jax models: ``convnext_*`` -> ``convnext``, ``resnet*`` -> ``resnet18`` / ``resnet50``,
+``vit_*`` / ``deit_*`` -> ``vit``.
 
 What ``huggingface-cli download timm/convnext_tiny.fb_in1k`` fetches (and
 ``timm.models.save_for_hf`` / ``push_to_hf_hub`` write): a folder with
@@ -16,7 +17,15 @@ Families (the architecture name's prefix):
 * ``convnext_`` (v1: atto .. xxlarge; the tensors give the sizes, :mod:`tl_jax.weights.convnext`);
 * ``resnet``: timm's ResNet-18/50 (``resnet50.a1_in1k``, ``.b``, ``tv_in1k`` ...) have torchvision's
   layout and names, so the ``torchvision_resnet`` mapping converts them into ``resnet18`` / ``resnet50``;
-  the deep-stem / avg-down variants (``resnet50d``, ``resnet50s``) and other depths are refused in one line.
+  the deep-stem / avg-down variants (``resnet50d``, ``resnet50s``) and other depths are refused in one line;
+* ``vit_`` / ``deit_`` / ``deit3_`` (class-token pooling, timm's ``global_pool='token'``): the sizes from the
+  tensors, the heads from ``config.json``'s ``model_args`` or the size name (tiny 3, small 6, base 12,
+  large/huge/giant 16); exact GELU (QuickGELU for ``*quickgelu*``), LayerNorm eps 1e-6 (1e-5 for ``*clip*``);
+  ``attn.qkv`` split in q/k/v; a patch-only position table (``no_embed_class``, DeiT-3) gets zero rows for
+  the prefix tokens; a distilled DeiT's two heads become one head on ``concat(cls, dist)`` (``pooling=
+  'cls_dist'``, weights and bias halved: the mean of the two heads' logits, timm's eval output). Position
+  tables are resized to other input sizes with antialiased bicubic, as timm does. ``global_pool='avg'`` /
+  ``'map'`` models (norm after pooling, attention pooling) and register tokens are refused in one line.
 """
 from __future__ import annotations
 
@@ -25,10 +34,13 @@ import json
 import pathlib
 import re
 
+import numpy as np
+
 from tl_jax.weights.convert import Converted, convert_weights, register_source
 from tl_jax.weights.convnext import zoo_name
 from tl_jax.weights.readers import read_tensors
 from tl_jax.weights.source_record import IMAGENET, find_weight_file, image_preprocessing, write_converted
+from tl_jax.weights.vit_common import B, MHA, convert_vit, prepend_prefix_positions, split_fused
 
 # torchvision-layout ResNets tl_jax's zoo builds: stage depths -> (model, whether Bottleneck)
 RESNET_DEPTHS = {(2, 2, 2, 2): ("resnet18", False), (3, 4, 6, 3): ("resnet50", True)}
@@ -61,8 +73,10 @@ def family(architecture: str) -> str:
         return "convnext"
     if re.fullmatch(r"resnet\d+", arch) or re.fullmatch(r"resnet\d+_(?:a1|a1h|a2|a3|b|c|d|tv|tv2)\w*", arch):
         return "resnet"
-    raise ValueError(f"timm architecture {architecture!r} is not one tl_jax converts: convnext_* (v1) and "
-                     f"torchvision-layout resnet18/resnet50 (not the -d/-s deep-stem variants)")
+    if arch.startswith(("vit_", "deit_", "deit3_")) and not arch.startswith(("vit_hybrid", "vit_relpos")):
+        return "vit"
+    raise ValueError(f"timm architecture {architecture!r} is not one tl_jax converts: convnext_* (v1), "
+                     f"torchvision-layout resnet18/resnet50 (not the -d/-s deep-stem variants), vit_*/deit_*")
 
 
 def preprocessing(cfg: dict, architecture: str) -> dict | None:
@@ -91,6 +105,79 @@ def _resnet_model(tensors: dict, architecture: str) -> str:
                          f"tl_jax's zoo builds resnet18 (2, 2, 2, 2) BasicBlock and resnet50 (3, 4, 6, 3) Bottleneck")
     return hit[0]
 
+VIT_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 16}
+_L, _E = r"blocks\.(\d+)", rf"{B}/encoderblock_\1"
+VIT_RULES = (
+    (r"cls_token", f"{B}/cls", "token"), (r"dist_token", f"{B}/dist", "token"),
+    (r"pos_embed", f"{B}/pos_embedding", "token"),
+    (r"patch_embed\.proj\.weight", f"{B}/embedding/kernel", "conv"), (r"patch_embed\.proj\.bias", f"{B}/embedding/bias", "copy"),
+    (r"norm_pre\.weight", f"{B}/pre_norm/scale", "copy"), (r"norm_pre\.bias", f"{B}/pre_norm/bias", "copy"),
+    (rf"{_L}\.norm1\.weight", f"{_E}/LayerNorm_0/scale", "copy"), (rf"{_L}\.norm1\.bias", f"{_E}/LayerNorm_0/bias", "copy"),
+    (rf"{_L}\.attn\.qkv\.weight\[(query|key|value)\]", rf"{_E}/{MHA}/\2/kernel", "heads_in"),
+    (rf"{_L}\.attn\.qkv\.bias\[(query|key|value)\]", rf"{_E}/{MHA}/\2/bias", "heads_in"),
+    (rf"{_L}\.attn\.proj\.weight", f"{_E}/{MHA}/out/kernel", "heads_out"),
+    (rf"{_L}\.attn\.proj\.bias", f"{_E}/{MHA}/out/bias", "copy"),
+    (rf"{_L}\.ls1\.gamma", f"{_E}/LayerScale_0/scale", "copy"), (rf"{_L}\.ls2\.gamma", f"{_E}/LayerScale_1/scale", "copy"),
+    (rf"{_L}\.norm2\.weight", f"{_E}/LayerNorm_1/scale", "copy"), (rf"{_L}\.norm2\.bias", f"{_E}/LayerNorm_1/bias", "copy"),
+    (rf"{_L}\.mlp\.fc1\.weight", f"{_E}/MlpBlock_0/Dense_0/kernel", "linear"),
+    (rf"{_L}\.mlp\.fc1\.bias", f"{_E}/MlpBlock_0/Dense_0/bias", "copy"),
+    (rf"{_L}\.mlp\.fc2\.weight", f"{_E}/MlpBlock_0/Dense_1/kernel", "linear"),
+    (rf"{_L}\.mlp\.fc2\.bias", f"{_E}/MlpBlock_0/Dense_1/bias", "copy"),
+    (r"norm\.weight", f"{B}/encoder_norm/scale", "copy"), (r"norm\.bias", f"{B}/encoder_norm/bias", "copy"),
+    (r"head\.weight", "params/head/kernel", "linear"), (r"head\.bias", "params/head/bias", "copy"),
+)
+
+
+def _vit_heads(cfg: dict, architecture: str, width: int) -> int:
+    """Attention heads: ``model_args.num_heads``, else by the size in the name, else width / 64."""
+    if "num_heads" in (cfg.get("model_args") or {}):
+        return int(cfg["model_args"]["num_heads"])
+    size = next((n for n in VIT_HEADS if f"_{n}_" in f"{architecture.split('.')[0]}_"), None)
+    return VIT_HEADS[size] if size else max(1, width // 64)
+
+
+def timm_vit_tensors(raw: dict[str, np.ndarray], cfg: dict, architecture: str) -> tuple[dict, dict]:
+    """(tensors ready for :data:`VIT_RULES`, ``vit`` kwargs) of a timm ViT / DeiT (module doc)."""
+    pool = (cfg.get("model_args") or {}).get("global_pool", cfg.get("global_pool", "token"))
+    if pool not in ("token", None) or "fc_norm.weight" in raw or "attn_pool.latent" in raw:
+        raise ValueError(f"timm {architecture}: global_pool={pool!r} (fc_norm / attention pooling); tl_jax's vit "
+                         f"converts class-token ViTs (global_pool='token')")
+    if "reg_token" in raw:
+        raise ValueError(f"timm {architecture}: register tokens (reg_token) are not converted; use a DINOv2 "
+                         f"Hugging Face folder for registers")
+    t = split_fused(raw, r"blocks\.\d+\.attn\.qkv\.(?:weight|bias)")
+    if "head_dist.weight" in t and "head.weight" in t:  # timm eval: (head(cls) + head_dist(dist)) / 2
+        t["head.weight"] = np.concatenate([t["head.weight"], t.pop("head_dist.weight")], axis=1) / 2
+        t["head.bias"] = (t["head.bias"] + t.pop("head_dist.bias")) / 2
+    patch, fc1 = t.get("patch_embed.proj.weight"), t.get("blocks.0.mlp.fc1.weight")
+    if patch is None or fc1 is None or "pos_embed" not in t:
+        raise ValueError(f"timm {architecture}: no patch_embed.proj / blocks.0.mlp.fc1 / pos_embed tensors")
+    n_prefix = int("cls_token" in t) + int("dist_token" in t)
+    rows = t["pos_embed"].reshape(-1, t["pos_embed"].shape[-1]).shape[0]
+    if n_prefix and int(round(rows ** 0.5)) ** 2 == rows:  # no_embed_class: positions on the patches only
+        t["pos_embed"] = prepend_prefix_positions(t["pos_embed"], n_prefix)
+        rows += n_prefix
+    grid = int(round((rows - n_prefix) ** 0.5))
+    arch = architecture.split(".")[0]
+    kwargs = {"patch_size": int(patch.shape[-1]), "hidden_size": int(patch.shape[0]),
+              "depth": 1 + max(int(m.group(1)) for k in t if (m := re.match(r"blocks\.(\d+)\.", k))),
+              "num_heads": _vit_heads(cfg, architecture, int(patch.shape[0])), "mlp_dim": int(fc1.shape[0]),
+              "act": "quick_gelu" if "quickgelu" in arch else "gelu", "norm_eps": 1e-5 if "clip" in arch else 1e-6,
+              "pos_grid": [grid, grid], "pos_interp": "bicubic_aa", "class_token": "cls_token" in t,
+              "pooling": "cls_dist" if "dist_token" in t else "cls" if "cls_token" in t else "gap",
+              "dist_token": "dist_token" in t, "patch_bias": "patch_embed.proj.bias" in t,
+              "pre_norm": "norm_pre.weight" in t, "layer_scale": 1.0 if "blocks.0.ls1.gamma" in t else None}
+    return t, kwargs
+
+
+def _convert_timm_vit(path: pathlib.Path, file: pathlib.Path, cfg: dict, architecture: str, *, out,
+                      model_kwargs, num_classes, ignore, overwrite) -> Converted:
+    tensors, kwargs = timm_vit_tensors(read_tensors(file), cfg, architecture)
+    return convert_vit(tensors, VIT_RULES, {**kwargs, **(model_kwargs or {})}, source=path, files=[file],
+                       fmt="timm", architecture=architecture, mapping="timm_vit", dropped=(),
+                       preprocessing=preprocessing(cfg, architecture), out=out, num_classes=num_classes,
+                       ignore=ignore, overwrite=overwrite)
+
 
 def convert_timm(path: str | pathlib.Path, *, out: str | pathlib.Path | None, timm_name: str | None = None,
                  model_kwargs: dict | None = None, num_classes: int | None = None, ignore=(),
@@ -110,6 +197,9 @@ def convert_timm(path: str | pathlib.Path, *, out: str | pathlib.Path | None, ti
     if timm_name and cfg.get("architecture") and timm_name.split(".")[0] != cfg["architecture"].split(".")[0]:
         raise ValueError(f"--timm-name {timm_name} but {path}'s config.json says {cfg['architecture']}")
     fam = family(architecture)
+    if fam == "vit":
+        return _convert_timm_vit(path, file, cfg, architecture, out=out, model_kwargs=model_kwargs,
+                                 num_classes=num_classes, ignore=ignore, overwrite=overwrite)
     if fam == "convnext":
         mapping, model = "timm_convnext", "convnext"
     else:
