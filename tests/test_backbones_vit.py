@@ -242,3 +242,73 @@ def test_cli_convert_without_flags_and_layer_decay_over_every_vit_part(tmp_path,
                 assert rate == low, path
             if path.split("/")[1] in ("encoder_norm", "map_head", "projection"):
                 assert rate == top, path
+
+
+@pytest.mark.slow
+def test_converted_vit_fine_tunes_frozen_and_with_layer_decay_and_ranks(tmp_path, tfds_data_dir):
+    """End to end on mnist5k (1 channel, 14 px -> 16 px): a converted ViT trains with a frozen backbone and
+    with layer-wise LR decay, its recorded normalisation applied by default; `tl-jax rank` scores it."""
+    from tl_jax import config as config_lib
+    from tl_jax.cli import main
+    from tl_jax.params.layer_decay import layer_decay
+    from tl_jax.params.param_rules import flatten_paths
+    from tl_jax.train.loop import train
+
+    cfg_hf = transformers.ViTConfig(**{**TINY, "image_size": 16, "num_channels": 1, "hidden_size": 32,
+                                       "intermediate_size": 64})
+    src = save(perturbed(transformers.ViTModel(cfg_hf)), tmp_path / "hf")
+    (src / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.2], "image_std": [0.3], "size": {"height": 16, "width": 16}, "resample": 2}))
+    res = convert_weights(src, out=tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "tl_jax_weights.json").read_text())
+    assert meta["preprocessing"]["mean"] == [0.2] and meta["preprocessing"]["source"] == "preprocessor_config.json"
+    loaded = load_variables(str(tmp_path / "ck"))
+
+    def run(name, **overrides):
+        c = config_lib.load_config("tests/configs/tiny.py:steps=4")
+        c.data.data_dir = tfds_data_dir
+        pp = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 12}]  # 12 px: the 4x4 table resized to 3x3
+        c.data.train_pp, c.data.eval_pp = pp, list(pp)
+        c.model.name, c.model.kwargs, c.init_from = "vit", res.model_kwargs, str(tmp_path / "ck")
+        for key, value in overrides.items():
+            config_lib.apply_overrides(c, [f"{key}={json.dumps(value)}"])
+        train(c, str(tmp_path / name))
+        return json.loads((tmp_path / name / "config.json").read_text()), load_variables(str(tmp_path / name))
+
+    recorded, frozen = run("frozen", param_rules=[["backbone/.*", None], [".*", 1.0]])
+    want_op = {"op": "normalize", "mean": [0.2], "std": [0.3]}
+    assert recorded["data"]["train_pp"][-1] == want_op and recorded["data"]["eval_pp"][-1] == want_op
+    for path, value in flatten_paths(loaded["params"]).items():
+        np.testing.assert_array_equal(flatten_paths(frozen["params"])[path], value)
+    rules = layer_decay("vit", 0.5, loaded["params"] | {"head": frozen["params"]["head"]})
+    recorded, tuned = run("llrd", param_rules=rules)
+    moved = {p: float(np.max(np.abs(v - flatten_paths(loaded["params"])[p])))
+             for p, v in flatten_paths(tuned["params"]).items() if p.startswith("backbone/")}
+    assert moved["backbone/encoderblock_1/MlpBlock_0/Dense_1/kernel"] > 0
+    assert main(["rank", "--target", "tests/configs/tiny.py", f"--config.data.data_dir={tfds_data_dir}",
+                 '--config.data.eval_pp=[{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 12}, '
+                 '{"op": "normalize", "mean": [0.2], "std": [0.3]}]', "--config.data.shots=5",
+                 "--candidates", str(tmp_path / "ck"), str(tmp_path / "llrd"), "--score", "logme",
+                 "--out", str(tmp_path / "rank")]) == 0
+
+
+def test_weights_normalisation_is_the_default_and_an_own_one_overrides_with_a_warning(tmp_path, caplog):
+    from tl_jax import config as config_lib
+    from tl_jax.weights.run_preprocessing import apply_weights_preprocessing
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "tl_jax_weights.json").write_text(json.dumps(
+        {"preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "source": "defaults of siglip"}}))
+    c = config_lib.base_config()
+    assert apply_weights_preprocessing(c) == []  # no init_from: nothing
+    c.init_from = str(tmp_path / "ck") + ":best"
+    c.data.eval_pp = [{"op": "rescale", "in_max": 255.0}, {"op": "normalize", "mean": 0.5, "std": 0.5}]
+    c.data.train_pp = [{"op": "rescale", "in_max": 255.0}, {"op": "normalize", "mean": 0.1, "std": 0.5}]
+    with caplog.at_level("INFO", logger="tl_jax"):
+        assert apply_weights_preprocessing(c) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "config.data.train_pp normalises with mean=0.1" in warnings[0]
+    c.data.train_pp = [{"op": "rescale", "in_max": 255.0}]
+    assert apply_weights_preprocessing(c) == ["config.data.train_pp"]
+    assert c.data.train_pp[-1] == {"op": "normalize", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert apply_weights_preprocessing(c) == []  # idempotent: the config recorded is the config re-applied

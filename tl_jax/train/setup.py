@@ -37,12 +37,14 @@ from tl_jax.train.state import TrainState
 from tl_jax.train.workdir import Workdir
 from tl_jax.util.log_once import warn_once
 from tl_jax.util.references import absolute_reference
+from tl_jax.weights.run_preprocessing import apply_weights_preprocessing
 
 log = logging.getLogger("tl_jax")
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict:
     """The validated config as the workdir records it (``config.json``); file references made absolute."""
+    apply_weights_preprocessing(config)  # converted init_from weights: their normalisation by default (issue 30)
     config_lib.validate(config)
     config_lib.normalize(config)  # data.shots: 0 and null (all examples) are one run
     for group in (config.model, config.data):  # file references ('x.py:f') recorded absolute in config.json
