@@ -41,6 +41,7 @@ from tl_jax.train import lp_ft
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.train.optim import make_group_tx
 from tl_jax.train.state import TrainState
+from tl_jax.util.log_once import warn_once
 from tl_jax.util.references import is_reference
 
 log = logging.getLogger("tl_jax")
@@ -81,8 +82,8 @@ def pmap_model(model: Any) -> Any:
     if hasattr(model, "norm_axis_name"):
         return model.clone(norm_axis_name=PMAP_AXIS)
     if getattr(model, "norm_module_paths", lambda: ())():
-        log.warning("config.parallel.mode='pmap': %s has no norm_axis_name, so its BatchNorm statistics "
-                    "are per device (use mode='jit' for global-batch statistics)", type(model).__name__)
+        warn_once(log, "config.parallel.mode='pmap': %s has no norm_axis_name, so its BatchNorm statistics "
+                  "are per device (use mode='jit' for global-batch statistics)", type(model).__name__)
     return model
 
 
@@ -107,9 +108,9 @@ def kept_stats(model: Any, stage: Stage) -> tuple[str, ...]:
     frozen = stage.frozen_norms()
     if not frozen or hasattr(model, "frozen_norms"):  # those are switched by frozen_norms_link
         return ()
-    log.warning("the model has no frozen_norms attribute: its BatchNorm layers %s, whose params are frozen, "
-                "still normalise with batch statistics in training; their running statistics are kept "
-                "fixed", list(frozen))
+    warn_once(log, "the model has no frozen_norms attribute: its BatchNorm layers %s, whose params are frozen, "
+              "still normalise with batch statistics in training; their running statistics are kept "
+              "fixed", list(frozen))
     return frozen
 
 

@@ -27,6 +27,8 @@ import pathlib
 import sys
 from typing import Any, Protocol
 
+from tl_jax.util.log_once import warn_once
+
 log = logging.getLogger("tl_jax")
 
 
@@ -189,8 +191,8 @@ def open_trackers(tracking: Any, workdir: str | pathlib.Path, cfg: dict, step0: 
         try:
             writers.append((name, make()))
         except ImportError as e:
-            log.warning("config.tracking.%s is on but %s is not installed (%s); pip install %s", name, name, e,
-                        {"tensorboard": "tensorboardX"}.get(name, name))
+            warn_once(log, "config.tracking.%s is on but %s is not installed (%s); pip install %s", name, name, e,
+                      {"tensorboard": "tensorboardX"}.get(name, name))
         except Exception as e:  # noqa: BLE001 - a tracker that fails to start never loses a run
             log.warning("config.tracking.%s failed to start (%s: %s); training without it", name,
                         type(e).__name__, e)
