@@ -120,7 +120,29 @@ def build_timm(spec: dict, out: pathlib.Path) -> None:
     np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), logits=logits.numpy(), **extra)
 
 
-BUILDERS = {"timm": build_timm}
+def build_open_clip(spec: dict, out: pathlib.Path) -> None:
+    """``open_clip.model.CLIP(**spec['model_cfg'])`` saved as open_clip's ``push_to_hf_hub`` does (no tokenizer)."""
+    import numpy as np
+    import open_clip
+    import safetensors.torch
+    import torch
+    from open_clip.push_to_hf_hub import save_config_for_hf
+
+    torch.manual_seed(spec.get("seed", 0))
+    model = open_clip.model.CLIP(**spec["model_cfg"]).eval()
+    perturb(model, spec.get("seed", 0))
+    # what open_clip.create_model sets on the tower (the config records it as preprocess_cfg)
+    model.visual.image_mean, model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    safetensors.torch.save_file(model.state_dict(), out / "open_clip_model.safetensors")
+    save_config_for_hf(model, out / "open_clip_config.json", model_config=spec["model_cfg"])
+    size = spec["model_cfg"]["vision_cfg"]["image_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = model.encode_image(x)
+    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy())
+
+
+BUILDERS = {"timm": build_timm, "open_clip": build_open_clip}
 
 
 def main(out_dir: str, specs_json: str) -> None:

@@ -12,6 +12,7 @@ from tl_jax.weights.convert import SOURCES, Converted, WeightMappingError, conve
 from tl_jax.weights.hf_vision import convert_hf_vision  # registers the Hugging Face folder source
 from tl_jax.weights.convnext import convert_hf_convnext  # registers the Hugging Face ConvNeXt source
 from tl_jax.weights.timm_source import convert_timm  # registers the timm source
+from tl_jax.weights.open_clip_source import convert_open_clip  # registers the open_clip source
 from tl_jax.weights.mappings import MAPPINGS, Mapping, Rule
 from tl_jax.weights.readers import FORMATS, read_tensors
 
@@ -25,6 +26,7 @@ __all__ = [
     "WeightMappingError",
     "convert_hf_convnext",
     "convert_hf_vision",
+    "convert_open_clip",
     "convert_timm",
     "convert_weights",
     "map_tensors",
