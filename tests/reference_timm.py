@@ -142,7 +142,75 @@ def build_open_clip(spec: dict, out: pathlib.Path) -> None:
     np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy())
 
 
-BUILDERS = {"timm": build_timm, "open_clip": build_open_clip}
+def big_vision_params(spec: dict, rng) -> dict:
+    """Random params of a big_vision ViT (``big_vision/models/vit.py`` names and flax layouts), flat '/' keys."""
+    import numpy as np
+
+    d, depth, heads, mlp, p, grid = spec["width"], spec["depth"], spec["heads"], spec["mlp"], spec["patch"], spec["grid"]
+
+    def r(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype("float32")
+
+    def norm():
+        return {"scale": (rng.random(d) + 0.5).astype("float32"), "bias": r(d, scale=0.1)}
+
+    def attention():
+        return {**{n: {"kernel": r(d, heads, d // heads), "bias": r(heads, d // heads)} for n in ("query", "key", "value")},
+                "out": {"kernel": r(heads, d // heads, d), "bias": r(d)}}
+
+    def mlp_block():
+        return {"Dense_0": {"kernel": r(d, mlp), "bias": r(mlp)}, "Dense_1": {"kernel": r(mlp, d), "bias": r(d)}}
+
+    tree = {"embedding": {"kernel": r(p, p, 3, d), "bias": r(d)}, "pos_embedding": r(1, grid * grid, d),
+            "Transformer": {"encoder_norm": norm()}, "head": {"kernel": r(d, 5), "bias": r(5)}}
+    blocks = [{"LayerNorm_0": norm(), "MultiHeadDotProductAttention_0": attention(), "LayerNorm_1": norm(),
+               "MlpBlock_0": mlp_block()} for _ in range(depth)]
+    if spec["pool"] == "tok":
+        tree["cls"] = r(1, 1, d)
+    if spec["pool"] == "map":
+        tree["MAPHead_0"] = {"probe": r(1, 1, d), "MultiHeadDotProductAttention_0": attention(),
+                             "LayerNorm_0": norm(), "MlpBlock_0": mlp_block()}
+    prefix = spec.get("prefix", "")
+    flat = {prefix + k: v for k, v in _flat(tree).items()}
+    block_prefix = prefix + "Transformer/encoderblock"
+    if spec.get("scan"):  # nn.scan over the blocks: one stacked array per param
+        for key in _flat(blocks[0]):
+            flat[f"{block_prefix}/{key}"] = np.stack([_flat(b)[key] for b in blocks])
+    else:
+        for i, b in enumerate(blocks):
+            flat.update({f"{block_prefix}_{i}/{k}": v for k, v in _flat(b).items()})
+    return flat
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def build_big_vision(spec: dict, out: pathlib.Path) -> None:
+    """A random big_vision ViT ``.npz``, read into timm's VisionTransformer by timm's own ``_load_weights``."""
+    import numpy as np
+    import torch
+    from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+    np.savez(out / "model.npz", **big_vision_params(spec, np.random.default_rng(spec.get("seed", 0))))
+    pool = {"tok": "token", "gap": "avg", "map": "map"}[spec["pool"]]
+    model = VisionTransformer(img_size=spec["grid"] * spec["patch"], patch_size=spec["patch"], embed_dim=spec["width"],
+                              depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp"] / spec["width"],
+                              class_token=spec["pool"] == "tok", no_embed_class=True, global_pool=pool, fc_norm=False,
+                              act_layer="gelu_tanh", num_classes=5).eval()
+    _load_weights(model, str(out / "model.npz"))
+    x = torch.randn(2, 3, spec["grid"] * spec["patch"], spec["grid"] * spec["patch"],
+                    generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        logits = model(x)
+    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), logits=logits.numpy())
+
+
+BUILDERS = {"timm": build_timm, "open_clip": build_open_clip, "big_vision": build_big_vision}
 
 
 def main(out_dir: str, specs_json: str) -> None:

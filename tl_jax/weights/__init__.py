@@ -13,6 +13,7 @@ from tl_jax.weights.hf_vision import convert_hf_vision  # registers the Hugging 
 from tl_jax.weights.convnext import convert_hf_convnext  # registers the Hugging Face ConvNeXt source
 from tl_jax.weights.timm_source import convert_timm  # registers the timm source
 from tl_jax.weights.open_clip_source import convert_open_clip  # registers the open_clip source
+from tl_jax.weights.big_vision_source import convert_big_vision  # registers the big_vision .npz source
 from tl_jax.weights.mappings import MAPPINGS, Mapping, Rule
 from tl_jax.weights.readers import FORMATS, read_tensors
 
@@ -24,6 +25,7 @@ __all__ = [
     "Rule",
     "SOURCES",
     "WeightMappingError",
+    "convert_big_vision",
     "convert_hf_convnext",
     "convert_hf_vision",
     "convert_open_clip",
