@@ -216,8 +216,8 @@ def test_cli_convert_without_flags_and_layer_decay_over_every_vit_part(tmp_path,
     from tl_jax.params.layer_decay import layer_decay
     from tl_jax.params.param_rules import flatten_paths
 
-    dino = transformers.Dinov2WithRegistersConfig(**{k: v for k, v in TINY.items() if k != "intermediate_size"},
-                                                  num_register_tokens=2)
+    sizes = {**{k: v for k, v in TINY.items() if k != "intermediate_size"}, "patch_size": 6, "image_size": 36}
+    dino = transformers.Dinov2WithRegistersConfig(**sizes, num_register_tokens=2)  # 6 px patches: 32 px no multiple
     save(perturbed(transformers.Dinov2WithRegistersModel(dino)), tmp_path / "dino")
     assert main(["weights", "convert", "--from", str(tmp_path / "dino"), "--out", str(tmp_path / "ck")]) == 0
     assert "--config.model.name=vit" in capsys.readouterr().out
@@ -230,6 +230,8 @@ def test_cli_convert_without_flags_and_layer_decay_over_every_vit_part(tmp_path,
     for name in ("dino", "clip", "sig"):
         res = convert_weights(tmp_path / name, out=None)
         rules = layer_decay("vit", 0.5, res.variables["params"])
+        shapes_only = layer_decay("vit", 0.5, model_kwargs=res.model_kwargs)  # no params: the model's shapes
+        assert shapes_only[:-1] == rules[:-1] and shapes_only[-1] == [rules[-1][0] + "|head/.*", 1.0]
         depth = {}
         for path in flatten_paths(res.variables["params"]):
             hits = [rate for rx, rate in rules if re.fullmatch(rx, path)]

@@ -92,6 +92,9 @@ def default_params(model_name: str, model_kwargs: dict | None = None) -> PyTree:
     fam = family(model_name)
     model = get_model(model_name, 2, **(model_kwargs or {}))
     shape = _INPUTS[fam]
+    if fam == "vit" and (model_kwargs or {}).get("patch_size"):  # a multiple of the patch (14 for DINOv2)
+        p = 2 * int(model_kwargs["patch_size"])
+        shape = (1, p, p, shape[-1])
     x = jnp.zeros(shape, jnp.int32 if fam == "bert" else jnp.float32)
     return jax.eval_shape(lambda r: model.init(r, x, train=False), jax.random.PRNGKey(0))["params"]
 
