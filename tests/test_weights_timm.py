@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from tl_jax.cli import main
 from tl_jax.models import get_model
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.weights import WeightMappingError, convert_weights
@@ -176,3 +177,17 @@ def test_timm_vit_refusals_are_one_line():
     t, kw = timm_vit_tensors(dict(base, **{"pos_embed": np.ones((1, 4, 8))}), {}, "deit3_small_patch16_224")
     assert t["pos_embed"].shape == (1, 5, 8) and not t["pos_embed"][0, 0].any() and t["pos_embed"][0, 1:].all()
     assert kw["num_heads"] == 6 and kw["pos_grid"] == [2, 2] and kw["act"] == "gelu" and kw["norm_eps"] == 1e-6
+
+
+def test_cli_timm_name_for_a_bare_file(tmp_path, capsys):
+    """`tl-jax weights convert --from FILE --timm-name ARCH`: a timm cache file has no config.json beside it."""
+    ref = TorchResNet(Basic, (2, 2, 2, 2), base_width=4, num_classes=3).eval()
+    torch.save(ref.state_dict(), tmp_path / "resnet18_a1_0-d63eafa0.pth")
+    args = ["weights", "convert", "--from", str(tmp_path / "resnet18_a1_0-d63eafa0.pth"), "--out", str(tmp_path / "ck")]
+    assert main([*args, "--timm-name", "resnet18.a1_in1k"]) == 0
+    assert "--config.model.name=resnet18" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "ck" / "tl_jax_weights.json").read_text())
+    assert meta["format"] == "timm" and meta["architecture"] == "resnet18.a1_in1k"
+    assert meta["preprocessing"]["source"] == "defaults of timm resnet18.a1_in1k"
+    assert main([*args, "--timm-name", "resnet18", "--model", "resnet18", "--overwrite"]) == 2
+    assert "leave --mapping and --model out" in capsys.readouterr().err

@@ -42,6 +42,9 @@ def convert_parser(formats: Sequence[str], mappings: Sequence[str]) -> argparse.
     p.add_argument("--mapping", default=None, choices=sorted(mappings),
                    help="the source's naming scheme (default: recognised from the source, e.g. a Hugging Face folder)")
     p.add_argument("--model", default=None, help="tl_jax model name (config.model.name; default: the source's)")
+    p.add_argument("--timm-name", default=None, metavar="ARCH",
+                   help="a timm weights file without timm's config.json beside it: its architecture, e.g. "
+                        "convnext_tiny.fb_in1k, resnet50.a1_in1k, vit_base_patch16_224.augreg_in21k")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict of model kwargs (else read from the weights)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the source classifier's, if any")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
@@ -73,9 +76,17 @@ def cmd_weights(argv: Sequence[str]) -> int:
             print(f"{name} {tuple(value.shape)} {value.dtype}")
         return 0
     # Deferred (JAX): the mapping and format names are the convert parser's choices.
-    from tl_jax.weights import FORMATS, MAPPINGS, convert_weights
+    from tl_jax.weights import FORMATS, MAPPINGS, convert_timm, convert_weights
 
     args = convert_parser(FORMATS, MAPPINGS).parse_args(top.args)
+    if args.timm_name:
+        if args.mapping or args.model:
+            raise ValueError("--timm-name picks the mapping and the model; leave --mapping and --model out")
+        result = convert_timm(args.source, timm_name=args.timm_name, out=args.out, num_classes=args.num_classes,
+                              model_kwargs=model_kwargs(args.model_kwargs), ignore=args.ignore,
+                              overwrite=args.overwrite)
+        print(result.summary())
+        return 0
     result = convert_weights(args.source, mapping=args.mapping, model=args.model, out=args.out, fmt=args.format,
                              model_kwargs=model_kwargs(args.model_kwargs), num_classes=args.num_classes,
                              ignore=args.ignore, overwrite=args.overwrite)
