@@ -17,6 +17,8 @@ from scipy.special import erf
 
 from tl_jax.models import get_model
 from tl_jax.models.convnext import drop_path
+from tl_jax.params.layer_decay import layer_decay
+from tl_jax.params.param_rules import match_rules
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.weights import WeightMappingError, convert_weights
 from tl_jax.weights.convnext import convert_hf_convnext
@@ -142,3 +144,18 @@ def test_hf_convnext_mismatch_is_one_line_each(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
     with pytest.raises(ValueError, match="hidden_act='relu'; tl_jax's convnext implements 'gelu'"):
         convert_hf_convnext(tmp_path / "hf", out=None)
+
+
+def test_layer_decay_table():
+    """Stem 0 < stage s (its downsampling and blocks) s+1 < head and the pooled-feature norm 5."""
+    kwargs = {"depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32]}
+    rules = layer_decay("convnext", 0.5, model_kwargs=kwargs)
+    assert [r[1] for r in rules] == [0.5 ** 5, 0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5, 1.0]
+    assert rules[0][0] == "backbone/stem_conv/.*|backbone/stem_norm/.*"
+    assert "backbone/stage2_downsample_conv/.*" in rules[3][0].split("|")
+    assert set(rules[5][0].split("|")) == {"backbone/norm/.*", "head/.*"}
+    assert layer_decay("convnext_tiny", 0.5)[1][1] == 0.5 ** 4
+    params = jax.eval_shape(lambda: get_model("convnext", 3, **kwargs).init(jax.random.key(0),
+                                                                              jnp.zeros((1, 32, 32, 3))))["params"]
+    table = match_rules(params, rules)  # every param matched, every rule used
+    assert table["backbone/stage3_block0/gamma"] == 0.5 and table["backbone/stem_norm/scale"] == 0.5 ** 5

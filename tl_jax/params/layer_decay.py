@@ -12,7 +12,9 @@ the NNX twins ``*_nnx`` have the same paths):
 - ``vit``: ``backbone/embedding``, ``cls``, ``dist``, ``reg``, ``pos_embedding``,
   ``pre_norm`` 0 < block ``encoderblock_i`` i+1 < ``head`` (and what follows the
   blocks: ``encoder_norm``, ``map_head``, ``projection``) L+1;
-- ``bert``: ``backbone/embeddings`` 0 < ``layer_i`` i+1 < ``head`` L+1.
+- ``bert``: ``backbone/embeddings`` 0 < ``layer_i`` i+1 < ``head`` L+1;
+- ``convnext`` (any ``convnext*``): the stem ``backbone/stem_*`` 0 < stage ``backbone/stageS_*`` (its
+  downsampling and blocks) S+1 (1..4) < ``head`` (and the pooled-feature ``norm``) 5.
 
 The table has one rule per depth present, ``[regex over '/'-joined paths,
 multiplier]``, lowest depth first, so it matches every param and every rule
@@ -67,17 +69,28 @@ def _bert(path: str) -> int | str | None:
     return 0 if path.startswith("backbone/embeddings/") else None
 
 
-FAMILIES: dict[str, Callable[[str], int | str | None]] = {"cnn": _cnn, "resnet": _resnet, "vit": _vit, "bert": _bert}
-_INPUTS = {"cnn": (1, 28, 28, 1), "resnet": (1, 32, 32, 3), "vit": (1, 32, 32, 3), "bert": (1, 8)}
+def _convnext(path: str) -> int | str | None:
+    m = re.match(r"backbone/stage(\d+)_", path)
+    if m:
+        return int(m.group(1)) + 1
+    if path.startswith("backbone/norm/"):
+        return HEAD
+    return 0 if path.startswith(("backbone/stem_conv/", "backbone/stem_norm/")) else None
+
+
+FAMILIES: dict[str, Callable[[str], int | str | None]] = {"cnn": _cnn, "resnet": _resnet, "vit": _vit, "bert": _bert,
+                                                          "convnext": _convnext}
+_INPUTS = {"cnn": (1, 28, 28, 1), "resnet": (1, 32, 32, 3), "vit": (1, 32, 32, 3), "bert": (1, 8),
+           "convnext": (1, 32, 32, 3)}
 
 
 def family(model_name: str) -> str:
-    """``'cnn'``, ``'resnet'``, ``'vit'`` or ``'bert'`` for a zoo model name (NNX twins included)."""
+    """``'cnn'``, ``'resnet'``, ``'vit'``, ``'bert'`` or ``'convnext'`` for a zoo model name (NNX twins included)."""
     base = model_name[:-len("_nnx")] if model_name.endswith("_nnx") else model_name
-    fam = "resnet" if base.startswith("resnet") else base
+    fam = "resnet" if base.startswith("resnet") else "convnext" if base.startswith("convnext") else base
     if fam not in FAMILIES:
         raise ValueError(f"layer_decay: no layer depths for model {model_name!r}; known families: cnn, resnet*, vit, "
-                         f"bert (and their *_nnx twins); write config.param_rules by hand for other models")
+                         f"bert (and their *_nnx twins), convnext*; write config.param_rules by hand for other models")
     return fam
 
 
