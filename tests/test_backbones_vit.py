@@ -139,6 +139,17 @@ def test_dinov2_classifier_reads_cls_and_patch_mean(tmp_path):
     assert_rel(logits, want, 1e-5)
 
 
+def test_dinov2_swiglu_giant_style_mlp(tmp_path):
+    cfg = transformers.Dinov2Config(**{k: v for k, v in TINY.items() if k != "intermediate_size"}, use_swiglu_ffn=True)
+    ref = perturbed(transformers.Dinov2Model(cfg))
+    res = convert_weights(save(ref, tmp_path / "dino"), out=tmp_path / "ck")
+    assert (res.model_kwargs["act"], res.model_kwargs["mlp_dim"]) == ("swiglu", 176)  # (int(256 * 2/3) + 7) // 8 * 8
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x).pooler_output
+    assert_rel(tl_run(tmp_path / "ck", x)[1], want, 1e-5)
+
+
 def test_clip_vision_with_projection_and_full_clip_model(tmp_path):
     vcfg = transformers.CLIPVisionConfig(**TINY, projection_dim=16)
     ref = perturbed(transformers.CLIPVisionModelWithProjection(vcfg))

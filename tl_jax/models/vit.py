@@ -61,11 +61,16 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # flax's default; SigLIP's gelu_pytorch_tanh
     "gelu": lambda x: nn.gelu(x, approximate=False),  # exact (erf): HF ViT, DeiT, DINOv2
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+    "swiglu": None,  # a gated MLP (MlpBlock), not an elementwise function
 }
 
 
 class MlpBlock(nn.Module):
-    """Dense(mlp_dim) -> act -> dropout -> Dense(D) -> dropout: ``[B, N, D]`` -> ``[B, N, D]``."""
+    """Dense(mlp_dim) -> act -> dropout -> Dense(D) -> dropout: ``[B, N, D]`` -> ``[B, N, D]``.
+
+    ``act='swiglu'``: Dense_0 is ``D -> 2 * mlp_dim`` split into ``gate | up`` and the activation is
+    ``silu(gate) * up`` (Shazeer 2020; DINOv2 ViT-g).
+    """
 
     mlp_dim: int
     dropout: float = 0.0
@@ -75,7 +80,11 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         d = x.shape[-1]
-        y = ACTIVATIONS[self.act](nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
+        if self.act == "swiglu":  # DINOv2 giant: Dense_0 -> [gate | up], silu(gate) * up
+            gate, up = jnp.split(nn.Dense(2 * self.mlp_dim, dtype=self.dtype, name="Dense_0")(x), 2, axis=-1)
+            y = nn.silu(gate) * up
+        else:
+            y = ACTIVATIONS[self.act](nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
         y = nn.Dropout(self.dropout)(y, deterministic=not train)
         y = nn.Dense(d, dtype=self.dtype, name="Dense_1")(y)
         return nn.Dropout(self.dropout)(y, deterministic=not train)

@@ -81,8 +81,8 @@ RULES: tuple[Rule, ...] = (
     *_norm(rf"{_L}\.(?:layernorm_after|norm2|layer_norm2)", rf"{_B}/encoderblock_\1/LayerNorm_1"),
     Rule(rf"{_L}\.layer_scale1\.lambda1", rf"{_B}/encoderblock_\1/LayerScale_0/scale"),
     Rule(rf"{_L}\.layer_scale2\.lambda1", rf"{_B}/encoderblock_\1/LayerScale_1/scale"),
-    *_pair(rf"{_L}\.(?:intermediate\.dense|mlp\.fc1)", rf"{_B}/encoderblock_\1/MlpBlock_0/Dense_0"),
-    *_pair(rf"{_L}\.(?:output\.dense|mlp\.fc2)", rf"{_B}/encoderblock_\1/MlpBlock_0/Dense_1"),
+    *_pair(rf"{_L}\.(?:intermediate\.dense|mlp\.fc1|mlp\.weights_in)", rf"{_B}/encoderblock_\1/MlpBlock_0/Dense_0"),
+    *_pair(rf"{_L}\.(?:output\.dense|mlp\.fc2|mlp\.weights_out)", rf"{_B}/encoderblock_\1/MlpBlock_0/Dense_1"),
     *_norm(r"(?:layernorm|post_layernorm)", f"{_B}/encoder_norm"),
     Rule(r"visual_projection\.weight", f"{_B}/projection/kernel", "linear"),
     Rule(r"head\.probe", f"{_B}/map_head/probe"),
@@ -183,11 +183,10 @@ def vit_kwargs(cfg: dict, tensors: dict[str, np.ndarray], source: str) -> dict:
     if act not in ACTS:
         raise ValueError(f"{source}: hidden_act={act!r} is not one of the activations tl_jax's vit implements "
                          f"{sorted(ACTS)}")
-    if vc.get("use_swiglu_ffn"):
-        raise ValueError(f"{source}: use_swiglu_ffn=true (DINOv2 giant) is not implemented by tl_jax's vit")
     patch = next((v for k, v in tensors.items() if re.fullmatch(PATCH, k)), None)
-    fc1 = next((v for k, v in tensors.items() if re.fullmatch(rf"{_L}\.(intermediate\.dense|mlp\.fc1)\.weight", k)),
-               None)
+    fc1 = next((v for k, v in tensors.items()
+                if re.fullmatch(rf"{_L}\.(intermediate\.dense|mlp\.fc1|mlp\.weights_in)\.weight", k)), None)
+    swiglu = any(re.fullmatch(rf"{_L}\.mlp\.weights_in\.weight", k) for k in tensors)
     pos = next((v for k, v in tensors.items() if k in ("embeddings.position_embeddings",
                                                        "embeddings.position_embedding.weight")), None)
     if patch is None or fc1 is None or pos is None:
@@ -198,7 +197,8 @@ def vit_kwargs(cfg: dict, tensors: dict[str, np.ndarray], source: str) -> dict:
     cls = family != "siglip"
     grid = int(round((pos.reshape(-1, pos.shape[-1]).shape[0] - cls - dist) ** 0.5))
     kwargs = {"patch_size": int(patch.shape[-1]), "hidden_size": int(patch.shape[0]), "depth": max(layers) + 1,
-              "num_heads": int(heads), "mlp_dim": int(fc1.shape[0]), "act": ACTS[act], "norm_eps": float(eps),
+              "num_heads": int(heads), "mlp_dim": int(fc1.shape[0]) // (2 if swiglu else 1),
+              "act": "swiglu" if swiglu else ACTS[act], "norm_eps": float(eps),
               "pos_grid": [grid, grid], "pooling": "cls", "class_token": cls}
     if dist:
         kwargs["dist_token"] = True
