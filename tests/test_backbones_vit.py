@@ -260,7 +260,8 @@ def test_cli_convert_without_flags_and_layer_decay_over_every_vit_part(tmp_path,
 @pytest.mark.slow
 def test_converted_vit_fine_tunes_frozen_and_with_layer_decay_and_ranks(tmp_path, tfds_data_dir):
     """End to end on mnist5k (1 channel, 14 px -> 16 px): a converted ViT trains with a frozen backbone and
-    with layer-wise LR decay, its recorded normalisation applied by default; `tl-jax rank` scores it."""
+    with layer-wise LR decay, its recorded normalisation applied by default; `tl-jax rank` scores it and
+    `tl-jax fewshot` evaluates its features."""
     from tl_jax import config as config_lib
     from tl_jax.cli import main
     from tl_jax.params.layer_decay import layer_decay
@@ -303,6 +304,11 @@ def test_converted_vit_fine_tunes_frozen_and_with_layer_decay_and_ranks(tmp_path
                  '{"op": "normalize", "mean": [0.2], "std": [0.3]}]', "--config.data.shots=5",
                  "--candidates", str(tmp_path / "ck"), str(tmp_path / "llrd"), "--score", "logme",
                  "--out", str(tmp_path / "rank")]) == 0
+    assert main(["fewshot", "--workdir", str(tmp_path / "ck"), "--target", "tests/configs/tiny.py",
+                 f"--config.data.data_dir={tfds_data_dir}", "--shots", "2", "--seeds", "1",
+                 '--config.data.eval_pp=[{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 12}, '
+                 '{"op": "normalize", "mean": [0.2], "std": [0.3]}]', "--out", str(tmp_path / "fewshot.json")]) == 0
+    assert (tmp_path / "fewshot.json").is_file()
 
 
 def test_weights_normalisation_is_the_default_and_an_own_one_overrides_with_a_warning(tmp_path, caplog):
