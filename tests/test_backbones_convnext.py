@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
+from tl_jax import config as config_lib
+from tl_jax.cli import main
 from tl_jax.models import get_model
 from tl_jax.models.convnext import drop_path
 from tl_jax.params.layer_decay import layer_decay
-from tl_jax.params.param_rules import match_rules
+from tl_jax.params.param_rules import flatten_paths, match_rules
 from tl_jax.train.checkpoint import load_variables
+from tl_jax.train.loop import train
 from tl_jax.weights import WeightMappingError, convert_weights
 from tl_jax.weights.convnext import convert_hf_convnext
 
@@ -159,3 +162,40 @@ def test_layer_decay_table():
                                                                               jnp.zeros((1, 32, 32, 3))))["params"]
     table = match_rules(params, rules)  # every param matched, every rule used
     assert table["backbone/stage3_block0/gamma"] == 0.5 and table["backbone/stem_norm/scale"] == 0.5 ** 5
+
+
+@pytest.mark.slow
+def test_converted_convnext_fine_tunes_frozen_and_with_layer_decay_and_ranks(tmp_path, tfds_data_dir):
+    """End to end on mnist5k (1 channel, 32 px): a converted Hugging Face ConvNeXt trains with a frozen backbone
+    and with layer-wise LR decay, its recorded normalisation applied by default; `tl-jax rank` scores it."""
+    hf_reference(tmp_path, head=False, num_channels=1)
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.2], "image_std": [0.3], "size": {"shortest_edge": 32}, "crop_pct": 0.875, "resample": 3}))
+    res = convert_weights(tmp_path / "hf", out=tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "tl_jax_weights.json").read_text())
+    assert meta["preprocessing"]["image_size"] == [32, 32] and meta["preprocessing"]["resize"] == 36
+    loaded = load_variables(str(tmp_path / "ck"))
+    pp = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 32}]
+
+    def run(name, **overrides):
+        c = config_lib.load_config("tests/configs/tiny.py:steps=4")
+        c.data.data_dir = tfds_data_dir
+        c.data.train_pp, c.data.eval_pp = list(pp), list(pp)
+        c.model.name, c.model.kwargs, c.init_from = res.model, res.model_kwargs, str(tmp_path / "ck")
+        for key, value in overrides.items():
+            config_lib.apply_overrides(c, [f"{key}={json.dumps(value)}"])
+        train(c, str(tmp_path / name))
+        return json.loads((tmp_path / name / "config.json").read_text()), load_variables(str(tmp_path / name))
+
+    recorded, frozen = run("frozen", param_rules=[["backbone/.*", None], [".*", 1.0]])
+    assert recorded["data"]["train_pp"][-1] == {"op": "normalize", "mean": [0.2], "std": [0.3]}
+    for path, value in flatten_paths(loaded["params"]).items():
+        np.testing.assert_array_equal(flatten_paths(frozen["params"])[path], value)
+    rules = layer_decay("convnext", 0.5, loaded["params"] | {"head": frozen["params"]["head"]})
+    _, tuned = run("llrd", param_rules=rules)
+    before, after = flatten_paths(loaded["params"]), flatten_paths(tuned["params"])
+    assert np.abs(after["backbone/stage3_block0/fc2/kernel"] - before["backbone/stage3_block0/fc2/kernel"]).max() > 0
+    assert main(["rank", "--target", "tests/configs/tiny.py", f"--config.data.data_dir={tfds_data_dir}",
+                 f"--config.data.eval_pp={json.dumps(pp + [{'op': 'normalize', 'mean': [0.2], 'std': [0.3]}])}",
+                 "--config.data.shots=5", "--candidates", str(tmp_path / "ck"), str(tmp_path / "llrd"),
+                 "--score", "logme", "--out", str(tmp_path / "rank")]) == 0
