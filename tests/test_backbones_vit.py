@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tl_jax.models import get_model  # noqa: E402
+from tl_jax.params.param_rules import flatten_paths  # noqa: E402
 from tl_jax.train.checkpoint import load_variables  # noqa: E402
 from tl_jax.weights import WeightMappingError, convert_weights  # noqa: E402
 
@@ -225,8 +226,6 @@ def test_cli_convert_without_flags_and_layer_decay_over_every_vit_part(tmp_path,
     registers, LayerScale, CLIP's pre-norm and projection, SigLIP's MAP head."""
     from tl_jax.cli import main
     from tl_jax.params.layer_decay import layer_decay
-    from tl_jax.params.param_rules import flatten_paths
-
     sizes = {**{k: v for k, v in TINY.items() if k != "intermediate_size"}, "patch_size": 6, "image_size": 36}
     dino = transformers.Dinov2WithRegistersConfig(**sizes, num_register_tokens=2)  # 6 px patches: 32 px no multiple
     save(perturbed(transformers.Dinov2WithRegistersModel(dino)), tmp_path / "dino")
@@ -265,7 +264,6 @@ def test_converted_vit_fine_tunes_frozen_and_with_layer_decay_and_ranks(tmp_path
     from tl_jax import config as config_lib
     from tl_jax.cli import main
     from tl_jax.params.layer_decay import layer_decay
-    from tl_jax.params.param_rules import flatten_paths
     from tl_jax.train.loop import train
 
     cfg_hf = transformers.ViTConfig(**{**TINY, "image_size": 16, "num_channels": 1, "hidden_size": 32,
@@ -331,3 +329,26 @@ def test_weights_normalisation_is_the_default_and_an_own_one_overrides_with_a_wa
     assert apply_weights_preprocessing(c) == ["config.data.train_pp"]
     assert c.data.train_pp[-1] == {"op": "normalize", "mean": [0.5] * 3, "std": [0.5] * 3}
     assert apply_weights_preprocessing(c) == []  # idempotent: the config recorded is the config re-applied
+
+
+def test_sharded_safetensors_and_pytorch_bin_folders_convert_alike(tmp_path):
+    ref = perturbed(transformers.ViTModel(transformers.ViTConfig(**TINY)))
+    ref.save_pretrained(tmp_path / "one")
+    ref.save_pretrained(tmp_path / "shards", max_shard_size="60KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(tmp_path / "one" / "model.safetensors")), tmp_path / "bin" / "pytorch_model.bin")
+    results = {name: convert_weights(tmp_path / name, out=tmp_path / f"ck_{name}") for name in ("one", "shards", "bin")}
+    files = {name: [f["name"] for f in json.loads((tmp_path / f"ck_{name}" / "tl_jax_weights.json").read_text())
+                    ["files"]] for name in results}
+    assert files["one"] == ["model.safetensors"] and files["bin"] == ["pytorch_model.bin"] and len(files["shards"]) > 1
+    want = flatten_paths(results["one"].variables)
+    for name in ("shards", "bin"):
+        got = flatten_paths(results[name].variables)
+        assert sorted(got) == sorted(want)
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path])
+    assert sorted(results["one"].dropped) == ["pooler.dense.bias", "pooler.dense.weight"]
