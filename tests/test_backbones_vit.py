@@ -126,17 +126,23 @@ def test_dinov2_with_registers_features_and_interpolation(tmp_path):
         assert_rel(tl_run(tmp_path / "ck", x)[1], want, tol)
 
 
-def test_dinov2_classifier_reads_cls_and_patch_mean(tmp_path):
-    cfg = transformers.Dinov2Config(**{k: v for k, v in TINY.items() if k != "intermediate_size"}, mlp_ratio=2,
-                                    num_labels=3)
-    ref = perturbed(transformers.Dinov2ForImageClassification(cfg))
+@pytest.mark.parametrize("registers", [0, 2])
+def test_dinov2_classifier_reads_cls_and_patch_mean(tmp_path, registers):
+    sizes = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    if registers:
+        cfg = transformers.Dinov2WithRegistersConfig(**sizes, mlp_ratio=2, num_labels=3, num_register_tokens=2)
+        ref = perturbed(transformers.Dinov2WithRegistersForImageClassification(cfg))
+    else:
+        ref = perturbed(transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**sizes, mlp_ratio=2,
+                                                                                             num_labels=3)))
     res = convert_weights(save(ref, tmp_path / "dino"), out=tmp_path / "ck")
-    assert res.model_kwargs["pooling"] == "cls_gap" and res.model_kwargs["pos_interp"] == "bicubic"
+    assert res.model_kwargs["pooling"] == "cls_gap" and res.model_kwargs["num_registers"] == registers
+    assert res.model_kwargs["pos_interp"] == ("bicubic_aa" if registers else "bicubic")
     x = images(32)
     with torch.no_grad():
         want = ref(x).logits
     logits, feats = tl_run(tmp_path / "ck", x)
-    assert feats.shape == (2, 128)
+    assert feats.shape == (2, 128)  # concat(class token, mean of the patch tokens; registers left out)
     assert_rel(logits, want, 1e-5)
 
 
