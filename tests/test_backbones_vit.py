@@ -358,3 +358,31 @@ def test_sharded_safetensors_and_pytorch_bin_folders_convert_alike(tmp_path):
         for path in want:
             np.testing.assert_array_equal(got[path], want[path])
     assert sorted(results["one"].dropped) == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("n_in, n_out", [(4, 6), (14, 37), (6, 4), (16, 7), (5, 5)])
+def test_position_resize_matches_torch_bicubic(n_in, n_out, antialias):
+    """The resize matrices reproduce torch.nn.functional.interpolate(bicubic, align_corners=False), up and down."""
+    from tl_jax.models.vit_posemb import resize_grid
+
+    grid = np.random.default_rng(0).normal(size=(n_in, n_in + 1, 3)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.tensor(grid).permute(2, 0, 1)[None], size=(n_out, n_out + 2),
+                                           mode="bicubic", align_corners=False, antialias=antialias)
+    got = resize_grid(grid, (n_out, n_out + 2), "bicubic_aa" if antialias else "bicubic")
+    np.testing.assert_allclose(np.asarray(got), want[0].permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+def test_vit_option_errors_are_one_line():
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    small = dict(patch_size=4, hidden_size=8, depth=1, num_heads=2, mlp_dim=8)
+    for kwargs, match in [({"pooling": "cls_dist"}, "needs dist_token=True"),
+                          ({"pooling": "cls", "class_token": False}, "reads the class token"),
+                          ({"act": "relu"}, "act must be one of"),
+                          ({"pos_interp": "nearest"}, "pos_interp must be one of"),
+                          ({"pos_grid": [3]}, "pos_grid must be")]:
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(get_model("vit", 2, **small, **kwargs).init, jax.random.key(0), x)
+    shapes = jax.eval_shape(get_model("vit", 2, **small, pos_grid=[5, 5], num_registers=2, dist_token=True).init,
+                            jax.random.key(0), x)["params"]["backbone"]
+    assert shapes["pos_embedding"].shape == (1, 2 + 25, 8) and shapes["reg"].shape == (1, 2, 8)
