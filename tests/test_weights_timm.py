@@ -191,3 +191,5 @@ def test_cli_timm_name_for_a_bare_file(tmp_path, capsys):
     assert meta["preprocessing"]["source"] == "defaults of timm resnet18.a1_in1k"
     assert main([*args, "--timm-name", "resnet18", "--model", "resnet18", "--overwrite"]) == 2
     assert "leave --mapping and --model out" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 2  # a bare file: nothing to recognise it by
+    assert "or --timm-name ARCH for a timm file without its config.json" in capsys.readouterr().err

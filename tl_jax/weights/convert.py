@@ -218,7 +218,8 @@ def _convert_detected(source: pathlib.Path, *, model: str | None, **kwargs: Any)
     name = detect_source(source)
     if name is None:
         raise ValueError(f"cannot tell what {source} is (known sources: {list(SOURCES)}); pass --mapping "
-                         f"{sorted(MAPPINGS)} and --model for a bare weights file")
+                         f"{sorted(MAPPINGS)} and --model for a bare weights file, or --timm-name ARCH for a "
+                         f"timm file without its config.json")
     convert = SOURCES[name][1]
     if model is not None:  # checked before anything is written (a dry run: model building is abstract)
         picked = convert(source, **{**kwargs, "out": None}).model
