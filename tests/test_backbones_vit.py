@@ -386,3 +386,14 @@ def test_vit_option_errors_are_one_line():
     shapes = jax.eval_shape(get_model("vit", 2, **small, pos_grid=[5, 5], num_registers=2, dist_token=True).init,
                             jax.random.key(0), x)["params"]["backbone"]
     assert shapes["pos_embedding"].shape == (1, 2 + 25, 8) and shapes["reg"].shape == (1, 2, 8)
+
+
+def test_siglip_for_image_classification_mean_pools_without_the_map_head(tmp_path):
+    cfg = transformers.SiglipConfig(vision_config={**TINY, "vision_use_head": False}, text_config=TEXT, num_labels=3)
+    ref = perturbed(transformers.SiglipForImageClassification(cfg))
+    res = convert_weights(save(ref, tmp_path / "sig"), out=tmp_path / "ck")
+    assert res.model_kwargs["pooling"] == "gap" and res.num_classes == 3
+    x = images(32)
+    with torch.no_grad():
+        want = ref(x).logits
+    assert_rel(tl_run(tmp_path / "ck", x)[0], want, 1e-5)
