@@ -21,6 +21,7 @@ import numpy as np
 
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam
 from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.transferability.extract import target_arrays
 
 
 class FeatureRegularized(Objective):
@@ -65,9 +66,6 @@ def training_outputs(config: ml_collections.ConfigDict, fn, variables: PyTree, b
     ``fn`` (jitted; ``variables`` an argument, not baked-in constants) maps them and a batch dict
     (``image`` or ``input_ids``/``attention_mask``) to an array.
     """
-    # deferred: transferability.extract imports tl_jax.objectives.base (a module-level cycle otherwise)
-    from tl_jax.transferability.extract import target_arrays
-
     arrays = target_arrays(config)
     labels = np.asarray(arrays.pop("label"), np.int32)
     fwd = jax.jit(fn)

@@ -36,7 +36,8 @@ from tl_jax.data.pipeline import _Subset
 from tl_jax.data.validation import train_and_val_indices
 from tl_jax.models import contract, model_from_config
 from tl_jax.models.heads import head_dims
-from tl_jax.objectives.base import model_inputs
+from tl_jax.models.inputs import model_inputs
+from tl_jax.train.checkpoint import load_variables, parse_step_spec
 
 INPUT_KEYS = ("image", "input_ids", "attention_mask")
 NAMED_LAYERS = ("features", "logits")
@@ -77,8 +78,6 @@ def target_arrays(config: Any) -> dict[str, np.ndarray]:
 def candidate_model_config(path: str, where: str = "") -> dict:
     """The ``model`` group (``name``, ``kwargs``, ``num_classes``, head...) of candidate ``path`` (errors name it
     as ``where``, default ``--candidates PATH``)."""
-    from tl_jax.train.checkpoint import parse_step_spec  # lazy: tl_jax.train imports the objectives
-
     p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.json").is_file():
@@ -94,8 +93,6 @@ def candidate_model_config(path: str, where: str = "") -> dict:
 def load_candidate(path: str, flag: str = "--candidates") -> Candidate:
     """Variables, model and source classes of candidate ``path`` (one-line errors name it as ``flag path``:
     ``--candidates`` for ``tl-jax rank``, ``--workdir`` for ``tl-jax fewshot``)."""
-    from tl_jax.train.checkpoint import load_variables  # lazy: tl_jax.train imports the objectives
-
     where = f"{flag} {path}"
     variables = load_variables(str(path), where=where)
     mc = candidate_model_config(str(path), where)
