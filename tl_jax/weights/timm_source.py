@@ -35,6 +35,7 @@ import pathlib
 import re
 
 import numpy as np
+from safetensors import safe_open
 
 from tl_jax.weights.convert import Converted, convert_weights, register_source
 from tl_jax.weights.convnext import zoo_name
@@ -91,8 +92,16 @@ def preprocessing(cfg: dict, architecture: str) -> dict | None:
                                pc.get("interpolation", "bicubic"), "config.json pretrained_cfg")
 
 
-def _resnet_model(tensors: dict, architecture: str) -> str:
-    """``resnet18`` / ``resnet50`` from the block counts (one line for other depths or stems)."""
+def tensor_names(file: pathlib.Path) -> list[str]:
+    """The tensor names of ``file``: from a safetensors header alone (no data read), else by reading it."""
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="numpy") as f:
+            return list(f.keys())
+    return list(read_tensors(file))
+
+
+def _resnet_model(tensors, architecture: str) -> str:
+    """``resnet18`` / ``resnet50`` from the block counts in the names ``tensors`` (one line for other depths)."""
     if "conv1.weight" not in tensors:
         raise ValueError(f"timm {architecture}: no conv1.weight; a deep-stem (-d/-s) ResNet is not torchvision's "
                          f"layout, which tl_jax's resnet models have")
@@ -203,7 +212,7 @@ def convert_timm(path: str | pathlib.Path, *, out: str | pathlib.Path | None, ti
     if fam == "convnext":
         mapping, model = "timm_convnext", "convnext"
     else:
-        mapping, model = "torchvision_resnet", _resnet_model(read_tensors(file), architecture)
+        mapping, model = "torchvision_resnet", _resnet_model(tensor_names(file), architecture)
     result = convert_weights(file, mapping=mapping, model=model, out=None, model_kwargs=model_kwargs,
                              num_classes=num_classes, ignore=ignore)
     if fam == "convnext":
