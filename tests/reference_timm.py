@@ -146,7 +146,8 @@ def big_vision_params(spec: dict, rng) -> dict:
     """Random params of a big_vision ViT (``big_vision/models/vit.py`` names and flax layouts), flat '/' keys."""
     import numpy as np
 
-    d, depth, heads, mlp, p, grid = spec["width"], spec["depth"], spec["heads"], spec["mlp"], spec["patch"], spec["grid"]
+    d, depth, heads, mlp = spec["width"], spec["depth"], spec["heads"], spec["mlp"]
+    p, grid = spec["patch"], spec["grid"]
 
     def r(*shape, scale=0.2):
         return (rng.standard_normal(shape) * scale).astype("float32")
@@ -155,7 +156,8 @@ def big_vision_params(spec: dict, rng) -> dict:
         return {"scale": (rng.random(d) + 0.5).astype("float32"), "bias": r(d, scale=0.1)}
 
     def attention():
-        return {**{n: {"kernel": r(d, heads, d // heads), "bias": r(heads, d // heads)} for n in ("query", "key", "value")},
+        qkv = {n: {"kernel": r(d, heads, d // heads), "bias": r(heads, d // heads)} for n in ("query", "key", "value")}
+        return {**qkv,
                 "out": {"kernel": r(heads, d // heads, d), "bias": r(d)}}
 
     def mlp_block():

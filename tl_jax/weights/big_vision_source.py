@@ -110,11 +110,12 @@ def canonical(raw: dict[str, np.ndarray], where: str, ignore=()) -> tuple[dict[s
 
 def vit_kwargs(t: dict[str, np.ndarray], where: str) -> dict:
     """``vit`` kwargs from the shapes (patch, width, depth, heads, MLP, grid, pooling)."""
-    embed, query = t["embedding/kernel"], t.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
-                                                 t.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
-                                                       "query/kernel"))
-    mlp = next((v for k, v in t.items() if re.fullmatch(r"Transformer/encoderblock_0/MlpBlock_[03]/Dense_0/kernel",
-                                                         k)), None)
+    embed, block0 = t["embedding/kernel"], "Transformer/encoderblock_0/"
+
+    def first(pattern: str) -> np.ndarray | None:
+        return next((v for k, v in t.items() if re.fullmatch(block0 + pattern, k)), None)
+
+    query, mlp = first(r"MultiHeadDotProductAttention_[01]/query/kernel"), first(r"MlpBlock_[03]/Dense_0/kernel")
     if query is None or mlp is None or "pos_embedding" not in t:
         raise ValueError(f"{where}: no attention / MLP / position tensors in block 0")
     cls = "cls" in t
