@@ -41,6 +41,8 @@ SPECS = [
     {"name": "vit", "timm": "vit_base_patch16_224", "kwargs": {**VIT, "dynamic_img_size": True}, "size2": 56},
     {"name": "deit_distilled", "timm": "deit_base_distilled_patch16_224", "kwargs": VIT, "features": "cls_dist"},
     {"name": "deit3", "timm": "deit3_small_patch16_224", "kwargs": VIT},  # LayerScale, patch-only positions
+    # pre-norm, no patch bias, LayerNorm eps 1e-5, QuickGELU: read from the architecture name
+    {"name": "vit_clip", "timm": "vit_base_patch16_clip_quickgelu_224", "kwargs": VIT},
 ]
 
 
@@ -90,12 +92,14 @@ def test_timm_parity(refs, tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit", "deit_distilled", "deit3"])
+@pytest.mark.parametrize("name", ["vit", "deit_distilled", "deit3", "vit_clip"])
 def test_timm_vit_parity(refs, tmp_path, name):
     res = convert_weights(refs / name, out=tmp_path / "ck")
     assert res.model == "vit" and res.model_kwargs["num_heads"] == 4 and res.model_kwargs["pos_grid"] == [4, 4]
     assert res.model_kwargs["pooling"] == ("cls_dist" if name == "deit_distilled" else "cls")
     assert (res.model_kwargs["layer_scale"] is not None) == (name == "deit3")
+    assert (res.model_kwargs["act"], res.model_kwargs["pre_norm"], res.model_kwargs["norm_eps"]) == \
+        (("quick_gelu", True, 1e-5) if name == "vit_clip" else ("gelu", False, 1e-6))
     ref = np.load(refs / name / "reference.npz")
     logits, feats = run_converted(tmp_path / "ck", ref["x"])
     close(feats, ref["features"])
