@@ -167,6 +167,11 @@ def big_vision_params(spec: dict, rng) -> dict:
             "Transformer": {"encoder_norm": norm()}, "head": {"kernel": r(d, 5), "bias": r(5)}}
     blocks = [{"LayerNorm_0": norm(), "MultiHeadDotProductAttention_0": attention(), "LayerNorm_1": norm(),
                "MlpBlock_0": mlp_block()} for _ in range(depth)]
+    if spec.get("vintage") == "vision_transformer":  # the original repo: its module names, cls inside the table
+        blocks = [{{"LayerNorm_1": "LayerNorm_2", "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                    "MlpBlock_0": "MlpBlock_3"}.get(k, k): v for k, v in b.items()} for b in blocks]
+        tree["Transformer"]["posembed_input"] = {"pos_embedding": r(1, grid * grid + 1, d)}
+        del tree["pos_embedding"]
     if spec["pool"] == "tok":
         tree["cls"] = r(1, 1, d)
     if spec["pool"] == "map":
@@ -201,7 +206,8 @@ def build_big_vision(spec: dict, out: pathlib.Path) -> None:
     pool = {"tok": "token", "gap": "avg", "map": "map"}[spec["pool"]]
     model = VisionTransformer(img_size=spec["grid"] * spec["patch"], patch_size=spec["patch"], embed_dim=spec["width"],
                               depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp"] / spec["width"],
-                              class_token=spec["pool"] == "tok", no_embed_class=True, global_pool=pool, fc_norm=False,
+                              class_token=spec["pool"] == "tok", global_pool=pool, fc_norm=False,
+                              no_embed_class=spec.get("vintage") != "vision_transformer",
                               act_layer="gelu_tanh", num_classes=5).eval()
     _load_weights(model, str(out / "model.npz"))
     x = torch.randn(2, 3, spec["grid"] * spec["patch"], spec["grid"] * spec["patch"],

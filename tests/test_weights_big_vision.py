@@ -32,6 +32,8 @@ SPECS = [
     {"name": "tok", "library": "big_vision", "pool": "tok", "prefix": "params/", **SIZE},
     {"name": "gap_scan", "library": "big_vision", "pool": "gap", "scan": True, **SIZE},
     {"name": "map", "library": "big_vision", "pool": "map", "prefix": "params/img/", **SIZE},
+    # the original vision_transformer repo's .npz (augreg): LayerNorm_2, ..._1, MlpBlock_3, posembed_input with cls
+    {"name": "vintage", "library": "big_vision", "pool": "tok", "vintage": "vision_transformer", **SIZE},
 ]
 
 
@@ -45,13 +47,13 @@ def refs(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tok", "gap_scan", "map"])
+@pytest.mark.parametrize("name", ["tok", "gap_scan", "map", "vintage"])
 def test_big_vision_parity(refs, tmp_path, name):
     npz = refs / name / "model.npz"
     assert is_big_vision(npz)
     res = convert_weights(npz, out=tmp_path / "ck")  # recognised from its names
     assert res.model == "vit" and res.num_classes == 5
-    assert res.model_kwargs["pooling"] == {"tok": "cls", "gap_scan": "gap", "map": "map"}[name]
+    assert res.model_kwargs["pooling"] == {"tok": "cls", "gap_scan": "gap", "map": "map", "vintage": "cls"}[name]
     assert res.model_kwargs["num_heads"] == 4 and res.model_kwargs["act"] == "gelu_tanh"
     meta = json.loads((tmp_path / "ck" / "tl_jax_weights.json").read_text())
     assert meta["format"] == "big_vision" and meta["preprocessing"]["mean"] == [0.5] * 3
