@@ -23,7 +23,10 @@
 Sources recognised from the files themselves (``mapping=None``, no flags): each
 format module registers ``(detect, convert)`` with :func:`register_source`
 (issue 30: Hugging Face model folders in :mod:`tl_jax.weights.hf_vision` (H7);
-timm / open_clip / big_vision files (H8) register theirs the same way).
+Hugging Face ConvNeXt folders (:mod:`tl_jax.weights.convnext`), timm folders or files
+(:mod:`tl_jax.weights.timm_source`), open_clip towers (:mod:`tl_jax.weights.open_clip_source`) and
+big_vision ``.npz`` (:mod:`tl_jax.weights.big_vision_source`) register theirs the same way; the order of
+registration is the order of the imports in :mod:`tl_jax.weights`, first match wins).
 """
 from __future__ import annotations
 
