@@ -11,6 +11,8 @@ STAMP := $(VENV)/.tl_jax-installed
 DEMO_STAMP := $(VENV)/.tl_jax-demo-installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+# weight-import parity references (see pyproject's test extras for why --no-deps)
+REFERENCE_LIBS := timm==1.0.31 open_clip_torch==3.3.0
 
 .PHONY: install demo test test-fast bench clean
 
@@ -18,6 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(REFERENCE_LIBS)
 	touch $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml
