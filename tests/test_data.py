@@ -88,6 +88,7 @@ def test_optdigits_is_exactly_sklearn_digits(embedded):
     assert len(rows) == 1797
 
 
+@pytest.mark.slow  # end to end (training runs / processes): not in make test-fast
 def test_preparation_is_deterministic_and_concurrency_safe(tmp_path, embedded):
     """Two processes prepare optdigits into one fresh data_dir at once; mnist5k is
     prepared again in-process. Both equal the session data bit for bit."""

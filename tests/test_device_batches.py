@@ -112,6 +112,7 @@ def test_bad_setting_names_the_config_key():
         config_lib.validate(c)
 
 
+@pytest.mark.slow  # end to end (training runs / processes): not in make test-fast
 def test_a_run_trains_identically_with_batches_made_on_the_devices(tmp_path, tfds_data_dir):
     """The whole loop, crops and flips made in the step vs on the host: the same params and logs, bit for bit."""
     out = {}
@@ -134,6 +135,7 @@ def test_a_run_trains_identically_with_batches_made_on_the_devices(tmp_path, tfd
         assert out[key][1] == out[False, 0][1] and len(out[key][1]) >= 3
 
 
+@pytest.mark.slow  # end to end (training runs / processes): not in make test-fast
 def test_cached_features_of_a_linear_probe_go_to_the_device_too(tmp_path, tfds_data_dir):
     """train.feature_cache's row table (backbone features) is what the device holds: same head as on the host."""
     src = tmp_path / "src"

@@ -99,6 +99,7 @@ def test_batch_job_log_lines_have_progress_and_eta(caplog):
     assert progress_lib.format_eta(185) == "3m05s" and progress_lib.format_eta(7440) == "2h04m"
 
 
+@pytest.mark.slow  # end to end (training runs / processes): not in make test-fast
 def test_wandb_offline_and_mlflow_local_get_the_metrics(tmp_path, tfds_data_dir, monkeypatch):
     """Both trackers on, offline: W&B's run summary and MLflow's metric history equal metrics.jsonl."""
     from mlflow.tracking import MlflowClient
