@@ -3,13 +3,13 @@
 A workdir (``config.json`` + ``checkpoints/``, see :mod:`tl_jax.train.workdir`) is rebuilt
 with the machinery of training: the config from ``config.json``
 (:func:`tl_jax.config.from_dict`), the objective, model and initial state from
-:func:`tl_jax.train.loop.build_model_and_state` (with ``init_from`` cleared: the
+:func:`tl_jax.train.build.build_model_and_state` (with ``init_from`` cleared: the
 checkpoint replaces every leaf), then the chosen step (``latest`` | ``best`` |
 ``STEP``, :func:`tl_jax.train.checkpoint.select_step`) restored into that
 state, ``aux`` included, so the restored state is exactly the saved one.
 
 * :func:`evaluate_run`: the objective's ``eval_sums`` over a whole split
-  (:func:`tl_jax.train.loop.evaluate`: last batch padded and masked). Without
+  (:func:`tl_jax.evaluation.during_training.evaluate`: last batch padded and masked). Without
   ``dataset``/``split`` it is the run's own test evaluation (through the
   objective's ``eval_data``, as in training), so it reproduces ``summary.json``.
 * :func:`predict`: per-example ``probs = softmax(z)`` ``[N, C]`` and
