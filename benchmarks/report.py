@@ -6,6 +6,7 @@ from typing import Any
 from benchmarks.common import fmt, table
 from benchmarks.conv_bench import FLAG_SETS, SHAPES, VARIANTS
 from benchmarks.overhead_bench import LOG_EVERY
+from benchmarks import vit_bench
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -117,6 +118,20 @@ def later_goals(s: dict) -> list[list]:
         rows.append(["33 scores", f"{name}: TLlib's numpy s / tl_jax's s, N=5,000 D=2,048 C=100, values equal to "
                      f"1e-6 (measured: {'n/a' if rel is None else f'{rel:.0e}'})", ">= 1.5", fmt(ratio),
                      "n/a" if ratio is None or rel is None else ("yes" if ratio >= 1.5 and rel <= 1e-6 else "**no**")])
+    return rows + vit_goals(s.get("vit", {}))
+
+
+def vit_goals(vit: dict) -> list[list]:
+    """Issue 30's goals: tl_jax's ViT vs timm eager on this CPU (torch s / tl_jax s), conversion vs reading."""
+    rows = []
+    for key, what in (("forward", "ViT-B/16 forward, batch 8, 224 px"), ("train_step", "ViT-S/16 train step, batch 8")):
+        s = _get(vit, key, "seconds") or {}
+        ratio = s["timm eager"] / s["tl_jax"] if s.get("tl_jax") and s.get("timm eager") else None
+        rows.append(["30 backbones", f"{what}: timm eager s / tl_jax s", ">= 1.0", fmt(ratio), _met(ratio, 1.0)])
+    c = _get(vit, "conversion") or {}
+    conv = c["convert_s"] / c["read_s"] if c.get("read_s") else None
+    rows.append(["30 backbones", "convert a HF ViT-B/16 folder s / read its file s (first in a process)", "<= 2",
+                 fmt(conv), _met(conv, 2.0, higher=False)])
     return rows
 
 
@@ -394,6 +409,8 @@ def render(results: dict) -> str:
                              "(benchmarks/recipes_bench.py)", None),
                  "transferability": ("Transferability scores vs Transfer-Learning-Library "
                                      "(benchmarks/transferability_bench.py)", None),
+                 "vit": ("Pretrained backbones: tl_jax's ViT vs timm on this CPU (benchmarks/vit_bench.py)",
+                         vit_bench.render),
                  "gpu": ("7. GPU: ResNet-50 224x224 bf16", None)}
     for name, (title, fn) in renderers.items():
         if name not in s:

@@ -35,7 +35,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.report import render  # noqa: E402
 
 SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "shard", "byo", "methods", "recipes",
-            "transferability", "gpu")
+            "transferability", "vit", "gpu")
 
 
 def _optional(module: str, **kwargs: Any) -> Callable[[], dict]:
@@ -66,6 +66,7 @@ def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
         "methods": _optional("benchmarks.methods_bench", data_dir=data_dir, quick=quick),
         "recipes": _optional("benchmarks.recipes_bench", data_dir=data_dir, quick=quick),
         "transferability": _optional("benchmarks.transferability_bench", quick=quick),
+        "vit": _optional("benchmarks.vit_bench", quick=quick),
         "gpu": lambda: gpu_bench.run(quick=quick, platforms=_PLATFORMS),
     }
 

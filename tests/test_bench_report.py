@@ -45,3 +45,15 @@ def test_a_new_report_keeps_the_hand_written_notes_below_the_marker(tmp_path):
     new = render(results) + kept_notes(out)
     assert "old generated part" not in new and new.endswith(NOTES_MARKER + "\n# Notes\n\nkept, 2026-12-06\n")
     assert pathlib.Path(out).read_text().count(NOTES_MARKER) == 1
+
+
+def test_vit_goals_read_torch_over_tl_jax_and_conversion_over_read():
+    from benchmarks.report import vit_goals
+
+    vit = {"forward": {"seconds": {"tl_jax": 2.0, "timm eager": 3.0}},
+           "train_step": {"seconds": {"tl_jax": 4.0, "timm eager": 3.0}},
+           "conversion": {"read_s": 0.5, "convert_s": 2.0, "convert_again_s": 0.6}}
+    rows = vit_goals(vit)
+    assert [r[3] for r in rows] == ["1.50", "0.75", "4.00"]
+    assert [r[4] for r in rows] == ["yes", "**no**", "**no**"]
+    assert [r[4] for r in vit_goals({})] == ["n/a"] * 3
