@@ -2,6 +2,7 @@
 ``config.data.shots=0`` means all examples everywhere."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -117,3 +118,34 @@ def test_negative_shots_refused(value):
     with pytest.raises(config_lib.ConfigError, match=r"config.data.shots must be an int >= 1 per class, or 0 or "
                                                      r"null for all examples"):
         config_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_s004_takes_any_converted_backbone(tmp_path, capsys):
+    """s004's ``weights=`` may be any converted backbone (issue 30): a tiny Hugging Face ViT (random init), saved as
+    ``save_pretrained`` writes it and converted, becomes the frozen backbone of the recipe's head run; the run
+    builds the recorded architecture and normalises with the weights' own mean/std, not ImageNet's."""
+    import transformers
+
+    from tl_jax.weights import convert_weights
+
+    path = ROOT / "experiments" / "seeds" / "s004_frozen_resnet50_head.py"
+    spec = importlib.util.spec_from_file_location("s004_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=64, image_size=32, patch_size=8))
+    vit.save_pretrained(tmp_path / "hf")
+    convert_weights(tmp_path / "hf", out=tmp_path / "vit")
+    assert recipe.converted_backbone("") is None and recipe.converted_backbone(str(tmp_path / "nothing")) is None
+    c = recipe.get_config(f"data=catalogue,weights={tmp_path / 'vit'}")
+    assert c.model.name == "vit" and c.model.kwargs["patch_size"] == 8 and c.init_from == str(tmp_path / "vit")
+    assert not [op for op in c.data.train_pp if op["op"] == "normalize"]  # the weights' own comes from the setup
+    wd = tmp_path / "run"
+    assert main(["train", "--config", f"{path}:data=catalogue,"
+                 f"weights={tmp_path / 'vit'},px=32", "--workdir", str(wd), *SHORT, "--config.data.mock_examples=16",
+                 f"--config.data.data_dir={tmp_path}/d"]) == 0
+    recorded = json.loads((wd / "config.json").read_text())
+    norm = [op for op in recorded["data"]["eval_pp"] if op["op"] == "normalize"]
+    assert recorded["model"]["name"] == "vit" and len(norm) == 1 and norm[0]["mean"] == [0.5, 0.5, 0.5]
+    assert json.loads((wd / "summary.json").read_text())["steps"] == 2

@@ -23,6 +23,18 @@ torchvision's ImageNet checkpoint (``tl-jax weights convert --mapping torchvisio
 into ``weights=DIR``; ``weights=`` empty: a random frozen backbone, for shape checks only);
 ``dataset=NAME`` takes your own prepared folder instead.
 
+``weights=DIR`` may hold any backbone ``tl-jax weights convert`` wrote (``DIR/tl_jax_weights.json``): a
+DINOv2, CLIP, SigLIP or timm ViT, a ConvNeXt, a timm ResNet (docs/models.md). The run then builds the
+architecture the conversion recorded (``model`` and ``model_kwargs``) instead of the ResNet-50, and
+normalises the images as those weights expect (their recorded mean/std, appended to the pipelines by the
+train setup: ``tl_jax/weights/run_preprocessing.py``); the Dense(1024, relu) head and the frozen backbone
+are the same. For example, a DINOv2 ViT-S/14 downloaded from Hugging Face::
+
+    huggingface-cli download facebook/dinov2-small --local-dir dinov2-small
+    tl-jax weights convert --from dinov2-small --out pretrained/dinov2_small
+    tl-jax train --config experiments/seeds/s004_frozen_resnet50_head.py:data=catalogue,weights=pretrained/dinov2_small \
+        --workdir runs/seeds/s004_dinov2
+
 Printed on the embedded stand-in (2026-12-06, 2 CPU cores shared with other jobs: 29 min wall, 6 min of CPU,
 most of it compiling the ResNet-50; source 150 steps of 64, head 200 steps of 32 on the cached features of
 the frozen backbone, seed 0)::
@@ -37,6 +49,7 @@ backbone pretrained for 150 steps on another digit style gives a frozen-feature 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
@@ -49,8 +62,23 @@ IMAGENET_NORM = {"op": "normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229
 FROZEN_BACKBONE = [["backbone/.*", None], [".*", 1.0]]
 
 
-def _pp(in_max: float, px: int) -> list[dict]:
-    return [{"op": "rescale", "in_max": in_max}, {"op": "to_rgb"}, {"op": "resize", "size": px}, IMAGENET_NORM]
+def _pp(in_max: float, px: int, normalize: dict | None = IMAGENET_NORM) -> list[dict]:
+    """Pixels to [0, 1], RGB, ``px`` x ``px``, then ``normalize`` (None: the converted weights' own, appended
+    by the train setup)."""
+    ops = [{"op": "rescale", "in_max": in_max}, {"op": "to_rgb"}, {"op": "resize", "size": px}]
+    return ops + ([normalize] if normalize else [])
+
+
+def converted_backbone(weights: str) -> dict | None:
+    """``{'model', 'model_kwargs', 'image_size'}`` of a checkpoint ``tl-jax weights convert`` wrote to
+    ``weights`` (its ``tl_jax_weights.json``), or None when ``weights`` is empty or not such a folder."""
+    meta = pathlib.Path(weights or "").expanduser() / "tl_jax_weights.json"
+    if not weights or not meta.is_file():
+        return None
+    record = json.loads(meta.read_text())
+    size = (record.get("preprocessing") or {}).get("image_size")
+    return {"model": record["model"], "model_kwargs": record.get("model_kwargs") or {},
+            "image_size": size if isinstance(size, int) else None}
 
 
 def get_config(arg: str | None = None):
@@ -95,7 +123,12 @@ def get_config(arg: str | None = None):
             c.data.name = a.dataset or "tf_flowers"
             c.data.train_split, c.data.test_split = "train[:80%]", "train[80%:]"  # tf_flowers has one split
             c.init_from = a.weights
-            c.data.train_pp, c.data.eval_pp = _pp(255.0, px), _pp(255.0, px)
+            backbone = converted_backbone(a.weights)
+            norm = IMAGENET_NORM
+            if backbone is not None:  # any converted backbone: its architecture, its normalisation
+                c.model.name, c.model.kwargs, norm = backbone["model"], backbone["model_kwargs"], None
+                px = a.px or backbone["image_size"] or px
+            c.data.train_pp, c.data.eval_pp = _pp(255.0, px, norm), _pp(255.0, px, norm)
         c.train.steps = a.steps or (200 if embedded else 2000)
     else:
         raise config_lib.ConfigError(f"stage={a.stage!r}: expected 'source' or 'head'")
