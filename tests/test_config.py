@@ -163,7 +163,7 @@ def test_validate_runs_the_registered_checks(monkeypatch):
 
 BAD_GROUPS = [  # (override, the one line tl-jax train prints): each check is registered by its group's module
     ("--config.recipe.name=bogus", "config.recipe.name must be one of ('', 'lp_ft')"),
-    ('--config.evals=[{"kind": "nope", "dataset": "optdigits"}]', "config.evals[0].kind must be one of ('fewshot',)"),
+    ('--config.evals=[{"kind": "nope", "dataset": "optdigits"}]', "config.evals[0].kind must be one of ('fewshot', 'knn', 'linear')"),
     ("--config.model.head.activation=nope", "config.model.head.activation: unknown activation 'nope'"),
     ("--config.train.ema_decay=1.5", "config.train.ema_decay must be a number in [0, 1)"),
     ('--config.init_map=[["(", null]]', "config.init_map[0]: invalid regex '('"),

@@ -62,7 +62,7 @@ def test_fewshot_metrics_are_logged_and_equal_an_independent_evaluation(tmp_path
 
 @pytest.mark.parametrize("entry, needle", [
     ({"dataset": "optdigits", "colour": 1}, "config.evals[0]: unknown key(s) ['colour']"),
-    ({"dataset": "optdigits", "kind": "knn"}, "config.evals[0].kind must be one of"),
+    ({"dataset": "optdigits", "kind": "svm"}, "config.evals[0].kind must be one of"),
     ({"name": "x"}, "config.evals[0].dataset must name a dataset"),
     ({"dataset": "optdigits", "shots": [0]}, "config.evals[0].shots must be a non-empty list of ints >= 1"),
     ({"dataset": "optdigits", "every": -1}, "config.evals[0].every must be an int >= 0"),
