@@ -33,7 +33,16 @@ pad=0)              random offset
 flip_lr(p=0.5)      mirror the width axis with probability ``p``            yes
 to_rgb()            1 channel -> 3 by repetition (3 channels: unchanged)    no
 to_gray()           3 channels -> 1 by mean (1 channel: unchanged)          no
+inception_crop(     random area/aspect box, resized to ``size``             yes
+size, area, aspect) (:mod:`tl_jax.data.augment`)
+random_erasing(p,   a random box set to ``value`` with probability ``p``    yes
+area, aspect, value)
+color_jitter(...)   brightness, contrast, saturation, hue factors           yes
+randaugment(num_ops RandAugment's 14 ops (:mod:`tl_jax.data.randaugment`)   yes
+magnitude, ...)
 ==================  =====================================================  ======
+
+docs/data.md lists the strong augmentation ops' parameters and defaults.
 
 The ops themselves (numpy over a batch) are in :mod:`tl_jax.data.image_ops`;
 this module parses and checks the config and runs the chain.
@@ -47,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from tl_jax.data import image_ops
+from tl_jax.data import augment, image_ops, randaugment
 
 Shape = tuple[int, int, int]
 
@@ -97,6 +106,31 @@ def _vector(value: Any, what: str, *, positive: bool = False) -> np.ndarray:
     return arr.reshape(()) if not isinstance(value, Sequence) else arr
 
 
+def _range(value: Any, what: str, *, high: float | None = None) -> tuple[float, float]:
+    """``[lo, hi]`` with ``0 < lo <= hi`` (and ``hi <= high``) as a float pair."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"{what} must be [lo, hi], got {value!r}")
+    lo, hi = (_number(v, what, positive=True) for v in value)
+    if lo > hi or (high is not None and hi > high):
+        bound = f" <= {high}" if high is not None else ""
+        raise ValueError(f"{what} must be [lo, hi] with 0 < lo <= hi{bound}, got {value!r}")
+    return lo, hi
+
+
+def _bounded(value: Any, what: str, low: float, high: float) -> float:
+    v = _number(value, what)
+    if not low <= v <= high:
+        raise ValueError(f"{what} must be in [{low}, {high}], got {value!r}")
+    return v
+
+
+def _fill(value: Any) -> int:
+    v = _nonneg_int(value, "fill")
+    if v > 255:
+        raise ValueError(f"fill must be an int in 0..255 (8-bit level), got {value!r}")
+    return v
+
+
 @dataclasses.dataclass(frozen=True)
 class _OpDef:
     fn: Callable[..., np.ndarray]
@@ -136,6 +170,32 @@ _OPS: dict[str, _OpDef] = {
         {"p": 0.5},
         {"p": lambda v: _probability(v, "p")},
         draw=image_ops.draw_flip,
+    ),
+    "inception_crop": _OpDef(
+        augment.inception_crop, ("size",), {"area": (0.05, 1.0), "aspect": (0.75, 4 / 3)},
+        {"size": _hw, "area": lambda v: _range(v, "area", high=1.0), "aspect": lambda v: _range(v, "aspect")},
+        draw=augment.draw_inception_crop,
+    ),
+    "random_erasing": _OpDef(
+        augment.random_erasing, (), {"p": 0.25, "area": (0.02, 1 / 3), "aspect": (0.3, 1 / 0.3), "value": 0.0},
+        {"p": lambda v: _probability(v, "p"), "area": lambda v: _range(v, "area", high=1.0),
+         "aspect": lambda v: _range(v, "aspect"), "value": lambda v: _number(v, "value")},
+        draw=augment.draw_random_erasing,
+    ),
+    "color_jitter": _OpDef(
+        augment.color_jitter, (), {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "in_max": 1.0},
+        {"brightness": lambda v: _bounded(v, "brightness", 0.0, 1e6),
+         "contrast": lambda v: _bounded(v, "contrast", 0.0, 1e6),
+         "saturation": lambda v: _bounded(v, "saturation", 0.0, 1e6),
+         "hue": lambda v: _bounded(v, "hue", 0.0, 0.5), "in_max": lambda v: _number(v, "in_max", positive=True)},
+        draw=augment.draw_color_jitter,
+    ),
+    "randaugment": _OpDef(
+        randaugment.randaugment, (), {"num_ops": 2, "magnitude": 9, "in_max": 255.0, "fill": 128},
+        {"num_ops": lambda v: _nonneg_int(v, "num_ops"),
+         "magnitude": lambda v: _bounded(v, "magnitude", 0.0, randaugment.MAX_MAGNITUDE),
+         "in_max": lambda v: _number(v, "in_max", positive=True), "fill": _fill},
+        draw=randaugment.draw_randaugment,
     ),
     "to_rgb": _OpDef(image_ops.to_rgb, (), {}, {}),
     "to_gray": _OpDef(image_ops.to_gray, (), {}, {}),
@@ -187,7 +247,7 @@ class Preprocess:
 
     @property
     def is_random(self) -> bool:
-        """True if any op draws from the rng (random_crop, flip_lr)."""
+        """True if any op draws from the rng (``RANDOM_OPS``)."""
         return any(op.random for op in self.ops)
 
     @property
