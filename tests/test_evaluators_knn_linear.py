@@ -122,11 +122,11 @@ def test_bad_knn_and_linear_entries_are_one_line_naming_the_key(entry, needle):
 
 
 def test_kinds_share_a_name_but_not_within_a_kind():
-    specs = evaluators.check_evals([{"kind": "knn", "dataset": "optdigits"}, {"kind": "linear", "dataset": "optdigits"},
-                                    {"dataset": "optdigits"}])
-    assert [(s["kind"], s["name"], s.get("k")) for s in specs] == [("knn", "optdigits", 20), ("linear", "optdigits", None),
-                                                                  ("fewshot", "optdigits", None)]
-    with pytest.raises(ValueError, match=r"config.evals\[1\].name='optdigits' is used by another evaluator of kind 'knn'"):
+    specs = evaluators.check_evals([{"kind": "knn", "dataset": "optdigits"},
+                                    {"kind": "linear", "dataset": "optdigits"}, {"dataset": "optdigits"}])
+    assert [(s["kind"], s["name"], s.get("k")) for s in specs] == [
+        ("knn", "optdigits", 20), ("linear", "optdigits", None), ("fewshot", "optdigits", None)]
+    with pytest.raises(ValueError, match=r"evals\[1\].name='optdigits' is used by another evaluator of kind 'knn'"):
         evaluators.check_evals([{"kind": "knn", "dataset": "optdigits"}, {"kind": "knn", "dataset": "optdigits"}])
 
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("eval_predict", "cmd_predict", "per-example predictions of a saved run (npz + csv)"),
     "rank": Command("rank_fewshot", "cmd_rank", "rank candidate source models for a target by transferability"),
     "fewshot": Command("rank_fewshot", "cmd_fewshot", "few-shot ridge accuracy of a run's frozen features"),
+    "analyze": Command("analyze", "cmd_analyze", "t-SNE and proxy A-distance of runs' source vs target features"),
     "interpolate": Command("interpolate", "cmd_interpolate", "WiSE-FT: mix pretrained and fine-tuned weights"),
     "data": Command("data", "cmd_data", "prepare an image folder or a CSV of texts as a dataset"),
     "weights": Command("weights", "cmd_weights", "convert or inspect a weights file (safetensors, torch, npz)"),
