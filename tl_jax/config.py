@@ -72,7 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
         # N: a tfds catalogue dataset (mnist, cifar10, ...) is replaced by N random examples of its real features
         # and shapes (tfds.testing.mock_data), to check a config's shapes, freezing and compile without its data
         # (`tl-jax train --mock-data N`); recorded in config.json and summary.json. null = the real data.
-        mock_examples=config_dict.placeholder(int))
+        mock_examples=config_dict.placeholder(int),
+        # Batch-level mixup/cutmix with soft labels (tl_jax/data/mixing.py): alpha / cutmix_alpha the Beta
+        # parameters (0 = off), switch_prob the chance of cutmix when both are on, prob the chance to mix at all.
+        mixup=dict(alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, prob=1.0))
     c.optimizer = dict(name="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant",
                        warmup_steps=0, grad_clip_norm=config_dict.placeholder(float),
                        # Gradient accumulation: each step averages the gradients of accum_steps micro-batches of

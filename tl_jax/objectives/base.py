@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tl_jax.models.inputs import model_inputs
-from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.objectives.classification import accuracy, cross_entropy, soft_cross_entropy
 from tl_jax.util.tree_paths import path_str
 
 PyTree = Any
@@ -231,10 +231,13 @@ class Objective(metaclass=Sealed):
 
     def objective_loss(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, rng: jax.Array,
                        step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
-        """The method's own loss (here: mean label-smoothed cross-entropy)."""
+        """The method's own loss (here: mean label-smoothed cross-entropy; soft targets when mixed)."""
         logits, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
                                           rng=rng)
-        loss = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing).mean()
+        if "label_soft" in batch:  # config.data.mixup (tl_jax/data/mixing.py)
+            loss = soft_cross_entropy(logits, batch["label_soft"], label_smoothing=self.label_smoothing).mean()
+        else:
+            loss = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing).mean()
         metrics = {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
         return loss, (batch_stats, metrics)
 

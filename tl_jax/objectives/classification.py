@@ -49,6 +49,30 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
     return (1.0 - label_smoothing) * nll + label_smoothing * uniform
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy against soft targets (mixup/cutmix: ``tl_jax.data.mixing``).
+
+    L_i = − Σ_c q_{i,c} · log softmax(z_i)_c,   q_{i,c} = (1 − ε)·t_{i,c} + ε / C
+
+    With one-hot targets t this is :func:`cross_entropy`.
+
+    Args:
+      logits: [B, C] unnormalised scores z.
+      targets: [B, C] target distributions t (rows summing to 1).
+      label_smoothing: ε in [0, 1].
+
+    Returns:
+      [B] per-example loss.
+    """
+    if jnp.ndim(logits) != 2:
+        raise ValueError(f"logits must have shape [B, C], got {jnp.shape(logits)}")
+    check_shape("targets", targets, jnp.shape(logits))
+    check_scalar("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    q = (1.0 - label_smoothing) * targets + label_smoothing / jnp.shape(logits)[-1]
+    return -jnp.sum(q * logp, axis=-1)
+
+
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example top-1 correctness.
 

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tl_jax import config as config_lib
-from tl_jax.data import build_preprocess, load_split, train_dataset
+from tl_jax.data import build_preprocess, load_split, mixing, train_dataset
 from tl_jax.data.shuffle import train_iterator
 from tl_jax.data.sources import EMBEDDED, find_user_dataset, is_in_memory
 from tl_jax.data.validation import train_and_val_indices, validation_split
@@ -140,15 +140,16 @@ def train_batches(config: ml_collections.ConfigDict, objective: Any, state: Trai
     dc = config.data
     data_seed = config.seed if dc.data_seed is None else dc.data_seed
     shard = process_sharding(config.parallel.data_sharding, splits.n_train)
-    cached = feature_cache.maybe_enable(config, objective, state, splits.train, splits.train_pp, splits.indices,
-                                        shard, local_batch, data_seed)
+    cached = None if mixing.is_on(dc.mixup) else feature_cache.maybe_enable(  # mixup mixes images, not features
+        config, objective, state, splits.train, splits.train_pp, splits.indices, shard, local_batch, data_seed)
     if cached is not None:
         return cached
     dataset = train_dataset(splits.train, splits.train_pp, batch_size=local_batch, seed=data_seed,
                             indices=splits.indices, cache=dc.cache, cache_max_mb=dc.cache_max_mb,
                             **shard.kwargs)  # config.data.cache
-    return objective, shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed,
-                                                           **shard.kwargs))
+    dataset = shard.select(objective.train_dataset(dataset, batch_size=local_batch, seed=data_seed, **shard.kwargs))
+    return objective, mixing.wrap(dataset, dc.mixup, batch_size=local_batch, seed=data_seed,
+                                  num_classes=splits.num_classes)  # config.data.mixup
 
 
 def prepare_workdir(wd: Workdir, cfg_dict: dict, *, overwrite: bool) -> None:
