@@ -252,3 +252,18 @@ def test_recipe_is_deterministic_keyed_by_position_and_resumes_exactly():
     np.testing.assert_array_equal(np.concatenate([halves[2]["image"], halves[3]["image"]]), first[1]["image"])
     assert not np.array_equal(train_chain(source, pp, batch_size=8, seed=4)[0]["image"], first[0]["image"])
     assert first[0]["image"].shape == (8, 10, 10, 3)
+
+
+def test_images_of_different_sizes_come_out_one_size():
+    """Image folders: each image its own size; inception_crop draws each box from its own (H, W)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3)).astype(np.float32) for h, w in [(20, 30), (41, 17), (9, 9)]]
+    pp = build_preprocess([{"op": "randaugment"}, {"op": "inception_crop", "size": 8}, {"op": "random_erasing", "p": 1}])
+    got = pp.on_batch({"image": images, "label": np.zeros(3, np.int32)}, StreamRng(1, np.arange(3)))["image"]
+    assert got.shape == (3, 8, 8, 3)
+    draws = StreamRng(1, np.arange(3))
+    randaugment.draw_randaugment(draws, np.array([[20, 30], [41, 17], [9, 9]]), num_ops=2, magnitude=9,
+                                 in_max=255.0, fill=128)
+    top, left, h, w = augment.draw_inception_crop(draws, np.array([[20, 30], [41, 17], [9, 9]]), size=(8, 8),
+                                                  area=(0.05, 1.0), aspect=(0.75, 4 / 3))
+    assert (top + h <= [20, 41, 9]).all() and (left + w <= [30, 17, 9]).all() and h[1] > 9  # its own size
