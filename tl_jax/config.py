@@ -133,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
     # the optimizer's first moments (Adam's mu, SGD's momentum) in float32 | bfloat16 (Adam's nu stays float32).
     # For GPUs/TPUs: CPUs emulate bfloat16 (slower than float32). Part of the run's identity (it changes results).
     c.precision = dict(compute="float32", moments="float32")
+    # Parameter-efficient fine-tuning (tl_jax/peft/, docs/peft.md), a link of the model chain: LoRA on the linen
+    # Dense/DenseGeneral/Conv layers whose module path re.fullmatch-es `targets`, delta (alpha/rank)·x·A·B
+    # (rslora: alpha/sqrt(rank)); rank 0 = off. freeze_base: only lora/.* and head/.* train (param_rules default).
+    c.peft = dict(lora=dict(rank=0, alpha=8.0, targets=".*", rslora=False), freeze_base=True)
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
     # Where metrics go besides metrics.jsonl (tl_jax/train/trackers.py); not part of a run's identity.
     c.tracking = dict(tensorboard=True, wandb=False, wandb_project="tl_jax", wandb_mode="offline", mlflow=False,

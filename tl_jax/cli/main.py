@@ -36,7 +36,8 @@ COMMANDS: dict[str, Command] = {
     "analyze": Command("analyze", "cmd_analyze", "t-SNE and proxy A-distance of runs' source vs target features"),
     "interpolate": Command("interpolate", "cmd_interpolate", "WiSE-FT: mix pretrained and fine-tuned weights"),
     "data": Command("data", "cmd_data", "prepare an image folder or a CSV of texts as a dataset"),
-    "weights": Command("weights", "cmd_weights", "convert or inspect a weights file (safetensors, torch, npz)"),
+    "weights": Command("weights", "cmd_weights",
+                       "convert or inspect a weights file (safetensors, torch, npz); merge LoRA"),
 }
 
 

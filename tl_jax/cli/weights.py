@@ -1,9 +1,10 @@
-"""``tl-jax weights convert|inspect``: bring your own weights (safetensors, PyTorch, npz).
+"""``tl-jax weights convert|inspect|merge``: bring your own weights (safetensors, PyTorch, npz), fold LoRA in.
 
     tl-jax weights inspect model.safetensors
     tl-jax weights convert --from model.safetensors --mapping bert --model bert --out pretrained/minilm \\
         --ignore 'pooler\\..*'
     tl-jax weights convert --from path/to/hf_model_folder --out pretrained/dinov2   # recognised: no --mapping
+    tl-jax weights merge --workdir runs/lora --out pretrained/merged   # LoRA folded in (tl_jax/peft/merge_run.py)
 
 ``convert`` writes a checkpoint dir usable as ``config.init_from`` (:mod:`tl_jax.weights`).
 """
@@ -14,11 +15,12 @@ import json
 from collections.abc import Sequence
 
 ACTIONS = {"convert": "a weights file as a checkpoint for config.init_from",
-           "inspect": "list a weights file's tensors: name, shape, dtype"}
+           "inspect": "list a weights file's tensors: name, shape, dtype",
+           "merge": "fold a LoRA run's adapters into its base weights: a plain checkpoint for config.init_from"}
 
 
 def weights_parser() -> argparse.ArgumentParser:
-    """``tl-jax weights ACTION ...`` (ACTION: ``convert`` | ``inspect``); ``--help`` lists the actions."""
+    """``tl-jax weights ACTION ...`` (ACTION: ``convert`` | ``inspect`` | ``merge``); ``--help`` lists the actions."""
     p = argparse.ArgumentParser(prog="tl-jax weights", description="Bring your own weights.",
                                 epilog="actions:\n" + "\n".join(f"  {k:9s} {v}" for k, v in ACTIONS.items())
                                 + "\n(tl-jax weights ACTION --help)",
@@ -31,6 +33,16 @@ def weights_parser() -> argparse.ArgumentParser:
 def inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-jax weights inspect", description="List a weights file's tensors.")
     p.add_argument("file", help=".safetensors, .pt/.pth/.bin, .npz")
+    return p
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tl-jax weights merge",
+                                description="Fold a LoRA run's adapters into its base weights (docs/peft.md).")
+    p.add_argument("--workdir", required=True, help="the LoRA run's workdir (config.peft.lora.rank > 0)")
+    p.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint dir to write (config.init_from)")
+    p.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -74,6 +86,16 @@ def cmd_weights(argv: Sequence[str]) -> int:
 
         for name, value in read_tensors(args.file).items():
             print(f"{name} {tuple(value.shape)} {value.dtype}")
+        return 0
+    if top.action == "merge":
+        args = merge_parser().parse_args(top.args)
+        # Deferred (JAX): `tl-jax weights --help` runs without it.
+        from tl_jax.peft.merge_run import merge_run
+
+        checkpoint = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+        result = merge_run(args.workdir, args.out, checkpoint, overwrite=args.overwrite)
+        print(f"wrote {result['out']}: {result['merged_layers']} LoRA layers ({result['lora_params']} params) "
+              f"folded into {result['params']} base params")
         return 0
     # Deferred (JAX): the mapping and format names are the convert parser's choices.
     from tl_jax.weights import FORMATS, MAPPINGS, convert_timm, convert_weights

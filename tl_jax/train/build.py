@@ -5,7 +5,7 @@ objective is then built once with it and stays immutable::
 
     config.model (zoo name or the user's reference; its logits checked)
       → the objective's own link: its heads (multitask, joint: one head per task)
-      → BEFORE_INIT:  precision (config.precision)
+      → BEFORE_INIT:  LoRA (config.peft, tl_jax/peft), precision (config.precision)
       → the starting variables: init, config.init_from, the objective's init_params / init_extra,
         the LP-FT probe's params (start_from)
       → param groups: config.param_rules (after the objective's fixed rules) resolved once
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tl_jax import peft as peft_lib
 from tl_jax.models import check_logits, model_from_config, norm_paths
 from tl_jax.models import precision as precision_lib
 from tl_jax.models.inputs import model_inputs
@@ -92,7 +93,7 @@ def pmap_link(model: Any, stage: Stage) -> Any:
     return pmap_model(model) if stage.config.parallel.mode == "pmap" else model
 
 
-BEFORE_INIT: tuple[Link, ...] = (precision_link,)  # the model whose variables are initialised
+BEFORE_INIT: tuple[Link, ...] = (peft_lib.lora_link, precision_link)  # the model whose variables are initialised
 AFTER_GROUPS: tuple[Link, ...] = (frozen_norms_link, pmap_link)  # links that read the param groups
 
 
@@ -125,8 +126,8 @@ def starting_variables(setup: Objective, config: ml_collections.ConfigDict, samp
     if config.init_from:
         loaded = load_variables(config.init_from)
         mapping = [list(r) for r in config.init_map]  # config.init_map: source paths renamed (or dropped) first
-        params = merge_params(loaded["params"], params, config.dont_load, source=f"init_from {config.init_from}",
-                              mapping=mapping)
+        params = merge_params(loaded["params"], params, peft_lib.dont_load(config),  # + lora/.* when on
+                              source=f"init_from {config.init_from}", mapping=mapping)
         if batch_stats:
             batch_stats = merge_params(loaded.get("batch_stats", {}), batch_stats, config.dont_load,
                                        source=f"init_from {config.init_from} (batch_stats)", check_rules=False,
@@ -160,7 +161,8 @@ def build_model_and_state(config: ml_collections.ConfigDict, num_classes: int, s
     setup = build_objective(config, model)  # the objective's own link: its heads (multitask, joint)
     setup = setup.replace(model=chain(setup.model, BEFORE_INIT, Stage(config)))
     params, batch_stats, aux = starting_variables(setup, config, sample, init_rng, extra_rng, start_from)
-    groups = rules_lib.ParamGroups.resolve(params, setup.fixed_rules() + [list(r) for r in config.param_rules])
+    rules = setup.fixed_rules() + peft_lib.param_rules(config, params, setup.extra_keys)  # config.peft's defaults
+    groups = rules_lib.ParamGroups.resolve(params, rules)
     stage = Stage(config, batch_stats, groups)
     model = chain(setup.model, AFTER_GROUPS, stage)
     tx = groups.optimizer(make_group_tx(config.optimizer, config.train.steps,
@@ -184,5 +186,6 @@ def param_groups(config: ml_collections.ConfigDict, objective: Any, params: PyTr
     :func:`build_model_and_state`; resolved here for an objective built otherwise)."""
     groups = getattr(objective, "param_groups", None)
     if groups is None:
-        groups = rules_lib.ParamGroups.resolve(params, objective.fixed_rules() + [list(r) for r in config.param_rules])
+        groups = rules_lib.ParamGroups.resolve(params, objective.fixed_rules() + peft_lib.param_rules(
+            config, params, getattr(objective, "extra_keys", ())))
     return groups

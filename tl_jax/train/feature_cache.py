@@ -107,6 +107,8 @@ def _is_classifier(model: Any) -> bool:
 
 def ineligible_reason(config: ml_collections.ConfigDict, objective: Any, params: PyTree, train_pp: Any) -> str | None:
     """Why the run cannot train on cached features, or ``None`` when it can (static checks)."""
+    if getattr(objective.model, "adapts_backbone", False):  # config.peft (tl_jax/peft): LoRA in the backbone
+        return "config.peft adapts the backbone (its features change in training)"
     if type(objective) is not Objective or objective.penalties is not None:
         return f"objective {getattr(objective, 'name', type(objective).__name__)!r} (or config.loss regularisers)"
     if not _is_classifier(objective.model) and not contract.has_split(objective.model_params(params)):

@@ -1,0 +1,176 @@
+"""LoRA (tl_jax/peft/lora.py) against numpy references: the delta (alpha/r)·x·A·B for Dense, DenseGeneral
+(attention q/k/v/out) and Conv, the zero-B init bit for bit, param counts r·(d_in + d_out), merge exactness,
+and the config group's one-line errors and param rules."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tl_jax import config as config_lib
+from tl_jax import peft as peft_lib
+from tl_jax.peft.lora import LORA, LoraModel, count, find_targets, merge_lora, scale
+from tl_jax.peft.merge_run import merge_run
+
+
+class Net(nn.Module):
+    """A conv (stride 2, VALID), attention-style DenseGenerals ([d, h, hd] and [h, hd, d]) and a Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), strides=2, padding="VALID", name="conv")(x)  # [B, 3, 3, 4]
+        x = nn.relu(x).reshape(x.shape[0], -1)  # [B, 36]
+        x = nn.DenseGeneral((2, 3), name="query")(x)  # kernel [36, 2, 3]
+        x = nn.DenseGeneral(5, axis=(-2, -1), name="out")(x)  # kernel [2, 3, 5]
+        return nn.Dense(3, name="head")(jnp.tanh(x))
+
+
+X = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+
+
+def _base(variables):
+    return {**variables, "params": {k: v for k, v in variables["params"].items() if k != LORA}}
+
+
+def _randomised(variables, seed=1):
+    """``variables`` with every LoRA B drawn from N(0, 1) (B = 0 at init would hide the delta)."""
+    rng = np.random.default_rng(seed)
+    lora = jax.tree_util.tree_map_with_path(
+        lambda p, v: rng.normal(size=v.shape).astype(np.float32) if p[-1].key == "b" else v,
+        variables["params"][LORA])
+    return {**variables, "params": {**variables["params"], LORA: lora}}
+
+
+def _conv_valid_np(x, w, stride):
+    """numpy conv, VALID padding: ``out[b, i, j, o] = sum_{u,v,c} x[b, s·i+u, s·j+v, c] w[u, v, c, o]``."""
+    kh, kw = w.shape[:2]
+    oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], oh, ow, w.shape[-1]), np.float64)
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[:, stride * i:stride * i + kh, stride * j:stride * j + kw, :]
+            out[:, i, j] = np.einsum("buvc,uvco->bo", patch, w)
+    return out
+
+
+def test_zero_init_leaves_the_output_bit_identical():
+    model = Net()
+    lm = LoraModel(model, rank=2, alpha=4.0, targets=".*")
+    v = lm.init(jax.random.PRNGKey(0), X)
+    assert all(not np.any(np.asarray(b)) for _, b in peft_lib.lora.lora_pairs(v["params"][LORA]).values())
+    assert np.array_equal(np.asarray(lm.apply(v, X)), np.asarray(model.apply(_base(v), X)))
+    assert np.array_equal(np.asarray(_base(v)["params"]["conv"]["kernel"]),
+                          np.asarray(model.init(jax.random.PRNGKey(0), X)["params"]["conv"]["kernel"]))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_each_layer_adds_s_x_a_b_against_numpy(rslora):
+    """Each adapted layer's output (captured with capture_intermediates) = the base layer's on the same input
+    + s·(x⋆A)·B, with x⋆A computed in numpy (a conv by loops for the Conv, tensordot for the Dense kinds)."""
+    model = Net()
+    lm = LoraModel(model, rank=2, alpha=3.0, targets=".*", rslora=rslora)
+    v = _randomised(lm.init(jax.random.PRNGKey(0), X))
+    s = 3.0 / (np.sqrt(2) if rslora else 2)
+    assert lm.scale == pytest.approx(s)
+    _, inter = lm.apply(v, X, capture_intermediates=True, mutable=["intermediates"])
+    _, base_inter = model.apply(_base(v), X, capture_intermediates=True, mutable=["intermediates"])
+    lora, p = v["params"][LORA], v["params"]
+    # the layer inputs: x for conv; relu(conv_out) flattened for query; query_out for out; tanh(out) for head
+    conv_out = np.asarray(inter["intermediates"]["conv"]["__call__"][0], np.float64)
+    q_out = np.asarray(inter["intermediates"]["query"]["__call__"][0], np.float64)
+    o_out = np.asarray(inter["intermediates"]["out"]["__call__"][0], np.float64)
+    h_out = np.asarray(inter["intermediates"]["head"]["__call__"][0], np.float64)
+    a, b = (np.asarray(lora["conv"][k], np.float64) for k in "ab")
+    plain = _conv_valid_np(X.astype(np.float64), np.asarray(p["conv"]["kernel"], np.float64), 2) + p["conv"]["bias"]
+    np.testing.assert_allclose(conv_out, plain + s * _conv_valid_np(X.astype(np.float64), a, 2) @ b, rtol=1e-4,
+                               atol=1e-4)
+    h = np.maximum(conv_out, 0).reshape(2, -1)
+    a, b = (np.asarray(lora["query"][k], np.float64) for k in "ab")
+    ref = np.tensordot(h, p["query"]["kernel"], 1) + p["query"]["bias"] + s * np.tensordot(h @ a, b, 1)
+    np.testing.assert_allclose(q_out, ref, rtol=1e-4, atol=1e-4)
+    a, b = (np.asarray(lora["out"][k], np.float64) for k in "ab")  # A [2, 3, r]: contracts the two head axes
+    ref = np.tensordot(q_out, p["out"]["kernel"], 2) + p["out"]["bias"] + s * np.tensordot(q_out, a, 2) @ b
+    np.testing.assert_allclose(o_out, ref, rtol=1e-4, atol=1e-4)
+    a, b = (np.asarray(lora["head"][k], np.float64) for k in "ab")
+    t = np.tanh(o_out)
+    np.testing.assert_allclose(h_out, t @ p["head"]["kernel"] + p["head"]["bias"] + s * (t @ a) @ b, rtol=1e-4,
+                               atol=1e-4)
+    assert not np.allclose(np.asarray(lm.apply(v, X)), np.asarray(model.apply(_base(v), X)), atol=1e-3)
+    assert set(base_inter["intermediates"]) == set(inter["intermediates"])
+
+
+def test_param_counts_follow_the_formula_and_targets_select_layers():
+    r = 4
+    lm = LoraModel(Net(), rank=r, alpha=1.0, targets="query|head")
+    lora = lm.init(jax.random.PRNGKey(0), X)["params"][LORA]
+    assert sorted(lora) == ["head", "query"]
+    assert np.shape(lora["query"]["a"]) == (36, r) and np.shape(lora["query"]["b"]) == (r, 2, 3)
+    assert count(lora) == r * (36 + 6) + r * (5 + 3)  # r·(d_in + d_out) per Dense, prod of dims for DenseGeneral
+    conv = LoraModel(Net(), rank=r, alpha=1.0, targets="conv").init(jax.random.PRNGKey(0), X)["params"][LORA]
+    assert count(conv) == r * (3 * 3 * 3 + 4)  # A: a 3x3 conv from 3 channels to r, B: 1x1 from r to 4
+    assert find_targets(Net(), "conv", X)["conv"] == (nn.Conv, 3)
+
+
+def test_merge_folds_lora_into_the_kernels_exactly():
+    model = Net()
+    lm = LoraModel(model, rank=3, alpha=6.0, targets=".*")
+    v = _randomised(lm.init(jax.random.PRNGKey(0), X))
+    merged = merge_lora(v["params"], lm.scale)
+    assert LORA not in merged and set(merged) == set(_base(v)["params"])
+    y_lora, y_merged = np.asarray(lm.apply(v, X)), np.asarray(model.apply({"params": merged}, X))
+    assert np.max(np.abs(y_lora - y_merged)) <= 1e-5 * np.max(np.abs(y_lora))
+    w, (a, b) = v["params"]["head"]["kernel"], (v["params"][LORA]["head"][k] for k in "ab")
+    np.testing.assert_allclose(merged["head"]["kernel"], np.asarray(w) + 2.0 * np.asarray(a) @ np.asarray(b),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_errors_name_what_to_fix():
+    with pytest.raises(ValueError, match=r"targets='nothing' matches none .*\['conv', 'head', 'out', 'query'\]"):
+        LoraModel(Net(), rank=2, alpha=1.0, targets="nothing").init(jax.random.PRNGKey(0), X)
+
+    class Grouped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(3, (3, 3), feature_group_count=3, name="dw")(x)
+
+    with pytest.raises(ValueError, match="conv dw has feature_group_count=3"):
+        LoraModel(Grouped(), rank=2, alpha=1.0, targets=".*").init(jax.random.PRNGKey(0), X)
+    with pytest.raises(ValueError, match="needs a linen model"):
+        LoraModel(object(), rank=2, alpha=1.0, targets=".*")
+    with pytest.raises(ValueError, match="no 'lora' subtree"):
+        merge_lora({"head": {}}, 1.0)
+    assert scale(8, 4) == 2.0 and scale(8, 4, rslora=True) == 4.0
+
+
+def _config(**overrides):
+    c = config_lib.base_config()
+    return config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_config_group_is_off_by_default_and_checked():
+    c = config_lib.base_config()
+    assert not peft_lib.enabled(c) and peft_lib.param_rules(c, {"head": {"w": 0}}) == [[".*", 1.0]]
+    assert peft_lib.dont_load(c) == list(c.dont_load)
+    with pytest.raises(ValueError, match=r"config.peft.lora.rank must be an int >= 0"):
+        peft_lib.check(_config(**{"peft.lora.rank": -1}))
+    with pytest.raises(ValueError, match=r"config.peft.lora.alpha must be > 0"):
+        peft_lib.check(_config(**{"peft.lora.rank": 2, "peft.lora.alpha": 0.0}))
+    with pytest.raises(ValueError, match=r"config.peft.freeze_base=True sets the param rules"):
+        config_lib.validate(_config(**{"peft.lora.rank": 2, "param_rules": '[["head/.*", 1.0]]'}))
+
+
+def test_default_rules_train_lora_and_head_and_freeze_the_base():
+    c = _config(**{"peft.lora.rank": 2})
+    params = {"backbone": {"k": 0}, "head": {"k": 0}, LORA: {"backbone": {"a": 0, "b": 0}}}
+    assert peft_lib.param_rules(c, params) == [["lora/.*", 1.0], ["head/.*", 1.0], [".*", None]]
+    assert peft_lib.param_rules(c, {"Dense_0": {"k": 0}}) == [["lora/.*", 1.0], [".*", None]]  # no head
+    c.peft.freeze_base = False
+    c.param_rules = [["backbone/.*", 0.1], [".*", 1.0]]
+    assert peft_lib.param_rules(c, params) == [["lora/.*", 1.0], ["backbone/.*", 0.1], [".*", 1.0]]
+    assert peft_lib.dont_load(c) == list(c.dont_load) + ["lora/.*"]
+
+
+def test_merge_run_names_a_workdir_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--workdir .*: no config.json \(not a tl-jax run\)"):
+        merge_run(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,112 @@
+"""LoRA end to end (tl_jax/peft): trained through the CLI on the tiny config with the base frozen, merged by
+``tl-jax weights merge`` into a plain checkpoint that loads without PEFT and predicts the same logits, and
+composed with other objectives (DANN, L2-SP). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tl_jax import config as config_lib
+from tl_jax.cli import main
+from tl_jax.evaluation.saved_run import load
+from tl_jax.parallel import mesh as mesh_lib
+from tl_jax.params.param_rules import flatten_paths
+from tl_jax.peft.lora import LORA
+from tl_jax.peft.merge_run import merge_run
+from tl_jax.train.build import build_model_and_state
+from tl_jax.train.checkpoint import load_variables
+
+TINY = "tests/configs/tiny.py:steps=4"
+
+
+def _train(workdir, data_dir, *overrides):
+    argv = ["train", "--config", TINY, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+            "--config.train.feature_cache=false", *overrides]
+    assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tfds_data_dir):
+    """A tiny source run and a LoRA (rank 2, all Dense/Conv) run starting from it, through the CLI."""
+    root = tmp_path_factory.mktemp("peft")
+    _train(root / "src", tfds_data_dir)
+    _train(root / "lora", tfds_data_dir, "--config.peft.lora.rank=2", "--config.peft.lora.alpha=4.0",
+           f"--config.init_from={root / 'src'}", "--config.optimizer.learning_rate=0.01")
+    return root
+
+
+@pytest.mark.slow
+def test_lora_run_trains_lora_and_head_and_keeps_the_base(runs):
+    src = flatten_paths(load_variables(str(runs / "src"))["params"])
+    got = flatten_paths(load_variables(str(runs / "lora"))["params"])
+    lora = {p: v for p, v in got.items() if p.startswith(f"{LORA}/")}
+    assert lora and all(p.endswith(("/a", "/b")) for p in lora)
+    assert any(p.endswith("/b") and np.any(v != 0) for p, v in lora.items())  # B moved from its zero init
+    base = {p: v for p, v in got.items() if not p.startswith((f"{LORA}/", "head/"))}
+    assert base and set(base) == {p for p in src if not p.startswith("head/")}
+    for p, v in base.items():
+        np.testing.assert_array_equal(v, src[p], err_msg=p)  # frozen: bit for bit the source's
+    losses = [m["train/loss"] for m in map(json.loads, (runs / "lora" / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in m]
+    assert losses and all(np.isfinite(losses))
+
+
+@pytest.mark.slow
+def test_frozen_base_has_no_optimizer_state(runs):
+    run = load(runs / "lora")
+    groups = run.objective.param_groups
+    frozen = [p for p, m in groups.multipliers.items() if m is None]
+    assert frozen and all(not p.startswith((f"{LORA}/", "head/")) for p in frozen)
+    assert all(m == 1.0 for p, m in groups.multipliers.items() if p.startswith((f"{LORA}/", "head/")))
+    n_state = sum(np.size(x) for x in jax.tree.leaves(run.state.opt_state) if np.ndim(x) > 0)
+    n_trained = sum(np.size(v) for p, v in flatten_paths(run.state.params).items() if groups.multipliers[p])
+    assert n_state == 2 * n_trained  # Adam's mu and nu for the LoRA params and the head only
+
+
+@pytest.mark.slow
+def test_weights_merge_gives_a_plain_checkpoint_with_the_same_logits(runs, capsys):
+    out = runs / "merged"
+    assert main(["weights", "merge", "--workdir", str(runs / "lora"), "--out", str(out)]) == 0
+    assert "LoRA layers" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already exists"):
+        merge_run(runs / "lora", out)
+    run = load(runs / "lora")
+    x = np.random.default_rng(0).uniform(size=(5, *run.input_shapes["image"])).astype(np.float32)
+    variables = {"params": run.objective.model_params(run.state.params), "batch_stats": run.state.batch_stats}
+    y_lora = np.asarray(run.objective.model.apply(variables, x, train=False))
+    plain = config_lib.from_dict(config_lib.to_dict(run.config))
+    plain.peft.lora.rank, plain.init_from, plain.dont_load = 0, str(out), []
+    mesh = mesh_lib.build_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
+    objective, _, state = build_model_and_state(plain, run.num_classes, {"image": x[:1], "label": np.zeros(1)}, mesh)
+    assert LORA not in state.params
+    y_plain = np.asarray(objective.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                                               train=False))
+    assert np.max(np.abs(y_plain - y_lora)) <= 1e-5 * np.max(np.abs(y_lora))
+    with pytest.raises(ValueError, match="the run has no LoRA"):
+        merge_run(runs / "src", runs / "merged2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["--config.objective.name=dann", "--config.objective.dann.target=optdigits",
+     '--config.objective.dann.target_pp=[{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]'],
+    ["--config.loss.l2_sp=0.01"],
+], ids=["dann", "l2_sp"])
+def test_lora_composes_with_other_objectives(runs, tfds_data_dir, tmp_path, overrides):
+    wd = tmp_path / "run"
+    _train(wd, tfds_data_dir, "--config.peft.lora.rank=2", f"--config.init_from={runs / 'src'}",
+           "--config.train.steps=2", "--config.train.checkpoint_every=2", *overrides)
+    run = load(wd)
+    assert run.step == 2
+    mults = run.objective.param_groups.multipliers
+    assert any(p.startswith(f"{LORA}/") and m for p, m in mults.items())
+    src = flatten_paths(load_variables(str(runs / "src"))["params"])
+    got = flatten_paths(run.state.params)
+    for p, m in mults.items():
+        if m is None:
+            np.testing.assert_array_equal(got[p], src[p], err_msg=p)
+    extras = [p for p in mults if p.split("/")[0] in run.objective.extra_keys]
+    assert all(mults[p] for p in extras)  # a DANN discriminator trains with the base frozen
+    metrics = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(v) for m in metrics for k, v in m.items() if k.startswith("train/loss"))

@@ -1,0 +1,41 @@
+"""``tl-jax weights merge``: a LoRA run's checkpoint folded into a plain checkpoint (docs/peft.md).
+
+    tl-jax weights merge --workdir RUN [--checkpoint latest|best|STEP] --out DIR [--overwrite]
+
+``DIR`` holds the base model's params with every LoRA pair folded in, ``W' = W + s·A·B``
+(:func:`tl_jax.peft.lora.merge_lora`), and the run's BatchNorm statistics: a checkpoint that
+``config.init_from`` loads into the model without ``config.peft`` and that predicts the run's logits.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from tl_jax import config as config_lib
+from tl_jax import peft as peft_lib
+from tl_jax.peft.lora import lora_pairs
+from tl_jax.train.checkpoint import load_variables
+from tl_jax.weights.convert import save_variables
+
+
+def run_config(workdir: str | pathlib.Path):
+    """The run's config from ``workdir/config.json`` (one line naming ``--workdir`` when absent)."""
+    f = pathlib.Path(workdir).expanduser() / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"--workdir {workdir}: no config.json (not a tl-jax run)")
+    return config_lib.from_dict(json.loads(f.read_text()))
+
+
+def merge_run(workdir: str | pathlib.Path, out: str | pathlib.Path, checkpoint: str | int = "latest", *,
+              overwrite: bool = False) -> dict:
+    """Write ``out``: the run's ``checkpoint`` with LoRA folded into the base (module doc); returns a summary
+    ``{'out', 'merged_layers', 'lora_params', 'params'}``."""
+    config = run_config(workdir)
+    if not peft_lib.enabled(config):
+        raise ValueError(f"--workdir {workdir}: the run has no LoRA (config.peft.lora.rank = 0): nothing to merge")
+    variables = load_variables(f"{workdir}:{checkpoint}", where="--workdir")
+    lora = variables["params"][peft_lib.LORA]
+    merged = peft_lib.merge(variables["params"], config)
+    save_variables(pathlib.Path(out), {**variables, "params": merged}, overwrite=overwrite)
+    return {"out": str(out), "merged_layers": len(lora_pairs(lora)),
+            "lora_params": peft_lib.count(lora), "params": peft_lib.count(merged)}
