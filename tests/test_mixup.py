@@ -175,3 +175,19 @@ def test_a_tiny_run_trains_on_mixed_batches(tmp_path, tfds_data_dir, monkeypatch
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses and np.isfinite(losses).all()
     assert json.load(open(tmp_path / "run" / "config.json"))["data"]["mixup"]["cutmix_alpha"] == 1.0
+
+
+@pytest.mark.slow
+def test_vectorized_sweep_with_mixup_equals_sequential(tmp_path, tfds_data_dir):
+    """The vmapped points stack their mixed batches (label_soft included): same losses as one run at a time."""
+    from tl_jax.sweep.runner import run_sweep
+
+    ov = [f"data.data_dir={tfds_data_dir}", "data.mixup.alpha=0.4", "data.mixup.cutmix_alpha=1.0"]
+    records = {m: run_sweep("tests/configs/tiny_sweep.py", str(tmp_path / m), vectorize=m, overrides=ov)
+               for m in ("on", "off")}
+    assert [g["mode"] for g in records["on"]["groups"]] == ["vectorized"]
+    for name in ("p0", "p1"):
+        vec, seq = ([json.loads(line)["train/loss"] for line in open(tmp_path / m / name / "metrics.jsonl")
+                     if "train/loss" in line] for m in ("on", "off"))
+        assert len(vec) == 2
+        np.testing.assert_allclose(vec, seq, rtol=1e-5)
