@@ -132,6 +132,8 @@ def test_mixing_resumes_exactly_over_the_training_chain():
         for key in ("image", "label", "label_soft"):
             np.testing.assert_array_equal(x[key], y[key])
     assert not np.array_equal(first[0]["label_soft"], rest[0]["label_soft"])
+    with pytest.raises(ValueError, match=r"config.data.mixup mixes image batches .*\['input_ids', 'label'\]"):
+        mixing.Mixing(MIX, batch_size=2, seed=0, num_classes=4)(0, {"input_ids": np.zeros((2, 5)), "label": [0, 1]})
     off = train_chain(source, pp, batch_size=8, seed=2)
     assert mixing.wrap(off, dict(MIX, alpha=0.0, cutmix_alpha=0.0), batch_size=8, seed=2, num_classes=4) is off
 

@@ -95,6 +95,9 @@ class Mixing:
         self.batch_size, self.seed, self.num_classes = int(batch_size), int(seed), int(num_classes)
 
     def __call__(self, index: int, batch: dict) -> dict:
+        if np.ndim(batch.get("image")) != 4:
+            raise ValueError(f"config.data.mixup mixes image batches [B, H, W, C]; this batch holds {sorted(batch)}: "
+                             "set config.data.mixup.alpha=cutmix_alpha=0")
         start = int(index) * self.batch_size
         rng = StreamRng(self.seed ^ SALT, np.arange(start, start + len(batch["image"])))
         lam, cut = draw_mix(rng, len(batch["image"]), **self.mix)
