@@ -7,7 +7,7 @@ function usable under ``jit``/``vmap``/``grad``; bad static arguments raise
 """
 from tl_jax.objectives.bss import bss_loss
 from tl_jax.objectives.cdan import cdan_loss, multilinear_map, randomized_multilinear_map
-from tl_jax.objectives.classification import accuracy, cross_entropy, entropy, masked_mean
+from tl_jax.objectives.classification import accuracy, cross_entropy, entropy, masked_mean, soft_cross_entropy
 from tl_jax.objectives.co_tuning import category_relationship, co_tuning_loss
 from tl_jax.objectives.coral_mmd import coral_loss, mmd_loss
 from tl_jax.objectives.dann import domain_adversarial_loss
@@ -33,5 +33,5 @@ __all__ = [
     "domain_adversarial_loss", "entropy", "fixmatch_loss", "gradient_reversal", "hint_loss", "init_lora",
     "joint_loss", "kl_softmax", "l1", "l2", "l2_sp", "lora_dense_delta", "masked_mean", "mcc_loss", "mdd_loss",
     "merge", "mmd_loss", "multi_domain_loss", "multilinear_map", "pcgrad", "per_task_grads",
-    "randomized_multilinear_map", "residual_logits", "uncertainty_weighted", "weighted_sum",
+    "randomized_multilinear_map", "residual_logits", "soft_cross_entropy", "uncertainty_weighted", "weighted_sum",
 ]
