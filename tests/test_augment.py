@@ -220,6 +220,14 @@ def test_augment_config_errors_name_the_op_and_key(op, match):
         build_preprocess([op], where="cfg")
 
 
+@pytest.mark.parametrize("op", [{"op": "randaugment"}, {"op": "color_jitter", "brightness": 0.2}])
+def test_pixel_range_other_than_in_max_is_an_error(op):
+    """0..255 images into an op told in_max=1 (or normalised ones) would be clipped flat: refused."""
+    images = _images(2, 4, 4, 3) if op["op"] == "color_jitter" else _images(2, 4, 4, 3) - 128
+    with pytest.raises(ValueError, match=rf"\(op '{op['op']}'\): pixel values .* leave \[0, in_max=.*set in_max"):
+        build_preprocess([op]).on_batch(_batch(images), np.random.default_rng(0))
+
+
 def test_randaugment_refuses_other_channel_counts():
     pp = build_preprocess([{"op": "randaugment"}])
     with pytest.raises(ValueError, match=r"config.data.pp\[0\] \(op 'randaugment'\): needs 1 or 3 channels, got 2"):

@@ -144,6 +144,14 @@ def hsv_to_rgb(x: np.ndarray) -> np.ndarray:
     return np.stack([np.choose(i, [c[k] for c in choices]) for k in range(3)], axis=-1)
 
 
+def check_range(x: np.ndarray, in_max: float) -> None:
+    """Raise if ``x`` leaves ``[0, in_max]`` (the op would clip it: wrong ``in_max``, or after ``normalize``)."""
+    lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+    if lo < 0 or hi > in_max * (1 + 1e-6):
+        raise ValueError(f"pixel values {lo:.4g}..{hi:.4g} leave [0, in_max={in_max:g}]: set in_max to the image's "
+                         "range at this place in the chain (255 before rescale, 1 after), and put it before normalize")
+
+
 def color_jitter(x: np.ndarray, bright, contr, sat, hue_shift, *, brightness, contrast, saturation, hue,
                  in_max) -> np.ndarray:
     """Brightness, contrast, saturation, hue, in that fixed order, each clipped to ``[0, in_max]``.
@@ -152,6 +160,7 @@ def color_jitter(x: np.ndarray, bright, contr, sat, hue_shift, *, brightness, co
     saturation ``g + f (x - g)``, ``g`` the pixel's luma; hue: ``h + shift`` (mod
     1) in HSV (RGB only). A factor of 1 / shift of 0 leaves the image as is.
     """
+    check_range(x, in_max)
     out = np.clip(x * bright[:, None, None, None].astype(np.float32), 0.0, in_max)
     if contrast:
         out = _blend(out, _gray(out).mean(axis=(1, 2, 3), keepdims=True), contr, in_max)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from tl_jax.data.augment import check_range
+
 OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize", "contrast",
        "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
 SIGNED = frozenset({"rotate", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
@@ -107,6 +109,7 @@ def randaugment(x: np.ndarray, op_index: np.ndarray, negate: np.ndarray, *, num_
     """Each example through its :func:`plan` in PIL (8 bits; see the module docstring) -> float32 ``[0, in_max]``."""
     if x.shape[-1] not in (1, 3):
         raise ValueError(f"needs 1 or 3 channels, got {x.shape[-1]}")
+    check_range(x, in_max)
     out = np.empty_like(x, dtype=np.float32)
     height, width = x.shape[1:3]
     for b, image in enumerate(x):
