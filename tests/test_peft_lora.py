@@ -9,8 +9,12 @@ import pytest
 
 from tl_jax import config as config_lib
 from tl_jax import peft as peft_lib
+from tl_jax.models import contract, get_model
+from tl_jax.models import precision as precision_lib
+from tl_jax.models.precision import MixedPrecision, unwrap
 from tl_jax.peft.lora import LORA, LoraModel, count, find_targets, merge_lora, scale
 from tl_jax.peft.merge_run import merge_run
+from tl_jax.train.build import BEFORE_INIT, Stage, chain
 
 
 class Net(nn.Module):
@@ -174,3 +178,40 @@ def test_merge_run_names_a_workdir_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--workdir .*: no config.json \(not a tl-jax run\)"):
         merge_run(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_zoo_vit_attention_and_mlp_lora_counts_init_and_merge():
+    """LoRA on a tiny zoo ViT's attention q/k/v/out (flax DenseGeneral) and MLP Denses: counts r·(D + D) per
+    projection and r·(D + M), r·(M + D) per MLP layer; output unchanged at init; the merge predicts the same."""
+    d, m, r, depth = 16, 32, 2, 2
+    vit = get_model("vit", 3, patch_size=4, hidden_size=d, depth=depth, num_heads=2, mlp_dim=m)
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    targets = r".*MultiHeadDotProductAttention_0/(query|key|value|out)|.*MlpBlock_0/Dense_[01]"
+    lm = LoraModel(vit, rank=r, alpha=4.0, targets=targets)
+    v = lm.init(jax.random.PRNGKey(0), x, train=False)
+    lora = v["params"][LORA]
+    assert len(peft_lib.lora.lora_pairs(lora)) == depth * 6
+    assert count(lora) == depth * (4 * r * (d + d) + r * (d + m) + r * (m + d))
+    assert np.array_equal(np.asarray(lm.apply(v, x, train=False)), np.asarray(vit.apply(_base(v), x, train=False)))
+    v = _randomised(v)
+    y = np.asarray(lm.apply(v, x, train=False))
+    y_merged = np.asarray(vit.apply({"params": merge_lora(v["params"], lm.scale)}, x, train=False))
+    assert not np.allclose(y, np.asarray(vit.apply(_base(v), x, train=False)), atol=1e-3)
+    assert np.max(np.abs(y - y_merged)) <= 1e-5 * np.max(np.abs(y))
+
+
+def test_chain_keeps_lora_under_mixed_precision_and_the_split_sees_through_it():
+    """BEFORE_INIT with config.peft and bfloat16 compute: MixedPrecision(LoraModel(cnn)); unwrap() reaches the
+    zoo model, so the backbone/head split (rank, fewshot, evaluators) runs through LoRA and precision."""
+    c = _config(**{"peft.lora.rank": 2, "precision.compute": "bfloat16"})
+    cnn = get_model("cnn", 3)
+    model = chain(cnn, BEFORE_INIT, Stage(c))
+    assert isinstance(model, MixedPrecision) and isinstance(model.module, LoraModel) and unwrap(model) is cnn
+    assert contract.module_class(model) is type(cnn)
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 1)).astype(np.float32)
+    v = _randomised(model.init(jax.random.PRNGKey(0), x, train=False))
+    logits, feats = contract.apply_split(model, v, x, train=False)
+    logits2, feats2 = contract.logits_and_features(model, v, x, train=False)
+    np.testing.assert_array_equal(np.asarray(feats), np.asarray(feats2))
+    _, base_feats = contract.apply_split(precision_lib.wrap(cnn, c.precision), _base(v), x, train=False)
+    assert feats.dtype == np.float32 and not np.allclose(np.asarray(feats), np.asarray(base_feats), atol=1e-3)

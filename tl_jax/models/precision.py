@@ -97,6 +97,8 @@ class MixedPrecision:
     ``norm_module_paths``, ...) is the module's.
     """
 
+    wraps_module = True  # unwrap() sees through it
+
     def __init__(self, module: Any, dtype: Any):
         self.module = module
         self.dtype = jnp.dtype(dtype)
@@ -125,9 +127,15 @@ class MixedPrecision:
 def wrap(model: Any, precision: Mapping[str, Any]) -> Any:
     """``model`` under ``config.precision``'s policy: itself for float32 compute, else :class:`MixedPrecision`."""
     dtype = compute_dtype(precision)
-    return model if dtype == jnp.float32 else MixedPrecision(unwrap(model), dtype)
+    if dtype == jnp.float32:
+        return model
+    return MixedPrecision(model.module if isinstance(model, MixedPrecision) else model, dtype)
 
 
 def unwrap(model: Any) -> Any:
-    """The module inside a :class:`MixedPrecision` (``model`` itself otherwise)."""
-    return model.module if isinstance(model, MixedPrecision) else model
+    """The linen/NNX module inside the run's model wrappers: :class:`MixedPrecision` and the other classes with
+    ``wraps_module = True`` holding it as ``.module`` (LoRA: :class:`tl_jax.peft.lora.LoraModel`); ``model``
+    itself otherwise."""
+    while getattr(type(model), "wraps_module", False):
+        model = model.module
+    return model

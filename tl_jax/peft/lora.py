@@ -27,6 +27,7 @@ wraps a linen module; its ``apply`` takes ``lora`` out of the params and applies
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any, Mapping
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+log = logging.getLogger("tl_jax")
 PyTree = Any
 LORA = "lora"  # the top-level params key of the LoRA params
 KINDS = (nn.Dense, nn.DenseGeneral, nn.Conv)  # the layer classes LoRA adapts
@@ -200,6 +202,7 @@ class LoraModel:
     """
 
     adapts_backbone = True  # the backbone's output changes in training (no cached backbone features)
+    wraps_module = True  # tl_jax.models.precision.unwrap sees through it (the backbone/head split, module_class)
 
     def __init__(self, module: nn.Module, *, rank: int, alpha: float, targets: str, rslora: bool = False):
         if not isinstance(module, nn.Module):
@@ -217,6 +220,9 @@ class LoraModel:
         rng = rngs["params"] if isinstance(rngs, Mapping) else rngs
         targets = find_targets(self.module, self.targets, *args, **kwargs)
         params[LORA] = init_lora(jax.random.fold_in(rng, 0x10A), params, targets, self.rank)
+        log.info("LoRA (config.peft.lora): rank %d, scale %g on %d layers, %s params (the param-groups table "
+                 "counts them in their group): %s", self.rank, self.scale, len(targets), f"{count(params[LORA]):,}",
+                 ", ".join(list(targets)[:4]) + (", ..." if len(targets) > 4 else ""))
         variables["params"] = params
         return variables
 
