@@ -94,11 +94,12 @@ def plot_tsne(embedding: np.ndarray, domain: np.ndarray, labels: np.ndarray, pat
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5))
+    colours = 10 if labels.max(initial=0) < 10 else 20  # tab10's colours are the more distinct
     for d, (name, colour, marker) in enumerate((("source", "tab:blue", "o"), ("target", "tab:red", "^"))):
         m = domain == d
         a.scatter(embedding[m, 0], embedding[m, 1], s=6, c=colour, marker=marker, label=name, alpha=0.6)
-        b.scatter(embedding[m, 0], embedding[m, 1], s=6, c=labels[m] % 20, cmap="tab20", vmin=0, vmax=19,
-                  marker=marker, alpha=0.7)
+        b.scatter(embedding[m, 0], embedding[m, 1], s=6, c=labels[m] % colours, cmap=f"tab{colours}", vmin=0,
+                  vmax=colours - 1, marker=marker, alpha=0.7)
     a.legend(markerscale=3)
     a.set_title("by domain")
     b.set_title("by class (o source, ^ target)")
