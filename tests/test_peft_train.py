@@ -2,6 +2,11 @@
 ``tl-jax weights merge`` into a plain checkpoint that loads without PEFT and predicts the same logits, and
 composed with other objectives (DANN, L2-SP). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,6 +23,7 @@ from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import load_variables
 
 TINY = "tests/configs/tiny.py:steps=4"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _train(workdir, data_dir, *overrides):
@@ -110,3 +116,36 @@ def test_lora_composes_with_other_objectives(runs, tfds_data_dir, tmp_path, over
     assert all(mults[p] for p in extras)  # a DANN discriminator trains with the base frozen
     metrics = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(v) for m in metrics for k, v in m.items() if k.startswith("train/loss"))
+
+
+def _subprocess_train(workdir, data_dir, init_from, devices, fault=""):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TL_JAX_COORDINATOR", "JAX_COORDINATOR",
+                                                                   "TL_JAX_NUM_PROCESSES", "SLURM_", "OMPI_"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               TL_JAX_FAULT=fault)
+    args = ["--config", TINY, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+            "--config.train.feature_cache=false", "--config.peft.lora.rank=2", "--config.peft.lora.alpha=4.0",
+            f"--config.init_from={init_from}", "--config.optimizer.learning_rate=0.01",
+            "--config.train.checkpoint_every=2"]
+    return subprocess.run([sys.executable, "-m", "tl_jax.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_lora_on_8_fake_devices_killed_and_resumed_matches_one_device(runs, tfds_data_dir, tmp_path):
+    """The fixture's LoRA run again, data-sharded over 8 fake CPU devices, SIGKILLed after step 3 and resumed
+    from its step-2 checkpoint: the final params match the 1-device run's (5e-5: another reduction order) and
+    every metric step is logged once."""
+    wd = tmp_path / "sharded"
+    first = _subprocess_train(wd, tfds_data_dir, runs / "src", 8, fault="kill_after_step=3")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    proc = _subprocess_train(wd, tfds_data_dir, runs / "src", 8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr, proc.stderr[-2000:]
+    ref, got = (flatten_paths(load_variables(str(w))["params"]) for w in (runs / "lora", wd))
+    assert ref.keys() == got.keys() and any(k.startswith(f"{LORA}/") for k in got)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=5e-5, atol=5e-5, err_msg=k)
+    steps = [json.loads(line)["step"] for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(line)["step"] for line in (runs / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == ref_steps
