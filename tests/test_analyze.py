@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tl_jax import config as config_lib
 from tl_jax.cli.main import main
 from tl_jax.evaluation.domain_analysis import (a_distance_from_error, analyze_features, equal_sizes, heldout_mask,
-                                               proxy_a_distance, run_domains)
+                                               proxy_a_distance, run_domains, write_tensorboard)
 from tl_jax.train.loop import train
 
 DIGITS_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
@@ -60,6 +61,11 @@ def test_analyze_features_writes_a_png(tmp_path):
     res = analyze_features(src, tgt, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["a_distance"] >= 1.8 and (res["n_source"], res["n_target"]) == (60, 50)
+    write_tensorboard(str(tmp_path / "tb"), [res])
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("a_distance/t")] == [pytest.approx(res["a_distance"])]
+    assert len(acc.Images("tsne/t")) == 1 and acc.Images("tsne/t")[0].encoded_image_string[:4] == b"\x89PNG"
 
 
 def test_run_domains_reads_a_domain_adaptation_target(tmp_path):
@@ -109,3 +115,4 @@ def test_cli_analyze_writes_the_png_and_the_json(tmp_path, tfds_data_dir, capsys
     png = out / "tsne_0_run.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and result[0]["png"] == str(png)
     assert "proxy A-distance" in capsys.readouterr().out
+    assert list(out.glob("events.out.tfevents.*"))  # the TensorBoard copy

@@ -2,13 +2,14 @@
 
     tl-jax analyze --runs runs/da/source_only_seed0 runs/da/dann_seed0 --out runs/da/analysis \\
         [--source NAME[:SPLIT]] [--target NAME[:SPLIT]] [--source-pp JSON] [--target-pp JSON] \\
-        [--data-dir DIR] [--layer features] [--max-points 1000] [--seed 0]
+        [--data-dir DIR] [--layer features] [--max-points 1000] [--seed 0] [--no-tensorboard]
 
 For each run (a workdir, ``PATH[:best|STEP]``): its ``layer`` features of at most
 ``--max-points`` examples of the source and of the target split, then
 ``OUT/tsne_<i>_<run>.png`` (coloured by domain and by class) and the proxy
 A-distance (:mod:`tl_jax.evaluation.domain_analysis`), printed and written with
-the rest to ``OUT/analysis.json``.
+the rest to ``OUT/analysis.json``; the PNGs and the numbers also go into a TensorBoard
+event file in ``OUT`` (``--no-tensorboard``: not).
 
 Which datasets: by default what the run saw, from its ``config.json``: the source
 is ``config.data`` (its ``test_split``, ``eval_pp``), the target the
@@ -65,6 +66,8 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     p.add_argument("--layer", default="features", help="features | logits | a module path (default features)")
     p.add_argument("--max-points", type=int, default=1000, help="examples per domain (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="draws of the examples, the held-out part, t-SNE")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event file in --out (default: "
+                   "the PNGs as images tsne/<tag>, d_A as scalars a_distance/<tag>)")
     args = p.parse_args(argv)
     if args.max_points < 4:
         raise ValueError(f"--max-points must be >= 4, got {args.max_points}")
@@ -76,7 +79,7 @@ def cmd_analyze(argv: Sequence[str]) -> int:
         for name in (f"tsne_{tag}.png", "analysis.json"):
             check_output(out / name, run.split(":")[0], "--out")  # never into a run's own files
     # Deferred (JAX, scikit-learn): `tl-jax analyze --help` runs without them.
-    from tl_jax.evaluation.domain_analysis import analyze_run, run_domains
+    from tl_jax.evaluation.domain_analysis import analyze_run, run_domains, write_tensorboard
 
     results = []
     for run, tag in zip(args.runs, tags):
@@ -94,4 +97,7 @@ def cmd_analyze(argv: Sequence[str]) -> int:
         results.append(res)
     (out / "analysis.json").write_text(json.dumps({"runs": results}, indent=1) + "\n")
     print(f"wrote {out / 'analysis.json'}")
+    if not args.no_tensorboard:
+        write_tensorboard(str(out), results)
+        print(f"wrote TensorBoard events into {out} (tensorboard --logdir {out})")
     return 0

@@ -19,7 +19,7 @@ the features a run's model gives a source and a target dataset:
 source is ``config.data`` (its test split, ``eval_pp``); the target is a
 domain-adaptation objective's ``target`` (``target_test_split``, ``target_eval_pp``
 or ``target_pp``), unless given. ``tl-jax analyze`` (``tl_jax/cli/analyze.py``)
-is the command.
+is the command; :func:`write_tensorboard` puts its PNGs and numbers into TensorBoard.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import numpy as np
 from tl_jax.data import build_preprocess, load_split
 from tl_jax.evaluation.linear_probe import fit_logreg, standardise
 from tl_jax.train.checkpoint import parse_step_spec
+from tl_jax.train.trackers import TensorBoardWriter
 from tl_jax.transferability.extract import extract, load_candidate, split_arrays
 
 DOMAIN_L2 = 1e-3  # the domain classifier's L2 (mean-CE form, on standardised features)
@@ -123,6 +124,19 @@ def analyze_features(source: tuple[np.ndarray, np.ndarray], target: tuple[np.nda
     plot_tsne(tsne_embed(feats, seed), domain, labels, png,
               f"{title + ': ' if title else ''}proxy A-distance {res['a_distance']:.3f}")
     return {**res, "png": str(png), "n_source": len(source[0]), "n_target": len(target[0])}
+
+
+def write_tensorboard(logdir: str, results: list[dict]) -> None:
+    """Each result's t-SNE PNG as image ``tsne/<tag>`` and its d_A as scalar ``a_distance/<tag>`` (step 0) in
+    TensorBoard event files in ``logdir`` (``tag``: the PNG's name after ``tsne_``)."""
+    writer = TensorBoardWriter(logdir)
+    try:
+        for res in results:
+            tag = pathlib.Path(res["png"]).stem.removeprefix("tsne_")
+            writer.image(f"tsne/{tag}", pathlib.Path(res["png"]))
+            writer.scalars(0, {f"a_distance/{tag}": res["a_distance"]})
+    finally:
+        writer.close()
 
 
 def run_domains(run: str) -> tuple[dict, dict]:
