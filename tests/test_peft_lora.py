@@ -168,9 +168,10 @@ def test_default_rules_train_lora_and_head_and_freeze_the_base():
     params = {"backbone": {"k": 0}, "head": {"k": 0}, LORA: {"backbone": {"a": 0, "b": 0}}}
     assert peft_lib.param_rules(c, params) == [["lora/.*", 1.0], ["head/.*", 1.0], [".*", None]]
     assert peft_lib.param_rules(c, {"Dense_0": {"k": 0}}) == [["lora/.*", 1.0], [".*", None]]  # no head
-    c.peft.freeze_base = False
+    c.peft.freeze_base = False  # the user's table as it is
     c.param_rules = [["backbone/.*", 0.1], [".*", 1.0]]
-    assert peft_lib.param_rules(c, params) == [["lora/.*", 1.0], ["backbone/.*", 0.1], [".*", 1.0]]
+    assert peft_lib.param_rules(c, params) == [["backbone/.*", 0.1], [".*", 1.0]]
+    config_lib.validate(c)
     assert peft_lib.dont_load(c) == list(c.dont_load) + ["lora/.*"]
 
 

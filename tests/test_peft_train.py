@@ -149,3 +149,24 @@ def test_lora_on_8_fake_devices_killed_and_resumed_matches_one_device(runs, tfds
     steps = [json.loads(line)["step"] for line in (wd / "metrics.jsonl").read_text().splitlines()]
     ref_steps = [json.loads(line)["step"] for line in (runs / "lora" / "metrics.jsonl").read_text().splitlines()]
     assert steps == ref_steps
+
+
+@pytest.mark.slow
+def test_lp_ft_probes_the_base_then_trains_lora_and_head(runs, tfds_data_dir, tmp_path):
+    """config.recipe 'lp_ft' with LoRA: the probe (WORKDIR/lp) trains the head alone, LoRA's B still zero;
+    the fine-tune trains LoRA and the head with the base bit for bit the source's."""
+    wd = tmp_path / "lpft"
+    _train(wd, tfds_data_dir, "--config.peft.lora.rank=2", f"--config.init_from={runs / 'src'}",
+           "--config.recipe.name=lp_ft", "--config.recipe.lp_steps=2", "--config.train.steps=2",
+           "--config.train.checkpoint_every=2", "--config.optimizer.learning_rate=0.01")
+    src = flatten_paths(load_variables(str(runs / "src"))["params"])
+    probe = flatten_paths(load_variables(str(wd / "lp"))["params"])
+    final = flatten_paths(load_variables(str(wd))["params"])
+    b = [p for p in probe if p.startswith(f"{LORA}/") and p.endswith("/b")]
+    assert b and all(not np.any(probe[p]) for p in b)  # frozen in the probe: still the zero init
+    assert any(np.any(final[p]) for p in b)  # trained in the fine-tune
+    assert any(not np.array_equal(final[p], probe[p]) for p in probe if p.startswith("head/"))  # trained on
+    for p, v in final.items():
+        if not p.startswith((f"{LORA}/", "head/")):
+            np.testing.assert_array_equal(probe[p], src[p], err_msg=p)
+            np.testing.assert_array_equal(v, src[p], err_msg=p)

@@ -10,7 +10,8 @@ The param rules with PEFT on (:func:`param_rules`), after the objective's fixed 
   the LoRA params and the head train, the base is frozen (no gradient update, no optimizer state);
   the ``head/.*`` rule only when the model has a ``head``; the objective's own params (``extra_keys``: a
   DANN discriminator, ...) train too, one ``KEY/.*`` rule each. ``config.param_rules`` must stay at its default.
-* ``freeze_base = False``: ``[["lora/.*", 1.0]] + config.param_rules`` (the user's table for the rest).
+* ``freeze_base = False``: ``config.param_rules`` as it is: the user's table names ``lora/.*`` too (the
+  default ``[[".*", 1.0]]`` trains LoRA and the whole base; the LP-FT probe's freezes LoRA at its zero init).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tl_jax.util import config_checks
 from tl_jax.util.tree_paths import flatten_paths
 
 DEFAULT_RULES = [[".*", 1.0]]  # config.param_rules' default (tl_jax/config.py)
-LORA_RULE = [f"{LORA}/.*", 1.0]
+LORA_RULE = [f"{LORA}/.*", 1.0]  # first rule of the freeze_base preset
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -67,7 +68,7 @@ def param_rules(config: ml_collections.ConfigDict, params: Any, extra_keys: Sequ
     if not enabled(config):
         return user
     if not config.peft.freeze_base:
-        return [LORA_RULE] + user
+        return user
     paths = list(flatten_paths(params))
     trained = ["head"] + sorted(extra_keys)
     return [LORA_RULE] + [[f"{k}/.*", 1.0] for k in trained if any(p.startswith(f"{k}/") for p in paths)] + [

@@ -94,6 +94,7 @@ def probe_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if r.lp_learning_rate is not None:
         c.optimizer.learning_rate = float(r.lp_learning_rate)
     c.param_rules = [[p, 1.0] for p in r.lp_trainable] + [[".*", None]]
+    c.peft.freeze_base = False  # config.peft: these rules alone (LoRA stays at its zero-B init in the probe)
     c.train.early_stopping.metric = ""  # the probe runs its steps; early stopping is the fine-tune's
     c.evals = []  # periodic evaluators watch the fine-tune
     return c
