@@ -1,6 +1,6 @@
 """LoRA end to end (tl_jax/peft): trained through the CLI on the tiny config with the base frozen, merged by
 ``tl-jax weights merge`` into a plain checkpoint that loads without PEFT and predicts the same logits, and
-composed with other objectives (DANN, L2-SP). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
+composed with other objectives and recipes (DANN, L2-SP, EMA, LP-FT). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
 import json
 import os
 import pathlib
@@ -98,7 +98,8 @@ def test_weights_merge_gives_a_plain_checkpoint_with_the_same_logits(runs, capsy
     ["--config.objective.name=dann", "--config.objective.dann.target=optdigits",
      '--config.objective.dann.target_pp=[{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]'],
     ["--config.loss.l2_sp=0.01"],
-], ids=["dann", "l2_sp"])
+    ["--config.train.ema_decay=0.5"],
+], ids=["dann", "l2_sp", "ema"])
 def test_lora_composes_with_other_objectives(runs, tfds_data_dir, tmp_path, overrides):
     wd = tmp_path / "run"
     _train(wd, tfds_data_dir, "--config.peft.lora.rank=2", f"--config.init_from={runs / 'src'}",
