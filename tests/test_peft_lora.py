@@ -216,3 +216,23 @@ def test_chain_keeps_lora_under_mixed_precision_and_the_split_sees_through_it():
     np.testing.assert_array_equal(np.asarray(feats), np.asarray(feats2))
     _, base_feats = contract.apply_split(precision_lib.wrap(cnn, c.precision), _base(v), x, train=False)
     assert feats.dtype == np.float32 and not np.allclose(np.asarray(feats), np.asarray(base_feats), atol=1e-3)
+
+
+def test_dropout_is_unbiased_and_only_in_training():
+    """Dropout on the LoRA branch's input: off without train=True or without a 'dropout' rng (output = the
+    undropped model's); in training the mean over 4000 masks of the delta is the undropped delta (inverted
+    dropout is unbiased) while one mask changes it."""
+    model = Net()
+    plain = LoraModel(model, rank=2, alpha=2.0, targets="head")
+    dropped = LoraModel(model, rank=2, alpha=2.0, targets="head", dropout=0.5)
+    v = _randomised(plain.init(jax.random.PRNGKey(0), X))
+    y = np.asarray(plain.apply(v, X, train=True))
+    assert np.array_equal(np.asarray(dropped.apply(v, X, train=False, rngs={"dropout": jax.random.PRNGKey(1)})), y)
+    assert np.array_equal(np.asarray(dropped.apply(v, X, train=True)), y)
+    one = jax.jit(lambda r: dropped.apply(v, X, train=True, rngs={"dropout": r}))
+    assert not np.allclose(np.asarray(one(jax.random.PRNGKey(1))), y, atol=1e-4)
+    base = np.asarray(model.apply(_base(v), X))
+    mean = np.asarray(jax.vmap(one)(jax.random.split(jax.random.PRNGKey(2), 4000)).mean(0))
+    np.testing.assert_allclose(mean - base, y - base, rtol=0.05, atol=0.05 * np.abs(y - base).max())
+    with pytest.raises(ValueError, match=r"config.peft.lora.dropout must be a number in \[0, 1\)"):
+        peft_lib.check(_config(**{"peft.lora.rank": 2, "peft.lora.dropout": 1.0}))

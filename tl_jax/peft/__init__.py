@@ -42,6 +42,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         return
     if not lora.alpha > 0:
         raise ValueError(f"config.peft.lora.alpha must be > 0, got {lora.alpha!r}")
+    if isinstance(lora.dropout, bool) or not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+        raise ValueError(f"config.peft.lora.dropout must be a number in [0, 1), got {lora.dropout!r}")
     if not isinstance(lora.targets, str) or not lora.targets:
         raise ValueError(f"config.peft.lora.targets must be a non-empty regex over module paths, got {lora.targets!r}")
     if config.peft.freeze_base and [list(r) for r in config.param_rules] != DEFAULT_RULES:
@@ -57,7 +59,8 @@ def lora_link(model: Any, stage: Any) -> Any:
     if not enabled(stage.config):
         return model
     lora = stage.config.peft.lora
-    return LoraModel(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rslora=lora.rslora)
+    return LoraModel(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rslora=lora.rslora,
+                     dropout=lora.dropout)
 
 
 def param_rules(config: ml_collections.ConfigDict, params: Any, extra_keys: Sequence[str] = ()) -> list[list]:

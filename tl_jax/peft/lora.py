@@ -19,6 +19,9 @@ Parameters per layer: ``r·(prod(in) + prod(out))``, e.g. ``r·(d_in + d_out)`` 
 Init: ``A`` He-uniform over its fan-in, ``B = 0``, so ``A·B = 0`` and the adapted model's output equals the
 base model's bit for bit at init (the delta is an exact zero added to ``y``).
 
+Dropout (``dropout`` > 0) drops the LoRA branch's input ``x`` (inverted dropout, the base path untouched) in
+calls with ``train=True`` given by keyword and a ``'dropout'`` rng; otherwise the branch is deterministic.
+
 The LoRA params live under their own top-level path ``params['lora']``, nested by the layer's module path
 (``lora/backbone/Conv_0/a``, ``.../b``), so ``param_rules`` can train them with the base frozen, ``init_from``
 loads the base as it is, and removing the subtree leaves the base model's params. How it runs: :class:`LoraModel`
@@ -139,9 +142,28 @@ def delta(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, s: float)
     return s * jnp.tensordot(xa, b.astype(xa.dtype), axes=1)
 
 
-def interceptor(lora: PyTree, s: float):
+def dropout_keys(lora: PyTree, rng: jax.Array | None) -> dict[str, jax.Array]:
+    """One dropout key per adapted layer (by module path, folded in by its sorted position); ``{}`` when
+    ``rng`` is None (no dropout)."""
+    if rng is None:
+        return {}
+    return {path: jax.random.fold_in(rng, i) for i, path in enumerate(sorted(lora_pairs(lora)))}
+
+
+def _dropped(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout of the LoRA branch's input: ``x · m / (1 - rate)``, ``m ~ Bernoulli(1 - rate)`` per element
+    (unbiased: ``E[x ⋆ A · B]`` is the undropped delta); ``x`` itself without a key."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def interceptor(lora: PyTree, s: float, rate: float = 0.0, keys: Mapping[str, jax.Array] | None = None):
     """A ``nn.intercept_methods`` interceptor adding :func:`delta` to each layer that has LoRA params in
-    ``lora`` (by its module path); other calls run as they are."""
+    ``lora`` (by its module path), its input dropped out at ``rate`` with ``keys[path]`` when given; other
+    calls run as they are."""
+    keys = keys or {}
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -155,7 +177,8 @@ def interceptor(lora: PyTree, s: float):
                 return y
         if not (isinstance(node, Mapping) and "a" in node and "b" in node and not isinstance(node["a"], Mapping)):
             return y
-        return y + delta(module, args[0], node["a"], node["b"], s).astype(y.dtype)
+        x = _dropped(args[0], rate, keys.get("/".join(module.path)))
+        return y + delta(module, x, node["a"], node["b"], s).astype(y.dtype)
 
     return intercept
 
@@ -204,13 +227,15 @@ class LoraModel:
     adapts_backbone = True  # the backbone's output changes in training (no cached backbone features)
     wraps_module = True  # tl_jax.models.precision.unwrap sees through it (the backbone/head split, module_class)
 
-    def __init__(self, module: nn.Module, *, rank: int, alpha: float, targets: str, rslora: bool = False):
+    def __init__(self, module: nn.Module, *, rank: int, alpha: float, targets: str, rslora: bool = False,
+                 dropout: float = 0.0):
         if not isinstance(module, nn.Module):
             raise ValueError(f"config.peft.lora needs a linen model, got {type(module).__name__} (NNX models are "
                              f"not supported yet: docs/peft.md)")
         self.module = module
         self.rank, self.alpha, self.targets, self.rslora = int(rank), float(alpha), targets, bool(rslora)
         self.scale = scale(alpha, rank, rslora)
+        self.dropout = float(dropout)
 
     def init(self, rngs: Any, *args: Any, **kwargs: Any) -> PyTree:
         variables = dict(self.module.init(rngs, *args, **kwargs))
@@ -232,12 +257,15 @@ class LoraModel:
             raise ValueError(f"LoRA model applied to params without a {LORA!r} subtree (merged params load into "
                              f"the model without config.peft)")
         lora = params.pop(LORA)
-        with nn.intercept_methods(interceptor(lora, self.scale)):
+        rngs = kwargs.get("rngs")
+        rng = rngs.get("dropout") if isinstance(rngs, Mapping) and kwargs.get("train") is True else None
+        keys = dropout_keys(lora, rng) if self.dropout > 0 else {}
+        with nn.intercept_methods(interceptor(lora, self.scale, self.dropout, keys)):
             return self.module.apply({**variables, "params": params}, *args, **kwargs)
 
     def clone(self, **changes: Any) -> "LoraModel":
         return LoraModel(self.module.clone(**changes), rank=self.rank, alpha=self.alpha, targets=self.targets,
-                         rslora=self.rslora)
+                         rslora=self.rslora, dropout=self.dropout)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "module":  # copy/pickle probes; `module` unset while unpickling
