@@ -14,6 +14,7 @@ from tl_jax.models import precision as precision_lib
 from tl_jax.models.precision import MixedPrecision, unwrap
 from tl_jax.peft.lora import LORA, LoraModel, count, find_targets, merge_lora, scale
 from tl_jax.peft.merge_run import merge_run
+from tl_jax.sweep.plan import plan_groups
 from tl_jax.train.build import BEFORE_INIT, Stage, chain
 
 
@@ -236,3 +237,14 @@ def test_dropout_is_unbiased_and_only_in_training():
     np.testing.assert_allclose(mean - base, y - base, rtol=0.05, atol=0.05 * np.abs(y - base).max())
     with pytest.raises(ValueError, match=r"config.peft.lora.dropout must be a number in \[0, 1\)"):
         peft_lib.check(_config(**{"peft.lora.rank": 2, "peft.lora.dropout": 1.0}))
+
+
+def test_sweep_points_with_another_rank_never_share_a_vectorised_step():
+    """config.peft is no traced key (tl_jax/sweep/plan.py): points differing in rank run in separate groups,
+    points differing in learning rate only share one."""
+    def tiny(*overrides):
+        return config_lib.apply_overrides(config_lib.load_config("tests/configs/tiny.py"), list(overrides))
+
+    groups, why = plan_groups([tiny("peft.lora.rank=2"), tiny("peft.lora.rank=8"),
+                               tiny("peft.lora.rank=2", "optimizer.learning_rate=0.01")])
+    assert groups == [[0, 2], [1]] and "config.peft.lora.rank" in why

@@ -19,6 +19,7 @@ from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.params.param_rules import flatten_paths
 from tl_jax.peft.lora import LORA
 from tl_jax.peft.merge_run import merge_run
+from tl_jax.sweep.runner import run_sweep
 from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import load_variables
 
@@ -171,3 +172,18 @@ def test_lp_ft_probes_the_base_then_trains_lora_and_head(runs, tfds_data_dir, tm
         if not p.startswith((f"{LORA}/", "head/")):
             np.testing.assert_array_equal(probe[p], src[p], err_msg=p)
             np.testing.assert_array_equal(v, src[p], err_msg=p)
+
+
+@pytest.mark.slow
+def test_vectorised_lora_sweep_equals_sequential(tfds_data_dir, tmp_path):
+    """tests/configs/tiny_sweep.py (2 points: lr, L2, backbone lr multiplier, seed) with LoRA on and the user's
+    rules (freeze_base=false: the sweep's `.*` rule trains lora/.*): one vmapped group, the sequential metrics."""
+    ov = [f"data.data_dir={tfds_data_dir}", "train.checkpoint_every=2", "peft.lora.rank=2", "peft.freeze_base=false"]
+    records = {m: run_sweep("tests/configs/tiny_sweep.py", str(tmp_path / m), vectorize=m, overrides=ov)
+               for m in ("on", "off")}
+    assert [g["mode"] for g in records["on"]["groups"]] == ["vectorized"]
+    for name in ("p0", "p1"):
+        vec, seq = (load_variables(str(tmp_path / m / name))["params"] for m in ("on", "off"))
+        assert LORA in vec
+        for p, v in flatten_paths(vec).items():
+            np.testing.assert_allclose(v, flatten_paths(seq)[p], rtol=1e-4, atol=1e-5, err_msg=f"{name} {p}")
