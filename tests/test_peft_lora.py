@@ -142,6 +142,8 @@ def test_errors_name_what_to_fix():
         LoraModel(Grouped(), rank=2, alpha=1.0, targets=".*").init(jax.random.PRNGKey(0), X)
     with pytest.raises(ValueError, match="needs a linen model"):
         LoraModel(object(), rank=2, alpha=1.0, targets=".*")
+    with pytest.raises(ValueError, match=r"got NNXModel \(NNX models are not supported yet: docs/peft.md\)"):
+        LoraModel(get_model("cnn_nnx", 3), rank=2, alpha=1.0, targets=".*")
     with pytest.raises(ValueError, match="no 'lora' subtree"):
         merge_lora({"head": {}}, 1.0)
     assert scale(8, 4) == 2.0 and scale(8, 4, rslora=True) == 4.0
