@@ -1,6 +1,6 @@
 """LoRA end to end (tl_jax/peft): trained through the CLI on the tiny config with the base frozen, merged by
 ``tl-jax weights merge`` into a plain checkpoint that loads without PEFT and predicts the same logits, and
-composed with other objectives and recipes (DANN, L2-SP, EMA, LP-FT). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
+composed with other objectives and recipes (DANN, L2-SP, EMA, multitask, LP-FT). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
 import json
 import os
 import pathlib
@@ -100,7 +100,9 @@ def test_weights_merge_gives_a_plain_checkpoint_with_the_same_logits(runs, capsy
      '--config.objective.dann.target_pp=[{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]'],
     ["--config.loss.l2_sp=0.01"],
     ["--config.train.ema_decay=0.5"],
-], ids=["dann", "l2_sp", "ema"])
+    ["--config.objective.name=multitask", '--config.objective.multitask.tasks=["digit", "parity", "ge5"]',
+     "--config.objective.multitask.weighting=uncertainty"],
+], ids=["dann", "l2_sp", "ema", "multitask"])
 def test_lora_composes_with_other_objectives(runs, tfds_data_dir, tmp_path, overrides):
     wd = tmp_path / "run"
     _train(wd, tfds_data_dir, "--config.peft.lora.rank=2", f"--config.init_from={runs / 'src'}",
@@ -115,7 +117,9 @@ def test_lora_composes_with_other_objectives(runs, tfds_data_dir, tmp_path, over
         if m is None:
             np.testing.assert_array_equal(got[p], src[p], err_msg=p)
     extras = [p for p in mults if p.split("/")[0] in run.objective.extra_keys]
-    assert all(mults[p] for p in extras)  # a DANN discriminator trains with the base frozen
+    assert bool(extras) == bool(run.objective.extra_keys) and all(mults[p] for p in extras)  # a DANN
+    # discriminator, multitask's log-variances train with the base frozen
+    assert all(m for p, m in mults.items() if p.startswith("head/"))  # the head, or multitask's head/<task>
     metrics = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(v) for m in metrics for k, v in m.items() if k.startswith("train/loss"))
 
