@@ -250,3 +250,23 @@ def test_sweep_points_with_another_rank_never_share_a_vectorised_step():
     groups, why = plan_groups([tiny("peft.lora.rank=2"), tiny("peft.lora.rank=8"),
                                tiny("peft.lora.rank=2", "optimizer.learning_rate=0.01")])
     assert groups == [[0, 2], [1]] and "config.peft.lora.rank" in why
+
+
+def test_zoo_cnn_every_conv_and_dense_including_the_im2col_conv():
+    """The zoo CNN's conv1 is an im2col Conv3x3 (tl_jax/models/im2col.py), adapted like nn.Conv: all four
+    layers get LoRA, output unchanged at init, and the merge (which folds A·B into each 3x3 kernel) predicts
+    what the adapted model does."""
+    cnn = get_model("cnn", 3)
+    x = np.random.default_rng(3).normal(size=(2, 8, 8, 1)).astype(np.float32)
+    lm = LoraModel(cnn, rank=2, alpha=2.0, targets=".*")
+    v = lm.init(jax.random.PRNGKey(0), x, train=False)
+    assert sorted(peft_lib.lora.lora_pairs(v["params"][LORA])) == ["backbone/conv1", "backbone/conv2", "backbone/fc",
+                                                                   "head"]
+    assert np.array_equal(np.asarray(lm.apply(v, x, train=False)), np.asarray(cnn.apply(_base(v), x, train=False)))
+    v = _randomised(v)
+    y = np.asarray(lm.apply(v, x, train=False))
+    y_merged = np.asarray(cnn.apply({"params": merge_lora(v["params"], lm.scale)}, x, train=False))
+    assert np.max(np.abs(y - y_merged)) <= 1e-5 * np.max(np.abs(y))
+    only1 = LoraModel(cnn, rank=2, alpha=2.0, targets="backbone/conv1")  # conv1's delta alone moves the output
+    v1 = _randomised(only1.init(jax.random.PRNGKey(0), x, train=False))
+    assert not np.allclose(np.asarray(only1.apply(v1, x, train=False)), np.asarray(cnn.apply(_base(v1), x)), atol=1e-4)

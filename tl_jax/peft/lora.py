@@ -40,10 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax.models.im2col import Conv3x3
+
 log = logging.getLogger("tl_jax")
 PyTree = Any
 LORA = "lora"  # the top-level params key of the LoRA params
-KINDS = (nn.Dense, nn.DenseGeneral, nn.Conv)  # the layer classes LoRA adapts
+KINDS = (nn.Dense, nn.DenseGeneral, nn.Conv, Conv3x3)  # the layer classes LoRA adapts (Conv3x3: the zoo CNN's
+# im2col conv, nn.Conv(features, (3, 3), padding='SAME')'s params and maths)
 
 
 def scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -58,6 +61,8 @@ def _input_dims(module: nn.Module, kernel_ndim: int, path: str) -> int:
             raise ValueError(f"LoRA: conv {path} has feature_group_count={module.feature_group_count}; only "
                              f"ungrouped convs are supported (leave it out of config.peft.lora.targets)")
         return kernel_ndim - 1
+    if isinstance(module, Conv3x3):
+        return 3
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             raise ValueError(f"LoRA: DenseGeneral {path} has batch_dims={module.batch_dims}; not supported "
@@ -128,8 +133,11 @@ def init_lora(rng: jax.Array, params: PyTree, targets: Mapping[str, tuple[type, 
 
 def delta(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, s: float) -> jax.Array:
     """``s · (x ⋆ A) · B`` for the layer ``module`` (module doc): ``[..., *out]``."""
-    if isinstance(module, nn.Conv):
-        down = module.clone(features=a.shape[-1], use_bias=False, parent=None, name=None)
+    if isinstance(module, (nn.Conv, Conv3x3)):
+        if isinstance(module, nn.Conv):
+            down = module.clone(features=a.shape[-1], use_bias=False, parent=None, name=None)
+        else:  # Conv3x3: nn.Conv(features, (3, 3), padding='SAME') maths
+            down = nn.Conv(a.shape[-1], (3, 3), padding="SAME", use_bias=False, dtype=module.dtype)
         xa = down.apply({"params": {"kernel": a}}, x)
     else:
         n_in = a.ndim - 1
