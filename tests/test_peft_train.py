@@ -1,6 +1,7 @@
 """LoRA end to end (tl_jax/peft): trained through the CLI on the tiny config with the base frozen, merged by
 ``tl-jax weights merge`` into a plain checkpoint that loads without PEFT and predicts the same logits, and
-composed with other objectives and recipes (DANN, L2-SP, EMA, multitask, LP-FT). Each runs tiny trainings (~1 min in all on 2 cores): slow."""
+composed with other objectives and recipes (DANN, L2-SP, EMA, multitask, LP-FT), sharded and resumed, vectorised,
+read by eval and fewshot. Each runs tiny trainings (~2.5 min in all on 2 cores): slow."""
 import json
 import os
 import pathlib
@@ -18,10 +19,12 @@ from tl_jax.evaluation.saved_run import load
 from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.params.param_rules import flatten_paths
 from tl_jax.peft.lora import LORA
-from tl_jax.peft.merge_run import merge_run
+from tl_jax.peft import merge
+from tl_jax.peft.merge_run import merge_run, run_config
 from tl_jax.sweep.runner import run_sweep
 from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import load_variables
+from tl_jax.transferability.extract import load_candidate
 
 TINY = "tests/configs/tiny.py:steps=4"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -191,3 +194,21 @@ def test_vectorised_lora_sweep_equals_sequential(tfds_data_dir, tmp_path):
         assert LORA in vec
         for p, v in flatten_paths(vec).items():
             np.testing.assert_allclose(v, flatten_paths(seq)[p], rtol=1e-4, atol=1e-5, err_msg=f"{name} {p}")
+
+
+@pytest.mark.slow
+def test_eval_and_fewshot_read_a_lora_run(runs, tfds_data_dir, tmp_path):
+    """`tl-jax eval` rebuilds the LoRA model from the run's config; `tl-jax rank`/`fewshot` build the plain
+    model from config.model, so the candidate's LoRA is folded into its base first (not silently dropped)."""
+    assert main(["eval", "--workdir", str(runs / "lora")]) == 0
+    out = tmp_path / "fewshot.json"
+    assert main(["fewshot", "--workdir", str(runs / "lora"), "--target", "tests/configs/tiny.py", "--shots", "5",
+                 "--seeds", "1", f"--config.data.data_dir={tfds_data_dir}", "--out", str(out)]) == 0
+    assert 0.0 <= json.loads(out.read_text())["shots"]["5"]["accuracy"] <= 1.0
+    got = flatten_paths(load_candidate(str(runs / "lora"), "--workdir").variables["params"])
+    want = flatten_paths(merge(load_variables(str(runs / "lora"))["params"], run_config(runs / "lora")))
+    src = flatten_paths(load_variables(str(runs / "src"))["params"])
+    assert got.keys() == want.keys() and not any(p.startswith(f"{LORA}/") for p in got)
+    for p in got:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=p)
+    assert not np.allclose(got["backbone/conv2/kernel"], src["backbone/conv2/kernel"], atol=1e-7)  # LoRA in it

@@ -5,6 +5,9 @@
 ``DIR`` holds the base model's params with every LoRA pair folded in, ``W' = W + s·A·B``
 (:func:`tl_jax.peft.lora.merge_lora`), and the run's BatchNorm statistics: a checkpoint that
 ``config.init_from`` loads into the model without ``config.peft`` and that predicts the run's logits.
+
+:func:`folded` does the same in memory for readers that build the plain model from a run's
+``config.model`` (``tl-jax rank``/``fewshot``: ``tl_jax/transferability/extract.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pathlib
 from tl_jax import config as config_lib
 from tl_jax import peft as peft_lib
 from tl_jax.peft.lora import lora_pairs
-from tl_jax.train.checkpoint import load_variables
+from tl_jax.train.checkpoint import load_variables, parse_step_spec
 from tl_jax.weights.convert import save_variables
 
 
@@ -39,3 +42,17 @@ def merge_run(workdir: str | pathlib.Path, out: str | pathlib.Path, checkpoint: 
     save_variables(pathlib.Path(out), {**variables, "params": merged}, overwrite=overwrite)
     return {"out": str(out), "merged_layers": len(lora_pairs(lora)),
             "lora_params": peft_lib.count(lora), "params": peft_lib.count(merged)}
+
+
+def folded(variables: dict, path: str, where: str) -> dict:
+    """``variables`` read from run ``path`` (``PATH[:best|STEP]``, its step or checkpoints dir) with their LoRA
+    folded into the base when the params have a ``lora`` subtree (exact: the plain model then computes what
+    the LoRA run does); as they are otherwise. Errors name ``where``."""
+    if peft_lib.LORA not in variables["params"]:
+        return variables
+    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
+    for d in (p, p.parent, p.parent.parent):
+        if (d / "config.json").is_file():
+            return {**variables, "params": peft_lib.merge(variables["params"], run_config(d))}
+    raise ValueError(f"{where}: its params have a {peft_lib.LORA!r} subtree but no run config.json is there or up "
+                     f"to two levels above it (the LoRA scale is config.peft.lora's)")

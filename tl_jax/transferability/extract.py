@@ -37,6 +37,7 @@ from tl_jax.data.validation import train_and_val_indices
 from tl_jax.models import contract, model_from_config
 from tl_jax.models.heads import head_dims
 from tl_jax.models.inputs import model_inputs
+from tl_jax.peft.merge_run import folded
 from tl_jax.train.checkpoint import load_variables, parse_step_spec
 
 INPUT_KEYS = ("image", "input_ids", "attention_mask")
@@ -94,7 +95,7 @@ def load_candidate(path: str, flag: str = "--candidates") -> Candidate:
     """Variables, model and source classes of candidate ``path`` (one-line errors name it as ``flag path``:
     ``--candidates`` for ``tl-jax rank``, ``--workdir`` for ``tl-jax fewshot``)."""
     where = f"{flag} {path}"
-    variables = load_variables(str(path), where=where)
+    variables = folded(load_variables(str(path), where=where), str(path), where)  # a LoRA run: folded in (exact)
     mc = candidate_model_config(str(path), where)
     dims = head_dims(variables["params"].get("head", {}))
     classes = dims[1] if dims is not None else int(mc.get("num_classes") or 0)
