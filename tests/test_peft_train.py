@@ -212,3 +212,18 @@ def test_eval_and_fewshot_read_a_lora_run(runs, tfds_data_dir, tmp_path):
     for p in got:
         np.testing.assert_array_equal(got[p], want[p], err_msg=p)
     assert not np.allclose(got["backbone/conv2/kernel"], src["backbone/conv2/kernel"], atol=1e-7)  # LoRA in it
+
+
+@pytest.mark.slow
+def test_a_lora_run_as_distillation_teacher_is_folded(runs, tfds_data_dir, tmp_path):
+    """config.objective.distill.teacher = a LoRA run: the teacher (a plain model from its config.model) gets the
+    LoRA folded into its params, not the base alone; a LoRA student trains 2 steps from it."""
+    wd = tmp_path / "student"
+    _train(wd, tfds_data_dir, "--config.peft.lora.rank=2", f"--config.init_from={runs / 'src'}",
+           "--config.objective.name=distill", f"--config.objective.distill.teacher={runs / 'lora'}",
+           "--config.train.steps=2", "--config.train.checkpoint_every=2")
+    teacher = flatten_paths(load(wd).state.aux["teacher"]["params"])
+    want = flatten_paths(merge(load_variables(str(runs / "lora"))["params"], run_config(runs / "lora")))
+    assert teacher.keys() == want.keys()
+    for p in want:
+        np.testing.assert_allclose(teacher[p], want[p], rtol=0, atol=0, err_msg=p)

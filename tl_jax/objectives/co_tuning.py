@@ -28,6 +28,7 @@ from tl_jax.models.heads import head_dims
 from tl_jax.objectives.base import PyTree, apply_model, register
 from tl_jax.objectives.classification import at_least_f32
 from tl_jax.objectives.feature_regularized import FeatureRegularized, training_outputs
+from tl_jax.peft.merge_run import folded
 from tl_jax.train.checkpoint import load_variables
 
 
@@ -82,7 +83,8 @@ class CoTuning(FeatureRegularized):
         return model_from_config(self.config.model, head_dims(source_head)[1])
 
     def init_extra(self, rng, params, batch_stats):
-        loaded = load_variables(self.source, where=f"{self.where}.source")
+        loaded = folded(load_variables(self.source, where=f"{self.where}.source"), self.source,
+                        f"{self.where}.source")  # a LoRA run: its adapters folded in (exact)
         dims = head_dims(loaded["params"].get("head", {}))
         if dims is None:
             raise ValueError(f"{self.where}.source={self.source!r} has no head/kernel (or head/logits/kernel)")

@@ -39,6 +39,7 @@ from tl_jax.models.heads import head_dims
 from tl_jax.objectives._checks import check_scalar, check_shape
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.peft.merge_run import folded
 from tl_jax.train.checkpoint import load_variables, parse_step_spec
 
 KEY = "config.objective.distill"
@@ -149,7 +150,8 @@ class DistillObjective(Objective):
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
         """No trainable additions; ``aux = {'teacher': {'params', 'batch_stats'?}}`` from the checkpoint."""
 
-        teacher = load_variables(self.teacher_path, where=f"{KEY}.teacher")
+        teacher = folded(load_variables(self.teacher_path, where=f"{KEY}.teacher"), self.teacher_path,
+                         f"{KEY}.teacher")  # a LoRA run: its adapters folded into the plain teacher (exact)
         dims = head_dims(teacher["params"].get("head", {}))  # (D, C) of a linear or MLP head
         if dims is not None and dims[1] != self.model.num_classes:
             raise ValueError(f"{KEY}.teacher={self.teacher_path!r} has a {dims[1]}-class head but the "

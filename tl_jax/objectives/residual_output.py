@@ -36,6 +36,7 @@ from tl_jax.models.heads import LOGITS, logits_layer
 from tl_jax.objectives._checks import check_scalar, check_shape
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, model_inputs, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.peft.merge_run import folded
 from tl_jax.train.checkpoint import load_variables, parse_step_spec
 
 
@@ -113,7 +114,7 @@ class ResidualOutput(Objective):
         return {**params, "head": {**head, LOGITS: jax.tree.map(jnp.zeros_like, head[LOGITS])}}
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:
-        source = load_variables(self.source)
+        source = folded(load_variables(self.source), self.source, "the residual source")  # LoRA folded in
         last = logits_layer(source["params"].get("head", {}))
         head = None if last is None else last.get("kernel")
         if head is None or head.shape[-1] != self.model.num_classes:
