@@ -13,6 +13,8 @@ from tl_jax.models import contract, get_model
 from tl_jax.models import precision as precision_lib
 from tl_jax.models.precision import MixedPrecision, unwrap
 from tl_jax.peft.lora import LORA, LoraModel, count, find_targets, merge_lora, scale
+from tl_jax.params.interpolate import interpolate
+from tl_jax.params.param_rules import flatten_paths
 from tl_jax.peft.merge_run import merge_run
 from tl_jax.sweep.plan import plan_groups
 from tl_jax.train.build import BEFORE_INIT, Stage, chain
@@ -270,3 +272,18 @@ def test_zoo_cnn_every_conv_and_dense_including_the_im2col_conv():
     only1 = LoraModel(cnn, rank=2, alpha=2.0, targets="backbone/conv1")  # conv1's delta alone moves the output
     v1 = _randomised(only1.init(jax.random.PRNGKey(0), x, train=False))
     assert not np.allclose(np.asarray(only1.apply(v1, x, train=False)), np.asarray(cnn.apply(_base(v1), x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_wise_ft_of_a_lora_run_is_wise_ft_of_the_merged_weights(alpha):
+    """interpolate(θ_0, θ_ft, α) with θ_ft a LoRA run's params (base fine-tuned too, freeze_base=False):
+    merged, it is (1 − α)·W_0 + α·merge(θ_ft) for every kernel; α = 0 is the pretrained model."""
+    lm = LoraModel(Net(), rank=2, alpha=2.0, targets=".*")
+    v0 = Net().init(jax.random.PRNGKey(0), X)["params"]
+    ft = _randomised(lm.init(jax.random.PRNGKey(1), X))["params"]  # another base: as if fine-tuned
+    mixed = merge_lora(interpolate(v0, ft, alpha), lm.scale)
+    want = merge_lora(ft, lm.scale)
+    for path, w in flatten_paths(mixed).items():
+        ref = (1 - alpha) * np.asarray(flatten_paths(v0)[path], np.float64) + alpha * np.asarray(
+            flatten_paths(want)[path], np.float64)
+        np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6, err_msg=path)

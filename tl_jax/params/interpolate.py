@@ -10,7 +10,9 @@ model before and after fine-tuning over a grid of ``α`` often beats both ends
   (regexes; e.g. the run's ``config.dont_load``, a head that was freshly
   initialised rather than loaded) are ``θ_ft``'s: a fresh head has no
   pretrained value to go back to. ``α = 0`` and ``1`` give ``θ_0`` and ``θ_ft``
-  exactly (``x·1 + y·0 = x`` in floating point).
+  exactly (``x·1 + y·0 = x`` in floating point). A LoRA run's ``lora/**/b`` (``config.peft``) has the
+  pretrained value 0 (no adaptation), so ``B_α = α·B`` and ``A`` is kept: since the delta ``s·A·B`` is
+  linear in ``B``, the merged kernel is ``(1 − α)·W_0 + α·(W_ft + s·A·B)``, WiSE-FT of the merged weights.
 - :func:`wise_ft`: each ``α`` of a grid evaluated on the fine-tuned run's test
   split (:func:`tl_jax.evaluation.saved_run.evaluate_run`), written as ``wise_ft.csv`` and a
   curve ``wise_ft.png``; ``tl-jax interpolate`` (:mod:`tl_jax.cli.interpolate`) runs it from the command line.
@@ -31,6 +33,7 @@ import jax
 import numpy as np
 
 from tl_jax.evaluation import saved_run as eval_lib
+from tl_jax.peft.lora import LORA
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.util.tree_paths import flatten_paths, path_str
 
@@ -52,6 +55,8 @@ def interpolate(theta0: PyTree, theta_ft: PyTree, alpha: float, keep: Sequence[s
     def mix(path, ft):
         name = path_str(path)
         t0 = base.get(name)
+        if t0 is None and name.startswith(f"{LORA}/") and name.endswith("/b"):  # module doc: B's pretrained value
+            t0 = np.zeros(np.shape(ft), np.asarray(ft).dtype)
         if t0 is None or np.shape(t0) != np.shape(ft) or any(p.fullmatch(name) for p in patterns):
             return ft
         ft_ = np.asarray(ft)
