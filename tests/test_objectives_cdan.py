@@ -4,12 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tl_jax import config as config_lib
 from tl_jax.objectives.classification import cross_entropy, entropy
 from tl_jax.objectives.cdan import cdan_loss, multilinear_map, randomized_multilinear_map
 from tl_jax.objectives.domain_adaptation import gradient_reversal
-from tl_jax.models import get_model
-from tl_jax.objectives import build_objective
+from objective_setup import BATCH, outputs, setup
 
 
 RNG = np.random.default_rng(0)
@@ -65,35 +63,6 @@ def test_grl_reverses_cdan_discriminator_gradient():
     plain = jax.grad(loss)(f, -1.0)   # λ = −1: the GRL passes the gradient unchanged
     np.testing.assert_allclose(jax.grad(loss)(f, 0.5), -0.5 * plain, rtol=1e-5)
     assert np.abs(np.asarray(plain)).max() > 0
-
-
-TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
-R = np.random.default_rng(0)
-BATCH = {"image": jnp.asarray(R.normal(size=(8, 8, 8, 1)), jnp.float32),
-         "label": jnp.arange(8, dtype=jnp.int32) % 10,
-         "target_image": jnp.asarray(R.normal(0.5, 1.5, size=(6, 8, 8, 1)), jnp.float32),
-         "target_strong_image": jnp.asarray(R.normal(0.5, 2.0, size=(6, 8, 8, 1)), jnp.float32)}
-
-
-def setup(name, data_dir=None, **group):
-    config = config_lib.base_config()
-    config.objective.name = name
-    config.data.data_dir = data_dir
-    config.train.steps = 100
-    if "target" in config.objective[name]:
-        config.objective[name].target = "optdigits"
-        config.objective[name].target_pp = TGT_PP
-    for k, v in group.items():
-        config.objective[name][k] = v
-    model = get_model("cnn", 10)
-    obj = build_objective(config, model)
-    params = model.init(jax.random.PRNGKey(0), BATCH["image"])["params"]
-    extra, aux = obj.init_extra(jax.random.PRNGKey(1), params, {})
-    return obj, {**params, **extra}, aux
-
-
-def outputs(obj, params, images):
-    return obj.model.apply({"params": {k: params[k] for k in ("backbone", "head")}}, images, return_features=True)
 
 
 def test_cdan_e_loss_is_ce_plus_weighted_conditional_adversarial_term():

@@ -3,11 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tl_jax import config as config_lib
 from tl_jax.objectives.classification import cross_entropy
 from tl_jax.objectives.mcc import mcc_loss
-from tl_jax.models import get_model
-from tl_jax.objectives import build_objective
+from objective_setup import BATCH, outputs, setup
 
 
 RNG = np.random.default_rng(0)
@@ -35,35 +33,6 @@ def test_mcc_loss_matches_the_paper():
     assert float(mcc_loss(jnp.asarray(np.eye(4)[[0, 1, 2, 3]] * 200.0), 1.0)) < 1e-6   # one-hot: no confusion
     g = jax.grad(lambda x: mcc_loss(x, t))(jnp.asarray(z))
     assert np.abs(np.asarray(g)).max() > 0
-
-
-TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
-R = np.random.default_rng(0)
-BATCH = {"image": jnp.asarray(R.normal(size=(8, 8, 8, 1)), jnp.float32),
-         "label": jnp.arange(8, dtype=jnp.int32) % 10,
-         "target_image": jnp.asarray(R.normal(0.5, 1.5, size=(6, 8, 8, 1)), jnp.float32),
-         "target_strong_image": jnp.asarray(R.normal(0.5, 2.0, size=(6, 8, 8, 1)), jnp.float32)}
-
-
-def setup(name, data_dir=None, **group):
-    config = config_lib.base_config()
-    config.objective.name = name
-    config.data.data_dir = data_dir
-    config.train.steps = 100
-    if "target" in config.objective[name]:
-        config.objective[name].target = "optdigits"
-        config.objective[name].target_pp = TGT_PP
-    for k, v in group.items():
-        config.objective[name][k] = v
-    model = get_model("cnn", 10)
-    obj = build_objective(config, model)
-    params = model.init(jax.random.PRNGKey(0), BATCH["image"])["params"]
-    extra, aux = obj.init_extra(jax.random.PRNGKey(1), params, {})
-    return obj, {**params, **extra}, aux
-
-
-def outputs(obj, params, images):
-    return obj.model.apply({"params": {k: params[k] for k in ("backbone", "head")}}, images, return_features=True)
 
 
 def test_mcc_loss_is_ce_plus_weighted_confusion_of_the_target():

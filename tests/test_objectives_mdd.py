@@ -3,12 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tl_jax import config as config_lib
 from tl_jax.objectives.classification import cross_entropy
 from tl_jax.objectives.mdd import mdd_loss
-from tl_jax.models import get_model
-from tl_jax.objectives import build_objective
 from tl_jax.params.param_rules import flatten_paths
+from objective_setup import BATCH, outputs, setup
 
 
 RNG = np.random.default_rng(0)
@@ -31,35 +29,6 @@ def test_mdd_loss_matches_tllib_and_its_gradients_point_the_right_way():
     g_s, g_t = jax.grad(lambda a, b: mdd_loss(jnp.asarray(ys), a, jnp.asarray(yt), b), argnums=(0, 1))(
         jnp.asarray(as_), jnp.asarray(at))
     assert np.all(np.asarray(g_s)[np.arange(5), hs] < 0) and np.all(np.asarray(g_t)[np.arange(4), ht] > 0)
-
-
-TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
-R = np.random.default_rng(0)
-BATCH = {"image": jnp.asarray(R.normal(size=(8, 8, 8, 1)), jnp.float32),
-         "label": jnp.arange(8, dtype=jnp.int32) % 10,
-         "target_image": jnp.asarray(R.normal(0.5, 1.5, size=(6, 8, 8, 1)), jnp.float32),
-         "target_strong_image": jnp.asarray(R.normal(0.5, 2.0, size=(6, 8, 8, 1)), jnp.float32)}
-
-
-def setup(name, data_dir=None, **group):
-    config = config_lib.base_config()
-    config.objective.name = name
-    config.data.data_dir = data_dir
-    config.train.steps = 100
-    if "target" in config.objective[name]:
-        config.objective[name].target = "optdigits"
-        config.objective[name].target_pp = TGT_PP
-    for k, v in group.items():
-        config.objective[name][k] = v
-    model = get_model("cnn", 10)
-    obj = build_objective(config, model)
-    params = model.init(jax.random.PRNGKey(0), BATCH["image"])["params"]
-    extra, aux = obj.init_extra(jax.random.PRNGKey(1), params, {})
-    return obj, {**params, **extra}, aux
-
-
-def outputs(obj, params, images):
-    return obj.model.apply({"params": {k: params[k] for k in ("backbone", "head")}}, images, return_features=True)
 
 
 def test_mdd_adversary_minimises_and_the_backbone_gets_the_reversed_gradient():
