@@ -221,8 +221,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(run, tmp_path, capsys):
     err = _error(capsys, ["eval", "--workdir", str(wd), "--out", str(wd / "summary.json")])
     assert "would overwrite the run's summary.json" in err
     assert _error(capsys, ["evaluate"]) == ("tl-jax: error: unknown command 'evaluate'; valid commands: train, "
-                                            "sweep, report, search, eval, predict, rank, fewshot, interpolate, data, "
-                                            "weights (tl-jax --help)")
+                                            "sweep, report, search, eval, predict, rank, fewshot, analyze, "
+                                            "interpolate, data, weights (tl-jax --help)")
     assert run_files(wd) == files
 
 
