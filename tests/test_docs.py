@@ -12,7 +12,8 @@
   checked fails the test;
 * every ```python block runs through ``compile``, and the ones marked
   ``<!-- test -->`` on the line before are executed in a temporary working
-  directory (tfds' data dir: the session's ``tfds_data_dir``).
+  directory (tfds' data dir: the session's ``tfds_data_dir``); one that trains into ``runs/`` must
+  have trained something there.
 """
 from __future__ import annotations
 
@@ -322,4 +323,5 @@ def test_marked_python_block_runs(page, code, marked, line, tmp_path, monkeypatc
     finally:
         for name in set(in_memory._REGISTRY) - set(registered):
             in_memory.unregister_dataset(name)
-    assert any((tmp_path / "runs").iterdir()), "the example trained nothing"
+    if "runs" in code:  # an example that trains into runs/ must have trained something
+        assert any((tmp_path / "runs").iterdir()), "the example trained nothing"
