@@ -6,16 +6,19 @@ print the list of commands without importing JAX (well under a second).
 
 Errors a user can fix (config keys, paths, rules, data) are printed as one line
 ``tl-jax COMMAND: error: ...`` with exit status 2, without a traceback
-(:func:`tl_jax.cli.args.run_command`; ``TL_JAX_DEBUG=1`` shows it).
+(:func:`run_command`; ``TL_JAX_DEBUG=1`` shows it).
 """
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from tl_jax.cli.args import run_command
+from tl_jax.cli.args import USER_ERRORS
 
 
 class Command(NamedTuple):
@@ -69,6 +72,53 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(tl-jax --help)", file=sys.stderr)
         return 2
     return run_command(command_function(argv[0]), argv[1:], prog=f"tl-jax {argv[0]}")
+
+
+def run_command(fn: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str = "tl-jax") -> int:
+    """``fn(argv)`` with logging set up; user errors (:data:`USER_ERRORS`) become ``PROG: error: ...``, exit 2.
+
+    A preempted run exits with its own status (``Preempted.exit_code``), Ctrl-C with 130.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    _quiet_libraries()
+    try:
+        return fn(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _is_preempted(e):
+            print(f"{prog}: {e}", file=sys.stderr)
+            return e.exit_code
+        if not isinstance(e, USER_ERRORS) or os.environ.get("TL_JAX_DEBUG"):
+            raise
+        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _is_preempted(e: BaseException) -> bool:
+    """``e`` is a :class:`tl_jax.train.preemption.Preempted`.
+
+    Looked up in ``sys.modules`` rather than imported: that module imports JAX, which a command's
+    ``--help`` must not pay for, and a run that was preempted has imported it already.
+    """
+    preemption = sys.modules.get("tl_jax.train.preemption")
+    return preemption is not None and isinstance(e, preemption.Preempted)
+
+
+def _quiet_libraries() -> None:
+    """absl, orbax, JAX internals and tfds log warnings and errors only."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:  # pragma: no cover
+        absl_logging = None
+    if absl_logging is not None:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
 
 
 if __name__ == "__main__":

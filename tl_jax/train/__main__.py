@@ -1,7 +1,7 @@
 """``python -m tl_jax.train --config ... --workdir ...`` = ``tl-jax train ...``."""
 import sys
 
-from tl_jax.cli.args import run_command
+from tl_jax.cli.main import run_command
 from tl_jax.cli.train import cmd_train
 
 if __name__ == "__main__":

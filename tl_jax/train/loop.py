@@ -76,8 +76,8 @@ class Run:
     probe_summary: dict | None = None  # config.recipe.name='lp_ft': the probe phase's summary (tl_jax/train/lp_ft.py)
 
     def loop(self) -> dict:
-        """:func:`run_loop` on this run; returns the summary."""
-        return run_loop(self)
+        """:class:`Loop` on this run; returns the summary."""
+        return Loop(self).run()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
@@ -92,7 +92,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
             log.info("%s is finished (%d steps): nothing to do; its summary.json is kept as is", workdir,
                      done.get("steps", 0))
             return done
-    return run_loop(prepare_run(config, workdir, overwrite=overwrite))
+    return Loop(prepare_run(config, workdir, overwrite=overwrite)).run()
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
@@ -150,22 +150,6 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: b
                probe_summary=probe_summary)
 
 
-def run_loop(run: Run) -> dict:
-    """:class:`Loop` on a prepared run, with its trackers open; the workdir lock is released after it."""
-    try:
-        if jax.process_index() == 0:  # config.tracking: TensorBoard events etc. beside metrics.jsonl
-            run.wd.trackers = open_trackers(run.config.tracking, run.wd.path, config_lib.to_dict(run.config),
-                                            run.step0)
-        return Loop(run).run()
-    finally:
-        if run.wd.trackers is not None:
-            run.wd.trackers.close()
-            run.wd.trackers = None
-        if run.lock is not None:
-            run.lock.release()
-            run.lock = None
-
-
 class Loop:
     """One run's step loop: :meth:`run` trains to ``config.train.steps`` (or the early stop) and returns the summary.
 
@@ -176,9 +160,15 @@ class Loop:
     """
 
     def __init__(self, run: Run):
-        config, strategy = run.config, run.strategy
+        self.prepared, self.wd, self.strategy, self.ckpts = run, run.wd, run.strategy, run.ckpts
+
+    def _begin(self) -> None:
+        """Trackers (process 0), the state on the devices, the compiled programs, the evals and the prefetcher."""
+        run, strategy = self.prepared, self.strategy
+        config = run.config
         tc = config.train
-        self.prepared, self.wd, self.strategy, self.ckpts = run, run.wd, strategy, run.ckpts
+        if jax.process_index() == 0:  # config.tracking: TensorBoard events etc. beside metrics.jsonl
+            self.wd.trackers = open_trackers(config.tracking, self.wd.path, config_lib.to_dict(config), run.step0)
         self.is_main = jax.process_index() == 0
         self.total, self.log_every, self.ckpt_every = tc.steps, tc.log_every, tc.checkpoint_every  # read once
         self.step = int(jax.device_get(run.state.step))
@@ -201,44 +191,56 @@ class Loop:
                                   param_groups(config, run.objective, self.state.params).trained())
 
     def run(self) -> dict:
-        """Train from the restored step; returns the summary written to ``summary.json``."""
+        """Train from the restored step; returns the summary written to ``summary.json``.
+
+        The trackers are closed and the workdir lock released when it returns or raises.
+        """
         try:
-            # frozen_heap: full GC passes skip the ~300k objects of the imports and the built run (gc_freeze.py)
-            with StopSignal() as stop, self.timer, frozen_heap():
-                while self.step < self.total and self.evals.stopped_at is None:
-                    data_state, batch = next(self.prefetch)
-                    self.state, metrics = self.programs(self.state, batch, self.step)  # the compiled step
-                    self.step += 1
-                    self.window.add(self.step, metrics)
-                    self.progress.update(1)
-                    if self.window.closed:  # fetched while this step runs: the devices never wait for the host
-                        self._log_window()
-                    if self.step % self.log_every == 0 or self.step == self.total:
-                        self.window.close()
-                    maybe_kill("kill_after_step", self.step)
-                    maybe_pause(self.step)
-                    evaluating = self.evals.due(self.step)
-                    stopping = stop.should_stop(self.step)
-                    saving = self._save_due(evaluating, stopping)
-                    if self.window.closed and (evaluating or saving):  # in sync anyway; logs before a checkpoint
-                        self._log_window()
-                    periodic = self.evals.periodic(self.state, self.step)  # config.evals
-                    if evaluating:
-                        saving = self._evaluate(periodic) or saving  # True: early stopping stops here
-                    elif periodic and self.is_main:
-                        self.wd.log({"step": self.step, **periodic})
-                    if saving:
-                        self._save(data_state)
-                    if self.evals.stopped_at is not None:
-                        self._log_early_stop()
-                        break
-                    if stopping and self.step < self.total:
-                        self._preempted(stop)
+            self._begin()
+            try:
+                # frozen_heap: full GC passes skip the ~300k objects of the imports and the built run (gc_freeze.py)
+                with StopSignal() as stop, self.timer, frozen_heap():
+                    while self.step < self.total and self.evals.stopped_at is None:
+                        data_state, batch = next(self.prefetch)
+                        self.state, metrics = self.programs(self.state, batch, self.step)  # the compiled step
+                        self.step += 1
+                        self.window.add(self.step, metrics)
+                        self.progress.update(1)
+                        if self.window.closed:  # fetched while this step runs: the devices never wait for the host
+                            self._log_window()
+                        if self.step % self.log_every == 0 or self.step == self.total:
+                            self.window.close()
+                        maybe_kill("kill_after_step", self.step)
+                        maybe_pause(self.step)
+                        evaluating = self.evals.due(self.step)
+                        stopping = stop.should_stop(self.step)
+                        saving = self._save_due(evaluating, stopping)
+                        if self.window.closed and (evaluating or saving):  # in sync anyway; logs before a checkpoint
+                            self._log_window()
+                        periodic = self.evals.periodic(self.state, self.step)  # config.evals
+                        if evaluating:
+                            saving = self._evaluate(periodic) or saving  # True: early stopping stops here
+                        elif periodic and self.is_main:
+                            self.wd.log({"step": self.step, **periodic})
+                        if saving:
+                            self._save(data_state)
+                        if self.evals.stopped_at is not None:
+                            self._log_early_stop()
+                            break
+                        if stopping and self.step < self.total:
+                            self._preempted(stop)
+            finally:
+                self.progress.close()
+                self.prefetch.close()
+                self.ckpts.close()
+            return self._summary()
         finally:
-            self.progress.close()
-            self.prefetch.close()
-            self.ckpts.close()
-        return self._summary()
+            if self.wd.trackers is not None:
+                self.wd.trackers.close()
+                self.wd.trackers = None
+            if self.prepared.lock is not None:
+                self.prepared.lock.release()
+                self.prepared.lock = None
 
     def _log_window(self, n: int | None = None) -> None:
         """Log the closed window (or the first ``n`` pending steps); its rates go to the progress and trackers."""
