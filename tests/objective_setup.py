@@ -10,6 +10,8 @@ import numpy as np
 from tl_jax import config as config_lib
 from tl_jax.models import get_model
 from tl_jax.objectives import build_objective
+from tl_jax.objectives.classification import cross_entropy
+from tl_jax.params.param_rules import flatten_paths
 
 TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
 R = np.random.default_rng(0)
@@ -38,3 +40,21 @@ def setup(name, data_dir=None, **group):
 
 def outputs(obj, params, images):
     return obj.model.apply({"params": {k: params[k] for k in ("backbone", "head")}}, images, return_features=True)
+
+
+def setup_with_batch(name, data_dir=None, **group):
+    """:func:`setup` with the labelled source batch and its unlabelled target images (DANN, CORAL, MMD)."""
+    obj, params, _ = setup(name, data_dir, **group)
+    return obj, params, {k: BATCH[k] for k in ("image", "label", "target_image")}
+
+
+def grads_of(fn, params):
+    """``jax.grad(fn)(params)`` keyed by param path."""
+    return flatten_paths(jax.jit(jax.grad(fn))(params))
+
+
+def ce_only(obj, params, batch):
+    """The source cross-entropy alone (the objective's classification term)."""
+    zs, *_ = obj.outputs(params, {}, batch, None)
+    return cross_entropy(zs, batch["label"]).mean()
+

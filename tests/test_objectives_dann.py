@@ -1,15 +1,11 @@
 """DANN: the domain-classification loss vs NumPy; the reversed discriminator gradient and the λ ramp."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tl_jax import config as config_lib
-from tl_jax.objectives.classification import cross_entropy
+from objective_setup import ce_only, grads_of
+from objective_setup import setup_with_batch as setup
 from tl_jax.objectives.dann import domain_adversarial_loss
-from tl_jax.models import get_model
-from tl_jax.objectives import build_objective
-from tl_jax.params.param_rules import flatten_paths
 
 
 def test_domain_adversarial_loss_matches_numpy():
@@ -21,38 +17,6 @@ def test_domain_adversarial_loss_matches_numpy():
     assert np.isfinite(float(domain_adversarial_loss(jnp.array([-1e4]), jnp.array([1e4]))))
     with pytest.raises(ValueError, match="domain_logits_target"):
         domain_adversarial_loss(zs, np.zeros((2, 2)))
-
-
-TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
-
-
-def setup(name, data_dir=None, **group):
-    config = config_lib.base_config()
-    config.objective.name = name
-    config.data.data_dir = data_dir
-    config.train.steps = 100
-    config.objective[name].target = "optdigits"
-    config.objective[name].target_pp = TGT_PP
-    for k, v in group.items():
-        config.objective[name][k] = v
-    model = get_model("cnn", 10)
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32),
-             "label": jnp.arange(8, dtype=jnp.int32) % 10,
-             "target_image": jnp.asarray(rng.normal(0.5, 1.5, size=(6, 8, 8, 1)), jnp.float32)}
-    obj = build_objective(config, model)
-    params = model.init(jax.random.PRNGKey(0), batch["image"])["params"]
-    extra, _ = obj.init_extra(jax.random.PRNGKey(1), params, {})
-    return obj, {**params, **extra}, batch
-
-
-def grads_of(fn, params):
-    return flatten_paths(jax.jit(jax.grad(fn))(params))
-
-
-def ce_only(obj, params, batch):
-    zs, *_ = obj.outputs(params, {}, batch, None)
-    return cross_entropy(zs, batch["label"]).mean()
 
 
 def test_grl_flips_the_discriminator_gradient_into_the_backbone():

@@ -9,12 +9,10 @@ import shutil
 
 from tl_jax import config as config_lib
 from tl_jax.data import build_preprocess, load_split, train_dataset
-from tl_jax.objectives.classification import cross_entropy
 from tl_jax.objectives.domain_adaptation import dann_lambda, gradient_reversal
-from tl_jax.models import get_model
-from tl_jax.objectives import build_objective
-from tl_jax.params.param_rules import flatten_paths
 from conftest import RUN_FILES, workdir_files
+from objective_setup import TGT_PP, ce_only, grads_of
+from objective_setup import setup_with_batch as setup
 
 
 def test_gradient_reversal_flips_and_scales():
@@ -39,36 +37,6 @@ def test_dann_lambda():
 
 
 SRC_PP = [{"op": "rescale", "in_max": 255.0}, {"op": "resize", "size": 14}]
-TGT_PP = [{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}]
-
-
-def setup(name, data_dir=None, **group):
-    config = config_lib.base_config()
-    config.objective.name = name
-    config.data.data_dir = data_dir
-    config.train.steps = 100
-    config.objective[name].target = "optdigits"
-    config.objective[name].target_pp = TGT_PP
-    for k, v in group.items():
-        config.objective[name][k] = v
-    model = get_model("cnn", 10)
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32),
-             "label": jnp.arange(8, dtype=jnp.int32) % 10,
-             "target_image": jnp.asarray(rng.normal(0.5, 1.5, size=(6, 8, 8, 1)), jnp.float32)}
-    obj = build_objective(config, model)
-    params = model.init(jax.random.PRNGKey(0), batch["image"])["params"]
-    extra, _ = obj.init_extra(jax.random.PRNGKey(1), params, {})
-    return obj, {**params, **extra}, batch
-
-
-def grads_of(fn, params):
-    return flatten_paths(jax.jit(jax.grad(fn))(params))
-
-
-def ce_only(obj, params, batch):
-    zs, *_ = obj.outputs(params, {}, batch, None)
-    return cross_entropy(zs, batch["label"]).mean()
 
 
 @pytest.mark.parametrize("name", ["dann", "coral", "mmd"])
