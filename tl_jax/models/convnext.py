@@ -31,9 +31,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tl_jax.models.layers import Classifier, Dtype
+from tl_jax.models.layers import Classifier, Dtype, drop_path, drop_path_rates
 from tl_jax.models.registry import register
 
 CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -45,12 +44,6 @@ CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 def _layer_norm(name: str, eps: float, dtype: Dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-    """Stochastic depth: zero each sample's ``x`` with probability ``rate``, scale the kept by ``1/(1-rate)``."""
-    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -99,7 +92,7 @@ class ConvNeXtBackbone(nn.Module):
         x = nn.Conv(self.dims[0], (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     param_dtype=jnp.float32, name="stem_conv")(x.astype(self.dtype))
         x = _layer_norm("stem_norm", self.eps, self.dtype)(x)
-        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
+        rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         n = 0
         for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if s > 0:

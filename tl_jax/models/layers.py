@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tl_jax.models.heads import call_head, make_head
 
@@ -70,6 +71,40 @@ def batch_norm(
         axis_name=axis_name,
         name=name,
     )
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): per example, zero ``x`` or scale it by ``1/(1-rate)``.
+
+    ``x`` ``[B, ...]``; one draw per example, ``keep_b ~ Bernoulli(1 - rate)`` from
+    ``rng``, so ``E[out] = x``: ``out_b = keep_b * x_b / (1 - rate)``. Applied to a
+    residual branch it drops the whole block for that example.
+    """
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """timm's linear schedule: block ``i`` of ``n`` gets ``rate * i / (n - 1)`` (``[0.0]`` for one block).
+
+    Raises:
+        ValueError: ``rate`` is outside ``[0, 1)`` (``config.model.kwargs.drop_path_rate``).
+    """
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"config.model.kwargs.drop_path_rate must be in [0, 1), got {rate!r}")
+    return np.linspace(0.0, float(rate), n).tolist()
+
+
+class DropPath(nn.Module):
+    """:func:`drop_path` of a residual branch when ``train`` and ``rate > 0`` (rng stream ``'dropout'``); else identity."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        return drop_path(x, self.rate, self.make_rng("dropout"))
 
 
 class Classifier(nn.Module):

@@ -16,6 +16,9 @@ running average whereas torch keeps the unbiased one.
 Stems: ``'imagenet'`` = conv7x7/2 (pad 3) + maxpool3x3/2 (pad 1);
 ``'cifar'`` = conv3x3/1 (pad 1), no maxpool, for 28/32-px inputs.
 Features after global average pooling: ``D = base_width * 8 * block.expansion``.
+Stochastic depth (``drop_path_rate``, train only): block ``i`` of ``N`` drops its
+residual branch (after the last BN, before the shortcut is added) per example with
+probability ``rate * i / (N - 1)`` (timm's schedule), the kept scaled by ``1/(1-p)``.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.layers import Classifier, Dtype, batch_norm, sub_paths
+from tl_jax.models.layers import Classifier, DropPath, Dtype, batch_norm, drop_path_rates, sub_paths
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -60,6 +63,7 @@ class BasicBlock(nn.Module):
     frozen: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
     norm_axis_name: str | None = None
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -69,6 +73,8 @@ class BasicBlock(nn.Module):
         y = nn.relu(bn("bn1")(y))
         y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
         y = bn("bn2", zero_scale=self.zero_init_residual)(y)
+        if self.drop_path_rate:
+            y = DropPath(self.drop_path_rate, name="drop_path")(y, train=train)
         if self.downsample:
             x = _conv(self.planes, 1, self.stride, "downsample_conv", self.dtype)(x)
             x = bn("downsample_bn")(x)
@@ -88,6 +94,7 @@ class Bottleneck(nn.Module):
     frozen: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
     norm_axis_name: str | None = None
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -100,6 +107,8 @@ class Bottleneck(nn.Module):
         y = nn.relu(bn("bn2")(y))
         y = _conv(out, 1, 1, "conv3", self.dtype)(y)
         y = bn("bn3", zero_scale=self.zero_init_residual)(y)
+        if self.drop_path_rate:
+            y = DropPath(self.drop_path_rate, name="drop_path")(y, train=train)
         if self.downsample:
             x = _conv(out, 1, self.stride, "downsample_conv", self.dtype)(x)
             x = bn("downsample_bn")(x)
@@ -133,6 +142,7 @@ class ResNetBackbone(nn.Module):
     frozen: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
     norm_axis_name: str | None = None
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -149,9 +159,9 @@ class ResNetBackbone(nn.Module):
         x = nn.relu(x)
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for name, planes, stride, downsample in block_specs(
-            self.stage_sizes, self.block, self.base_width
-        ):
+        specs = block_specs(self.stage_sizes, self.block, self.base_width)
+        rates = drop_path_rates(self.drop_path_rate, len(specs))
+        for (name, planes, stride, downsample), rate in zip(specs, rates):
             x = self.block(
                 planes=planes,
                 stride=stride,
@@ -160,6 +170,7 @@ class ResNetBackbone(nn.Module):
                 frozen=sub_paths(self.frozen, name),
                 dtype=self.dtype,
                 norm_axis_name=self.norm_axis_name,
+                drop_path_rate=rate,
                 name=name,
             )(x, train=train)
         return jnp.mean(x, axis=(1, 2))  # [B, 8 * base_width * expansion]
@@ -174,6 +185,8 @@ class ResNet(Classifier):
         base_width: channels of the stem / first stage (64 = torchvision).
         stem: ``'imagenet'`` or ``'cifar'``.
         zero_init_residual: zero-init the last BN scale of each block.
+        drop_path_rate: stochastic depth of the last block's residual branch, linear
+            in the block index (timm's schedule; train only, rng stream 'dropout').
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -181,6 +194,7 @@ class ResNet(Classifier):
     base_width: int = 64
     stem: str = "imagenet"
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
 
     def norm_module_paths(self) -> tuple[str, ...]:
         """Every BN path, e.g. ``'backbone/bn1'``, ``'backbone/layer1_0/bn2'``."""
@@ -202,6 +216,7 @@ class ResNet(Classifier):
             frozen=frozen,
             dtype=self.dtype,
             norm_axis_name=self.norm_axis_name,
+            drop_path_rate=self.drop_path_rate,
         )
 
 

@@ -18,7 +18,9 @@ Layout of the param tree (``i`` = block index; optional parts in brackets)::
 A ``[B, H, W, C]`` image becomes ``G = (H / p) * (W / p)`` patch tokens of width
 ``D``; the tokens are ``[cls][dist] + patches`` (+ positions), then the registers
 after the prefix. Blocks are pre-LayerNorm: ``x + ls1 * MHA(LN(x))``, then
-``x + ls2 * MLP(LN(x))`` (``ls`` = LayerScale, DINOv2; 1 otherwise). After the
+``x + ls2 * MLP(LN(x))`` (``ls`` = LayerScale, DINOv2; 1 otherwise); with stochastic
+depth (``drop_path_rate``, train only) each of block ``i``'s two branches is dropped per
+example with probability ``rate * i / (depth - 1)`` (timm), the kept scaled by ``1/(1-p)``. After the
 final norm the features are pooled (``pooling``):
 
 * ``cls``: the class token ``[B, D]``; ``gap``: the mean of the patch tokens
@@ -43,7 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.layers import Classifier, Dtype
+from tl_jax.models.layers import Classifier, DropPath, Dtype, drop_path_rates
 from tl_jax.models.vit_posemb import INTERPOLATIONS, resize_grid
 from tl_jax.util.log_once import warn_once
 
@@ -111,17 +113,21 @@ class EncoderBlock(nn.Module):
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
     layer_scale: float | None = None
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        dp = (lambda i, y: DropPath(self.drop_path_rate, name=f"drop_path_{i}")(y, train=train)) \
+            if self.drop_path_rate else (lambda i, y: y)
         ls = (lambda i, y: LayerScale(self.layer_scale, name=f"LayerScale_{i}")(y)) if self.layer_scale else \
             (lambda i, y: y)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                             name="MultiHeadDotProductAttention_0")(y, y, deterministic=True)
-        x = x + nn.Dropout(self.dropout)(ls(0, y), deterministic=not train)
+        x = x + dp(0, nn.Dropout(self.dropout)(ls(0, y), deterministic=not train))
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_1")(x)
-        return x + ls(1, MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act, name="MlpBlock_0")(y, train=train))
+        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act, name="MlpBlock_0")(y, train=train)
+        return x + dp(1, ls(1, y))
 
 
 class MAPHead(nn.Module):
@@ -169,6 +175,7 @@ class ViTBackbone(nn.Module):
     pos_grid: tuple[int, int] | None = None
     pos_interp: str = "bicubic"
     projection_dim: int | None = None
+    drop_path_rate: float = 0.0
 
     def _positions(self, grid: tuple[int, int], n_prefix: int, d: int) -> jax.Array:
         """``[1, n_prefix + gh * gw, D]``: the table, its patch rows resized from ``pos_grid`` to ``grid``."""
@@ -215,9 +222,9 @@ class ViTBackbone(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="pre_norm")(x)
-        for i in range(self.depth):
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.act, self.norm_eps,
-                             self.layer_scale, name=f"encoderblock_{i}")(x, train=train)
+                             self.layer_scale, rate, name=f"encoderblock_{i}")(x, train=train)
         x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm")(x)
         x = self._pool(x, len(prefix))  # [B, F]
         if self.projection_dim:
@@ -247,6 +254,8 @@ class ViT(Classifier):
         pos_grid: ``(gh, gw)`` patch grid of the position table (None: the input's).
         pos_interp: how the table is resized to another grid (:data:`~tl_jax.models.vit_posemb.INTERPOLATIONS`).
         projection_dim: a bias-free linear map of the pooled features (CLIP); None: none.
+        drop_path_rate: stochastic depth of the last block (linear in the block index; train only,
+            rng stream 'dropout'); 0: none.
     """
 
     variant: str = "Ti"
@@ -268,6 +277,7 @@ class ViT(Classifier):
     pos_grid: tuple[int, int] | None = None
     pos_interp: str = "bicubic"
     projection_dim: int | None = None
+    drop_path_rate: float = 0.0
 
     def dims(self) -> tuple[int, int, int, int]:
         """``(hidden_size, depth, num_heads, mlp_dim)`` after overrides."""
@@ -307,4 +317,5 @@ class ViT(Classifier):
                            patch_bias=self.patch_bias, pre_norm=self.pre_norm, act=self.act,
                            norm_eps=float(self.norm_eps), layer_scale=self.layer_scale,
                            pos_grid=tuple(int(g) for g in self.pos_grid) if self.pos_grid else None,
-                           pos_interp=self.pos_interp, projection_dim=self.projection_dim)
+                           pos_interp=self.pos_interp, projection_dim=self.projection_dim,
+                           drop_path_rate=float(self.drop_path_rate))
