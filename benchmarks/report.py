@@ -6,6 +6,7 @@ from typing import Any
 from benchmarks.common import fmt, table
 from benchmarks.conv_bench import FLAG_SETS, SHAPES, VARIANTS
 from benchmarks.overhead_bench import LOG_EVERY
+from benchmarks import pipeline_bench
 from benchmarks import vit_bench
 
 
@@ -113,6 +114,7 @@ def later_goals(s: dict) -> list[list]:
               "<= 0.10", fmt(_get(shard, "overhead_ratio")), _met(_get(shard, "overhead_ratio"), 0.10, higher=False)],
              ["24 sweep tasks", "Ray task overhead per point, local runtime (s)", "<= 1",
               fmt(_get(shard, "ray", "overhead_s_mean")), _met(_get(shard, "ray", "overhead_s_mean"), 1.0, higher=False)]]
+    rows += pipeline_bench.goals(s.get("pipeline", {}))
     for score, name in (("logme", "LogME"), ("hscore", "H-score")):
         ratio, rel = _get(s, "transferability", "ratios", score), _get(s, "transferability", "rel_diff", score)
         rows.append(["33 scores", f"{name}: TLlib's numpy s / tl_jax's s, N=5,000 D=2,048 C=100, values equal to "
@@ -407,6 +409,8 @@ def render(results: dict) -> str:
                  "byo": ("Your own model and data: NNX vs linen, in-memory data (benchmarks/byo_bench.py)", None),
                  "recipes": ("Choosing and fine-tuning: ranking, few-shot ridge, gradient accumulation "
                              "(benchmarks/recipes_bench.py)", None),
+                 "pipeline": ("Strong augmentation: the input pipeline vs the train steps' appetite "
+                              "(benchmarks/pipeline_bench.py)", pipeline_bench.render),
                  "transferability": ("Transferability scores vs Transfer-Learning-Library "
                                      "(benchmarks/transferability_bench.py)", None),
                  "vit": ("Pretrained backbones: tl_jax's ViT vs timm on this CPU (benchmarks/vit_bench.py)",

@@ -35,6 +35,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.report import render  # noqa: E402
 
 SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "shard", "byo", "methods", "recipes",
+            "pipeline",
             "transferability", "vit", "gpu")
 
 
@@ -65,6 +66,7 @@ def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
         "shard": _optional("benchmarks.shard_bench", data_dir=data_dir, quick=quick),
         "methods": _optional("benchmarks.methods_bench", data_dir=data_dir, quick=quick),
         "recipes": _optional("benchmarks.recipes_bench", data_dir=data_dir, quick=quick),
+        "pipeline": _optional("benchmarks.pipeline_bench", data_dir=data_dir, quick=quick),
         "transferability": _optional("benchmarks.transferability_bench", quick=quick),
         "vit": _optional("benchmarks.vit_bench", quick=quick),
         "gpu": lambda: gpu_bench.run(quick=quick, platforms=_PLATFORMS),
