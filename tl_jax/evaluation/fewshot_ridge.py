@@ -36,7 +36,7 @@ from tl_jax.data.shots import sample_shots
 from tl_jax.data.validation import carve_validation
 from tl_jax.train import compile_cache
 from tl_jax.transferability._threads import one_blas_thread
-from tl_jax.transferability.extract import extract, load_candidate, split_arrays
+from tl_jax.transferability.extract import candidate_eval_pp, extract, load_candidate, split_arrays
 from tl_jax.transferability.ranking import resolve_target
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -165,16 +165,18 @@ def _fit_shots(train_x, train_y, test_x, test_y, splits, k: int, grid: np.ndarra
 def fewshot_run(workdir: str, target_config, *, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 3,
                 layer: str = "features", overrides: Sequence[str] = ()) -> dict:
     """:func:`fewshot_eval` of candidate ``workdir``'s ``layer`` on target config's dataset (train split for the
-    shots and the held-out part, test split for the accuracy, both after ``config.data.eval_pp``;
-    the target config's own ``shots`` are not used)."""
+    shots and the held-out part, test split for the accuracy, both after ``config.data.eval_pp``, with the
+    normalisation of ``workdir``'s converted weights appended when it has no ``normalize`` op:
+    :func:`~tl_jax.transferability.extract.candidate_eval_pp`; the target config's own ``shots`` are not used)."""
     config = resolve_target(target_config, overrides)
     compile_cache.enable(config.compile_cache_dir)
     dc = config.data
     train = load_split(dc.name, dc.train_split, dc.data_dir)
     check_shots(train.labels(), shots, 0.2, f"{dc.name}:{dc.train_split}")
     test = load_split(dc.name, dc.test_split, dc.data_dir)
-    pp = build_preprocess(list(dc.eval_pp), where="config.data.eval_pp")
     cand = load_candidate(workdir, flag="--workdir")  # tl-jax fewshot --workdir: errors name that flag
+    # converted weights (or a run from them): their normalisation appended unless eval_pp has its own
+    pp = build_preprocess(candidate_eval_pp(dc.eval_pp, workdir, f"--workdir {workdir}"), where="config.data.eval_pp")
     t0 = time.perf_counter()
     feats = {}
     for key, split in (("train", train), ("test", test)):

@@ -3,7 +3,10 @@
 * :func:`target_arrays`: the target config's training examples (``config.data``:
   ``train_split``, ``val_fraction`` carved out first, then ``shots`` drawn with
   ``shots_seed``: exactly the examples a run of that config trains on) after its
-  ``eval_pp`` (deterministic), as numpy arrays held in memory once for all candidates.
+  ``eval_pp`` (deterministic), as numpy arrays held in memory once for all candidates
+  that read the same pipeline. A candidate from converted weights (or a run trained
+  from them) reads it with the weights' normalisation appended when it has no
+  ``normalize`` op (:func:`candidate_eval_pp`), as a training run does with ``init_from``.
 * :func:`load_candidate`: a candidate = a finished run's workdir (or its
   ``checkpoints/`` dir or a step dir, ``PATH[:best|STEP]``) or a converted weights
   dir; its variables come from :func:`tl_jax.train.checkpoint.load_variables`, its
@@ -39,6 +42,7 @@ from tl_jax.models.heads import head_dims
 from tl_jax.models.inputs import model_inputs
 from tl_jax.peft.merge_run import folded
 from tl_jax.train.checkpoint import load_variables, parse_step_spec
+from tl_jax.weights.run_preprocessing import weights_preprocessing, with_weights_normalisation
 
 INPUT_KEYS = ("image", "input_ids", "attention_mask")
 NAMED_LAYERS = ("features", "logits")
@@ -66,14 +70,41 @@ def split_arrays(split: Any, indices: np.ndarray | None, pp: Any, max_mb: float)
     return dict(cached.arrays)
 
 
-def target_arrays(config: Any) -> dict[str, np.ndarray]:
-    """The training examples of target ``config`` after ``config.data.eval_pp`` (see module doc)."""
+def target_arrays(config: Any, eval_pp: Any = None) -> dict[str, np.ndarray]:
+    """The training examples of target ``config`` after ``config.data.eval_pp`` (or ``eval_pp``: a candidate's
+    :func:`candidate_eval_pp`) (see module doc)."""
     dc = config.data
     split = load_split(dc.name, dc.train_split, dc.data_dir)
     indices, _ = train_and_val_indices(split.labels(), val_fraction=dc.val_fraction, val_seed=dc.val_seed,
                                        shots=dc.shots, shots_seed=dc.shots_seed, name=f"{dc.name}:{dc.train_split}")
-    pp = build_preprocess(list(dc.eval_pp), where="config.data.eval_pp")
+    pp = build_preprocess(list(dc.eval_pp if eval_pp is None else eval_pp), where="config.data.eval_pp")
     return split_arrays(split, indices, pp, dc.cache_max_mb)
+
+
+def candidate_preprocessing(path: str) -> tuple[dict | None, str]:
+    """``(preprocessing record, converted folder)`` of the weights candidate ``path`` expects its inputs
+    normalised for: a converted weights dir's own (``tl_jax_weights.json``), or for a run, that of the
+    converted weights its ``init_from`` names (when that folder is still there); ``(None, '')`` otherwise."""
+    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
+    for d in (p, p.parent, p.parent.parent):
+        if (d / "config.json").is_file():
+            init_from = str(json.loads((d / "config.json").read_text()).get("init_from") or "")
+            return weights_preprocessing(init_from), init_from
+        if (d / WEIGHTS_META).is_file():
+            return weights_preprocessing(str(d)), str(d)
+    return None, ""
+
+
+def candidate_eval_pp(eval_pp: Any, path: str, where: str = "") -> list:
+    """The target's ``eval_pp`` as candidate ``path`` (named ``where``, default ``--candidates PATH``) reads it:
+    with the normalisation of its converted weights appended when the pipeline has no ``normalize`` op (logged
+    once), else as given, with a warning once when its mean/std differ from the weights'
+    (:func:`tl_jax.weights.run_preprocessing.with_weights_normalisation`, as a training run's ``init_from``)."""
+    pre, weights = candidate_preprocessing(str(path))
+    if pre is None:
+        return [dict(o) for o in (eval_pp or [])]
+    return with_weights_normalisation(eval_pp, pre, "config.data.eval_pp", weights,
+                                      where or f"--candidates {path}")[0]
 
 
 def candidate_model_config(path: str, where: str = "") -> dict:

@@ -1,8 +1,10 @@
 """Rank candidate source models for a target dataset by transferability scores (``tl-jax rank``).
 
 For a target config (its ``config.data``: dataset, ``train_split``, ``shots``,
-``eval_pp``) the training examples are read and preprocessed once
-(:func:`tl_jax.transferability.extract.target_arrays`); then, per candidate, one
+``eval_pp``) the training examples are read and preprocessed once per pipeline
+(:func:`tl_jax.transferability.extract.target_arrays`: a candidate from converted
+weights reads ``eval_pp`` with the weights' normalisation appended when it has no
+``normalize`` op, :func:`~tl_jax.transferability.extract.candidate_eval_pp`); then, per candidate, one
 batched jitted forward gives the chosen layer's features and the candidate's logits
 (:func:`~tl_jax.transferability.extract.extract`), and each requested score of
 :data:`tl_jax.transferability.SCORES` is computed from them: features for
@@ -29,7 +31,8 @@ import numpy as np
 from tl_jax import config as config_lib
 from tl_jax.transferability import DEFAULT_SCORES, SCORES
 from tl_jax.transferability._threads import one_blas_thread
-from tl_jax.transferability.extract import check_layer, extract, load_candidate, target_arrays, INPUT_KEYS
+from tl_jax.transferability.extract import (INPUT_KEYS, candidate_eval_pp, check_layer, extract, load_candidate,
+                                            target_arrays)
 
 log = logging.getLogger("tl_jax")
 OUT_FILES = ("rank.csv", "rank.md", "rank.json")
@@ -86,25 +89,29 @@ def rank(target_config: Any, candidates: Sequence[str], *, layer: str = "feature
     config = resolve_target(target_config, overrides)
     compile_cache.enable(config.compile_cache_dir)  # a candidate architecture's forward compiles once per machine
     t0 = time.perf_counter()
-    arrays = target_arrays(config)
-    labels = np.asarray(arrays["label"], np.int64)
-    classes = len(np.unique(labels))
-    if classes < 2:
-        raise ValueError(f"target {config.data.name}:{config.data.train_split} (config.data.shots="
-                         f"{config.data.shots}) has {classes} class(es): the scores need at least 2")
-    log.info("rank: %d target examples of %s (%d classes) in %.2f s", len(labels), config.data.name, classes,
-             time.perf_counter() - t0)
-    sample = {k: v[:1] for k, v in arrays.items() if k in INPUT_KEYS}
-    loaded = []
-    for path in candidates:  # all checked before any extraction
+    pipelines, loaded = {}, []  # pipeline (JSON) -> its arrays; a candidate's own normalisation: its own arrays
+    for path in candidates:  # all loaded and checked before any extraction
         cand = load_candidate(path)
-        check_layer(cand, layer, sample)
+        pp = candidate_eval_pp(config.data.eval_pp, path)
+        key = json.dumps(pp, sort_keys=True)
+        if key not in pipelines:
+            pipelines[key] = target_arrays(config, pp)
+        arrays = pipelines[key]
+        if not loaded:
+            labels = np.asarray(arrays["label"], np.int64)
+            classes = len(np.unique(labels))
+            if classes < 2:
+                raise ValueError(f"target {config.data.name}:{config.data.train_split} (config.data.shots="
+                                 f"{config.data.shots}) has {classes} class(es): the scores need at least 2")
+        check_layer(cand, layer, {k: v[:1] for k, v in arrays.items() if k in INPUT_KEYS})
         if cand.num_classes == 0 and any(SCORES[s][0] != "features" for s in names):
             need = [s for s in names if SCORES[s][0] != "features"]
             raise ValueError(f"--candidates {path} has no head: scores {need} need its logits; drop them from --score")
-        loaded.append(cand)
+        loaded.append((cand, arrays))
+    log.info("rank: %d target examples of %s (%d classes, %d pipeline(s)) in %.2f s", len(labels), config.data.name,
+             classes, len(pipelines), time.perf_counter() - t0)
     rows = []
-    for cand in loaded:
+    for cand, arrays in loaded:
         t1 = time.perf_counter()
         feats, logits = extract(cand, arrays, layer, int(config.data.eval_batch_size))
         t2 = time.perf_counter()

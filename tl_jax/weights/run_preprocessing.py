@@ -17,6 +17,10 @@ Why appended: the zoo's pipelines end in ``rescale`` to ``[0, 1]`` (or a
 resize / crop), and the weights' mean/std are for ``[0, 1]`` pixels. The image
 size is not changed: a ViT resizes its position table to the data's size
 (:mod:`tl_jax.models.vit_posemb`).
+
+``tl-jax rank`` / ``fewshot`` do the same to the target's ``eval_pp`` for each
+candidate converted (or trained from converted weights):
+:func:`tl_jax.transferability.extract.candidate_eval_pp`.
 """
 from __future__ import annotations
 
@@ -61,6 +65,31 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def normalize_op(pre: dict) -> dict:
+    """The ``normalize`` op of a ``preprocessing`` record (mean/std as float lists, pixels in ``[0, 1]``)."""
+    return {"op": "normalize", "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]]}
+
+
+def with_weights_normalisation(ops: Any, pre: dict, where: str, weights: str, origin: str) -> tuple[list, bool]:
+    """``(pipeline, appended?)``: ``ops`` with the weights' ``normalize`` op appended when it has none (logged
+    once), else ``ops`` as given (the override), with a warning once when its mean/std differ from the weights'.
+
+    ``where`` names the pipeline (``config.data.eval_pp``), ``weights`` the converted folder, ``origin`` how it
+    was named (``init_from PATH``, ``--candidates PATH``)."""
+    op = normalize_op(pre)
+    ops = [dict(o) for o in (ops or [])]
+    own = [o for o in ops if o.get("op") == "normalize"]
+    if not own:
+        warn_once(log, "%s: the weights' normalisation %s appended (%s, from %s); a normalize op of "
+                  "your own overrides it", where, json.dumps(op), origin, pre.get("source", "?"), level=logging.INFO)
+        return [*ops, op], True
+    if not (_same(own[-1].get("mean"), op["mean"]) and _same(own[-1].get("std"), op["std"])):
+        warn_once(log, "%s normalises with mean=%s std=%s but the weights in %s expect mean=%s std=%s (%s); "
+                  "drop your normalize op to use theirs", where, own[-1].get("mean"), own[-1].get("std"),
+                  weights, op["mean"], op["std"], pre.get("source", "?"))
+    return ops, False
+
+
 def apply_weights_preprocessing(config: Any) -> list[str]:
     """Adds the weights' normalisation to ``config.data.{train,eval}_pp`` where they have none (module doc).
 
@@ -69,20 +98,12 @@ def apply_weights_preprocessing(config: Any) -> list[str]:
     pre = weights_preprocessing(config.init_from)
     if pre is None:
         return []
-    op = {"op": "normalize", "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]]}
     changed = []
     for key in PIPELINES:
-        ops = [dict(o) for o in (config.data[key] or [])]
-        own = [o for o in ops if o.get("op") == "normalize"]
         where = f"config.data.{key}"
-        if not own:
-            config.data[key] = [*ops, op]
+        ops, appended = with_weights_normalisation(config.data[key], pre, where, str(config.init_from),
+                                                   f"init_from {config.init_from}")
+        if appended:
+            config.data[key] = ops
             changed.append(where)
-            warn_once(log, "%s: the weights' normalisation %s appended (init_from %s, from %s); a normalize op of "
-                      "your own overrides it", where, json.dumps(op), config.init_from, pre.get("source", "?"),
-                      level=logging.INFO)
-        elif not (_same(own[-1].get("mean"), op["mean"]) and _same(own[-1].get("std"), op["std"])):
-            warn_once(log, "%s normalises with mean=%s std=%s but the weights in %s expect mean=%s std=%s (%s); "
-                      "drop your normalize op to use theirs", where, own[-1].get("mean"), own[-1].get("std"),
-                      config.init_from, op["mean"], op["std"], pre.get("source", "?"))
     return changed
