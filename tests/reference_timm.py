@@ -139,7 +139,17 @@ def build_open_clip(spec: dict, out: pathlib.Path) -> None:
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         feats = model.encode_image(x)
-    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy())
+    extra = {}
+    if spec.get("size2"):  # open_clip's own resize_pos_embed (what create_model does on a size change), then load
+        cfg = {**spec["model_cfg"], "vision_cfg": {**spec["model_cfg"]["vision_cfg"], "image_size": spec["size2"]}}
+        model2 = open_clip.model.CLIP(**cfg).eval()
+        state = model.state_dict()
+        open_clip.model.resize_pos_embed(state, model2)
+        model2.load_state_dict(state)
+        x2 = torch.randn(2, 3, spec["size2"], spec["size2"], generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            extra = {"x2": x2.numpy(), "features2": model2.encode_image(x2).numpy()}
+    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), **extra)
 
 
 def big_vision_params(spec: dict, rng) -> dict:
@@ -196,26 +206,62 @@ def _flat(node: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_big_vision(spec: dict, out: pathlib.Path) -> None:
-    """A random big_vision ViT ``.npz``, read into timm's VisionTransformer by timm's own ``_load_weights``."""
+def resample_posemb(old, gs_new: int, tokens: int):
+    """big_vision's ``resample_posemb`` (``big_vision/models/vit.py``: ``tokens=0``, its table holds patches only)
+    and vision_transformer's (``vit_jax/checkpoint.py``: ``tokens=1``, the class row kept), transcribed:
+    ``[1, tokens + g*g, D]`` -> ``[1, tokens + gs_new**2, D]`` by ``scipy.ndimage.zoom(order=1)`` of the grid."""
     import numpy as np
-    import torch
+    import scipy.ndimage
+
+    tok, grid = old[:, :tokens], old[0, tokens:]
+    gs_old = int(np.sqrt(len(grid)))
+    grid = grid.reshape(gs_old, gs_old, -1)
+    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1)
+    return np.concatenate([tok, grid.reshape(1, gs_new * gs_new, -1)], axis=1)
+
+
+def _big_vision_timm(spec: dict, npz: pathlib.Path, grid: int):
+    """timm's VisionTransformer for ``spec`` at ``grid`` x ``grid`` patches with ``npz`` read by its ``_load_weights``."""
     from timm.models.vision_transformer import VisionTransformer, _load_weights
 
-    np.savez(out / "model.npz", **big_vision_params(spec, np.random.default_rng(spec.get("seed", 0))))
     pool = {"tok": "token", "gap": "avg", "map": "map"}[spec["pool"]]
-    model = VisionTransformer(img_size=spec["grid"] * spec["patch"], patch_size=spec["patch"], embed_dim=spec["width"],
+    model = VisionTransformer(img_size=grid * spec["patch"], patch_size=spec["patch"], embed_dim=spec["width"],
                               depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp"] / spec["width"],
                               class_token=spec["pool"] == "tok", global_pool=pool, fc_norm=False,
                               no_embed_class=spec.get("vintage") != "vision_transformer",
                               act_layer="gelu_tanh", num_classes=5).eval()
-    _load_weights(model, str(out / "model.npz"))
+    _load_weights(model, str(npz))
+    return model
+
+
+def build_big_vision(spec: dict, out: pathlib.Path) -> None:
+    """A random big_vision ViT ``.npz``, read into timm's VisionTransformer by timm's own ``_load_weights``.
+
+    With ``size2``: also the logits at ``size2`` px of the model whose position table big_vision's own
+    :func:`resample_posemb` resized (a second ``.npz`` read by timm at that size: timm resizes nothing)."""
+    import numpy as np
+    import torch
+
+    params = big_vision_params(spec, np.random.default_rng(spec.get("seed", 0)))
+    np.savez(out / "model.npz", **params)
+    model = _big_vision_timm(spec, out / "model.npz", spec["grid"])
     x = torch.randn(2, 3, spec["grid"] * spec["patch"], spec["grid"] * spec["patch"],
                     generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(x), pre_logits=True)
         logits = model(x)
-    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), logits=logits.numpy())
+    extra = {}
+    if spec.get("size2"):
+        key = next(k for k in params if k.endswith("pos_embedding"))
+        tokens = 1 if spec.get("vintage") == "vision_transformer" else 0
+        params[key] = resample_posemb(params[key], spec["size2"] // spec["patch"], tokens).astype("float32")
+        np.savez(out / "resampled.npz", **params)
+        model2 = _big_vision_timm(spec, out / "resampled.npz", spec["size2"] // spec["patch"])
+        x2 = torch.randn(2, 3, spec["size2"], spec["size2"], generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            extra = {"x2": x2.numpy(), "logits2": model2(x2).numpy()}
+    np.savez(out / "reference.npz", x=x.numpy(), features=feats.numpy(), logits=logits.numpy(), **extra)
 
 
 BUILDERS = {"timm": build_timm, "open_clip": build_open_clip, "big_vision": build_big_vision}

@@ -4,7 +4,10 @@ The reference: a random ViT written in big_vision's naming (tests/reference_timm
 ``big_vision_params``: today's names, optionally scanned, under ``params/``) and read
 by timm's own ``_load_weights`` into its VisionTransformer (posemb before the class
 token, tanh GELU, as big_vision's vit.py). timm's features and logits and the
-converted tl_jax model's must agree within 1e-5 relative, float32.
+converted tl_jax model's must agree within 1e-5 relative, float32. At 56 px (4x4
+positions -> 7x7) the reference is timm on a second ``.npz`` whose table big_vision's
+own ``resample_posemb`` (transcribed in tests/reference_timm.py, scipy's zoom) resized:
+within 1e-4.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from reference_timm import big_vision_params  # noqa: E402  (plain numpy: no tim
 
 REFERENCE = pathlib.Path(__file__).with_name("reference_timm.py")
 
-SIZE = {"width": 32, "depth": 2, "heads": 4, "mlp": 64, "patch": 8, "grid": 4}
+SIZE = {"width": 32, "depth": 2, "heads": 4, "mlp": 64, "patch": 8, "grid": 4, "size2": 56}  # 56 px: 4x4 -> 7x7
 SPECS = [
     {"name": "tok", "library": "big_vision", "pool": "tok", "prefix": "params/", **SIZE},
     {"name": "gap_scan", "library": "big_vision", "pool": "gap", "scan": True, **SIZE},
@@ -63,6 +66,10 @@ def test_big_vision_parity(refs, tmp_path, name):
     logits, feats = fn(load_variables(str(tmp_path / "ck")), ref["x"].transpose(0, 2, 3, 1))
     for got, want in ((feats, ref["features"]), (logits, ref["logits"])):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    assert res.model_kwargs["pos_interp"] == "zoom_linear"  # at 56 px: against big_vision's own resample_posemb
+    logits2, _ = fn(load_variables(str(tmp_path / "ck")), ref["x2"].transpose(0, 2, 3, 1))
+    want = ref["logits2"]
+    np.testing.assert_allclose(np.asarray(logits2), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
 def test_big_vision_names_and_errors(tmp_path):
@@ -89,3 +96,15 @@ def test_big_vision_names_and_errors(tmp_path):
     with pytest.raises(ValueError, match="ignore rule 'nothing' matches no tensor"):
         convert_big_vision(tmp_path / "old.npz", out=None, ignore=["nothing"])
     assert not is_big_vision(tmp_path) and not is_big_vision(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 7), (7, 4), (14, 24), (3, 3)])
+def test_zoom_linear_is_scipy_zoom_order_1(n_in, n_out):
+    """``pos_interp='zoom_linear'`` = big_vision's resample_posemb: ``scipy.ndimage.zoom(grid, ..., order=1)``."""
+    import scipy.ndimage
+
+    from tl_jax.models.vit_posemb import resize_grid
+
+    grid = np.random.default_rng(n_in).normal(size=(n_in, n_in, 5)).astype(np.float32)
+    want = scipy.ndimage.zoom(grid, (n_out / n_in, n_out / n_in, 1), order=1)
+    np.testing.assert_allclose(np.asarray(resize_grid(grid, (n_out, n_out), "zoom_linear")), want, atol=1e-6)

@@ -4,7 +4,8 @@ The reference is open_clip's own CLIP (random init, LayerNorms and LayerScale
 perturbed), saved as ``push_to_hf_hub`` does (open_clip_model.safetensors +
 open_clip_config.json), built by tests/reference_timm.py in a subprocess.
 ``encode_image`` (the projected embedding) and tl_jax's features must agree within
-1e-5 relative, float32.
+1e-5 relative, float32; at another input size (``size2``: open_clip's own
+``resize_pos_embed`` into a tower built at that size) within 1e-4.
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ TEXT = {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers"
 SPECS = [
     {"name": "plain", "library": "open_clip", "model_cfg": {
         "embed_dim": 12, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8,
-                                        "patch_size": 8}, "text_cfg": TEXT}},
+                                        "patch_size": 8}, "text_cfg": TEXT}, "size2": 24},  # 4x4 -> 3x3
     {"name": "quickgelu_ls", "library": "open_clip", "model_cfg": {
         "embed_dim": 12, "quick_gelu": True, "text_cfg": TEXT,
         "vision_cfg": {"image_size": 24, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8,
-                       "ls_init_value": 0.5}}},
+                       "ls_init_value": 0.5}}, "size2": 40},  # 3x3 positions -> 5x5 (resize_pos_embed)
 ]
 
 
@@ -65,6 +66,11 @@ def test_open_clip_parity(refs, tmp_path, name):
     feats = jax.jit(lambda v, x: model.apply(v, x, method=model.embed))(variables, ref["x"].transpose(0, 2, 3, 1))
     want = ref["features"]
     np.testing.assert_allclose(np.asarray(feats), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    # another size: the table resized on the fly as open_clip's resize_pos_embed does it (antialiased bicubic)
+    feats2 = jax.jit(lambda v, x: model.apply(v, x, method=model.embed))(variables, ref["x2"].transpose(0, 2, 3, 1))
+    want = ref["features2"]
+    assert feats2.shape == want.shape
+    np.testing.assert_allclose(np.asarray(feats2), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
 def test_open_clip_refusals():

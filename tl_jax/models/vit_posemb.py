@@ -15,6 +15,10 @@ differ, so both are written here:
   support ``2 * max(in/out, 1)`` around the centre ``(i + 0.5) * in/out``, taps
   outside the input dropped and the weights renormalised to sum to 1
   (torch's ``_upsample_bicubic2d_aa``).
+* ``zoom_linear``: big_vision's and vision_transformer's ``resample_posemb``,
+  ``scipy.ndimage.zoom(order=1)``: linear interpolation with the corners aligned,
+  source index ``s = i * (in - 1) / (out - 1)``, weights ``1 - frac(s)``, ``frac(s)``
+  on ``floor(s)``, ``floor(s) + 1``.
 
 Both are linear in the table and separable, so a resize is ``W_h @ grid @ W_w^T``
 with ``W`` an ``[out, in]`` matrix built in numpy from static shapes (a constant
@@ -27,7 +31,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-INTERPOLATIONS = ("bicubic", "bicubic_aa")
+INTERPOLATIONS = ("bicubic", "bicubic_aa", "zoom_linear")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -46,7 +50,14 @@ def resize_matrix(n_in: int, n_out: int, method: str = "bicubic") -> np.ndarray:
     scale = n_in / n_out
     w = np.zeros((n_out, n_in))
     for i in range(n_out):
-        if method == "bicubic":
+        if method == "zoom_linear":
+            src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+            base = min(int(np.floor(src)), n_in - 1)
+            frac = src - base
+            w[i, base] += 1.0 - frac
+            if frac > 0:
+                w[i, base + 1] += frac
+        elif method == "bicubic":
             src = (i + 0.5) * scale - 0.5
             base = int(np.floor(src))
             taps = np.arange(base - 1, base + 3)

@@ -22,9 +22,9 @@ read them:
 GELU is flax's (tanh) one, LayerNorm eps 1e-6, heads from the query kernel. A
 ``pre_logits`` layer (the old i21k checkpoints' tanh representation) is refused in
 one line: ``ignore=['pre_logits/.*']`` drops it (features are then the pooled
-tokens). At another input size the position grid is resized bicubically; big_vision's
-own loader uses ``scipy.ndimage.zoom(order=1)``, so fine-tuning at a new size
-starts from slightly different positions than it would there.
+tokens). At another input size the position grid is resized as big_vision's and
+vision_transformer's ``resample_posemb`` do it, ``scipy.ndimage.zoom(order=1)``
+(``pos_interp='zoom_linear'``: :mod:`tl_jax.models.vit_posemb`), the class row kept.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def vit_kwargs(t: dict[str, np.ndarray], where: str) -> dict:
     return {"patch_size": int(embed.shape[0]), "hidden_size": int(embed.shape[-1]), "num_heads": int(query.shape[1]),
             "depth": 1 + max(int(m.group(1)) for k in t if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))),
             "mlp_dim": int(mlp.shape[1]), "act": "gelu_tanh", "norm_eps": 1e-6, "pos_grid": [grid, grid],
-            "pos_interp": "bicubic", "pooling": pooling, "class_token": cls, "patch_bias": "embedding/bias" in t}
+            "pos_interp": "zoom_linear", "pooling": pooling, "class_token": cls, "patch_bias": "embedding/bias" in t}
 
 
 def convert_big_vision(path: str | pathlib.Path, *, out: str | pathlib.Path | None, model_kwargs: dict | None = None,
