@@ -137,8 +137,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Dense/DenseGeneral/Conv layers whose module path re.fullmatch-es `targets`, delta (alpha/rank)·x·A·B
     # (rslora: alpha/sqrt(rank)), dropout on the LoRA branch's input; rank 0 = off. freeze_base: lora/.*, head/.*
     # (+ the objective's params) train, the rest is frozen (config.param_rules left at its default); false:
-    # config.param_rules alone decides.
-    c.peft = dict(lora=dict(rank=0, alpha=8.0, targets=".*", rslora=False, dropout=0.0), freeze_base=True)
+    # config.param_rules alone decides. adapter: bottleneck adapters of width `dim` (0 = off) in the ViT/BERT blocks,
+    # 'houlsby' (after attention and MLP) | 'pfeiffer' (after the MLP); prompt: VPT tokens for tl_jax ViTs
+    # (num_tokens 0 = off; deep: fresh tokens at every block). Their params (adapter/.*, prompt/.*) train like lora/.*.
+    c.peft = dict(lora=dict(rank=0, alpha=8.0, targets=".*", rslora=False, dropout=0.0),
+                  adapter=dict(dim=0, placement="houlsby", act="relu"), prompt=dict(num_tokens=0, deep=False),
+                  freeze_base=True)
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/tl_jax/jax
     # Where metrics go besides metrics.jsonl (tl_jax/train/trackers.py); not part of a run's identity.
     c.tracking = dict(tensorboard=True, wandb=False, wandb_project="tl_jax", wandb_mode="offline", mlflow=False,

@@ -5,6 +5,8 @@
 ``DIR`` holds the base model's params with every LoRA pair folded in, ``W' = W + s·A·B``
 (:func:`tl_jax.peft.lora.merge_lora`), and the run's BatchNorm statistics: a checkpoint that
 ``config.init_from`` loads into the model without ``config.peft`` and that predicts the run's logits.
+Runs with adapters or prompt tokens (``config.peft.adapter``/``prompt``) are refused with one line: those add
+computation to the model and cannot be folded into its weights.
 
 :func:`folded` does the same in memory for readers that build the plain model from a run's
 ``config.model`` (``tl-jax rank``/``fewshot``: ``tl_jax/transferability/extract.py``).
@@ -34,6 +36,11 @@ def merge_run(workdir: str | pathlib.Path, out: str | pathlib.Path, checkpoint: 
     """Write ``out``: the run's ``checkpoint`` with LoRA folded into the base (module doc); returns a summary
     ``{'out', 'merged_layers', 'lora_params', 'params'}``."""
     config = run_config(workdir)
+    unfoldable = [k for k in peft_lib.active_keys(config) if k != peft_lib.LORA]
+    if unfoldable:
+        raise ValueError(f"--workdir {workdir}: the run has config.peft.{unfoldable[0]} params, which add computation "
+                         f"and cannot be folded into the base weights (no merge); read the run itself with "
+                         f"tl-jax eval/predict (docs/peft.md)")
     if not peft_lib.enabled(config):
         raise ValueError(f"--workdir {workdir}: the run has no LoRA (config.peft.lora.rank = 0): nothing to merge")
     variables = load_variables(f"{workdir}:{checkpoint}", where="--workdir")
@@ -47,7 +54,12 @@ def merge_run(workdir: str | pathlib.Path, out: str | pathlib.Path, checkpoint: 
 def folded(variables: dict, path: str, where: str) -> dict:
     """``variables`` read from run ``path`` (``PATH[:best|STEP]``, its step or checkpoints dir) with their LoRA
     folded into the base when the params have a ``lora`` subtree (exact: the plain model then computes what
-    the LoRA run does); as they are otherwise. Errors name ``where``."""
+    the LoRA run does); as they are otherwise. Errors name ``where``; adapter and prompt params (which cannot be
+    folded) are refused with one line rather than silently dropped."""
+    unfoldable = [k for k in (peft_lib.ADAPTER, peft_lib.PROMPT) if k in variables["params"]]
+    if unfoldable:
+        raise ValueError(f"{where}: its params have a {unfoldable[0]!r} subtree (config.peft.{unfoldable[0]}), which "
+                         f"cannot be folded into the plain model this reads (docs/peft.md)")
     if peft_lib.LORA not in variables["params"]:
         return variables
     p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()

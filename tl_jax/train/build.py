@@ -5,7 +5,7 @@ objective is then built once with it and stays immutable::
 
     config.model (zoo name or the user's reference; its logits checked)
       → the objective's own link: its heads (multitask, joint: one head per task)
-      → BEFORE_INIT:  LoRA (config.peft, tl_jax/peft), precision (config.precision)
+      → BEFORE_INIT:  LoRA, adapters, prompts (config.peft, tl_jax/peft), precision (config.precision)
       → the starting variables: init, config.init_from, the objective's init_params / init_extra,
         the LP-FT probe's params (start_from)
       → param groups: config.param_rules (after the objective's fixed rules) resolved once
@@ -93,7 +93,8 @@ def pmap_link(model: Any, stage: Stage) -> Any:
     return pmap_model(model) if stage.config.parallel.mode == "pmap" else model
 
 
-BEFORE_INIT: tuple[Link, ...] = (peft_lib.lora_link, precision_link)  # the model whose variables are initialised
+BEFORE_INIT: tuple[Link, ...] = (peft_lib.lora_link, peft_lib.adapter_link, peft_lib.prompt_link,  # config.peft
+                                  precision_link)  # the model whose variables are initialised
 AFTER_GROUPS: tuple[Link, ...] = (frozen_norms_link, pmap_link)  # links that read the param groups
 
 
