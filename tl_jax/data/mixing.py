@@ -2,7 +2,11 @@
 
 Each training batch (after the preprocessing) pairs example ``b`` with its
 partner ``B - 1 - b`` (the batch reversed, as timm) and, with probability
-``prob``, mixes them (per example, timm's ``elem`` mode):
+``prob``, mixes them (per example, timm's ``elem`` mode). A multi-domain batch
+(a ``domain`` key, the ``multidomain`` objective's) is mixed per domain: the
+partner is taken within the example's own domain (that domain's examples in
+batch order, reversed: :func:`partners`), so a mixed example stays in its
+domain and the loss's per-domain weighting still applies:
 
 * mixup (``alpha > 0``): ``x = λ x_b + (1 − λ) x_partner``, ``λ ~ Beta(alpha, alpha)``;
 * cutmix (``cutmix_alpha > 0``): the partner's pixels in a box of side
@@ -33,7 +37,7 @@ from tl_jax.util import config_checks
 
 SALT = 0x6D69787570  # 'mixup': the mixing draws are not the preprocessing's
 KEYS = ("alpha", "cutmix_alpha", "switch_prob", "prob")
-SOFT_LABEL_OBJECTIVES = ("classification",)  # objectives whose loss reads label_soft
+SOFT_LABEL_OBJECTIVES = ("classification", "multidomain")  # objectives whose loss reads label_soft
 
 
 def is_on(mix: Any) -> bool:
@@ -69,12 +73,26 @@ def draw_boxes(rng, lam: np.ndarray, height: int, width: int) -> np.ndarray:
                      np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)], axis=1)
 
 
+def partners(n: int, domain: np.ndarray | None = None) -> np.ndarray:
+    """int ``[n]``: each example's mixing partner, the batch reversed (``n - 1 - b``), or with ``domain``
+    ``[n]`` the reversal within each domain: the ``j``-th of a domain's ``k`` examples (batch order) pairs
+    with its ``(k - 1 - j)``-th (one domain: the plain reversal; an example alone in its domain: itself)."""
+    if domain is None:
+        return np.arange(n)[::-1]
+    domain, out = np.asarray(domain), np.empty(n, np.int64)
+    for d in np.unique(domain):
+        idx = np.flatnonzero(domain == d)
+        out[idx] = idx[::-1]
+    return out
+
+
 def mix_batch(batch: dict, lam: np.ndarray, cut: np.ndarray, boxes: np.ndarray, num_classes: int) -> dict:
-    """The mixed batch: ``image`` mixed with the partners', ``label_soft`` [B, C] added (module doc)."""
+    """The mixed batch: ``image`` mixed with the partners' (per domain when it has ``domain``),
+    ``label_soft`` [B, C] added (module doc)."""
     x, y = batch["image"], np.asarray(batch["label"])
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"config.data.mixup: labels must be in [0, {num_classes}), got {y.min()}..{y.max()}")
-    partner = np.arange(len(x))[::-1]
+    partner = partners(len(x), batch.get("domain"))
     h, w = x.shape[1:3]
     rows, cols = np.arange(h), np.arange(w)
     inside = (((rows >= boxes[:, :1]) & (rows < boxes[:, 1:2]))[:, :, None]

@@ -23,6 +23,10 @@ still evaluated (a "train on the others alone" baseline).
 * ``'domain_mean'``: ``L = Σ_d λ_d · mean_{i∈d} L_i`` (a domain absent from the batch adds 0);
 * ``'global_mean'``: ``L = Σ_d λ_d Σ_{i∈d} L_i / B``.
 
+With ``config.data.mixup`` on, each batch is mixed within each domain
+(:func:`tl_jax.data.mixing.partners`) and ``L_i`` is the soft cross-entropy against
+``label_soft`` (label smoothing on top, as ``classification``).
+
 **Eval** runs over the concatenation of every domain's test split; ``test/accuracy/<d>``
 and ``test/loss/<d>`` are per domain, ``test/accuracy``/``test/loss`` their
 unweighted mean over domains (macro average).
@@ -42,7 +46,7 @@ from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots
 from tl_jax.data.pipeline import _Subset
 from tl_jax.objectives._checks import check_shape, check_weights, is_concrete
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
-from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.objectives.classification import accuracy, cross_entropy, soft_cross_entropy
 from tl_jax.objectives.multitask import number_list
 
 NORMALIZATIONS = ("domain_mean", "global_mean")
@@ -299,7 +303,10 @@ class MultiDomainObjective(Objective):
                        step: jax.Array) -> tuple[jax.Array, tuple[PyTree, dict]]:
         logits, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=True,
                                           rng=rng)
-        ce = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)    # [B]
+        if "label_soft" in batch:  # config.data.mixup, mixed within each domain (tl_jax/data/mixing.py)
+            ce = soft_cross_entropy(logits, batch["label_soft"], label_smoothing=self.label_smoothing)
+        else:
+            ce = cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)  # [B]
         total, per_domain = multi_domain_loss(ce, batch["domain"], self.weights, normalization=self.normalization)
         correct = accuracy(logits, batch["label"])                                          # [B]
         onehot = jax.nn.one_hot(batch["domain"], len(self.domains), dtype=jnp.float32)      # [B, D]
