@@ -244,3 +244,26 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert main([*args, "--overwrite", "--model-kwargs", '{"stem": "cifar"}']) == 2
     err = capsys.readouterr().err
     assert "shape mismatch: conv1.weight (4, 3, 7, 7) -> params/backbone/conv1/kernel" in err
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"depth": 12, "pooling": "map", "layer_scale": 0.1, "num_registers": 2},
+    {"depth": 3, "act": "swiglu", "pre_norm": True, "projection_dim": 8, "dist_token": True, "pooling": "cls_dist"}])
+def test_target_shapes_of_one_traced_block_equal_the_full_trace(kwargs):
+    from tl_jax.weights.convert import _traced_shapes, target_shapes
+
+    kw = {"patch_size": 4, "hidden_size": 32, "num_heads": 2, "mlp_dim": 64, **kwargs}
+    sample = ((np.zeros((1, 16, 16, 3), np.float32),), {})
+    fast, full = target_shapes("vit", 5, kw, sample), _traced_shapes("vit", 5, kw, sample)
+    assert list(fast) == list(full) and f"params/backbone/encoderblock_{kw['depth'] - 1}/LayerNorm_0/scale" in fast
+    assert [(v.shape, v.dtype) for v in fast.values()] == [(v.shape, v.dtype) for v in full.values()]
+
+
+@pytest.mark.parametrize("shape", [(130, 70), (64, 3), (1, 5)])
+def test_transposed_is_a_contiguous_transpose(shape):
+    from tl_jax.weights.mappings import transposed
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    got = transposed(x)
+    assert got.flags.c_contiguous and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, x.T)

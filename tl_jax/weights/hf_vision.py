@@ -32,7 +32,6 @@ the source (format, architecture, file names and sha256) and the preprocessing
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import re
@@ -41,10 +40,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from tl_jax.weights.convert import (META_FILE, Converted, WeightMappingError, map_tensors, register_source,
-                                    save_variables, target_shapes)
+                                    target_shapes)
 from tl_jax.weights.hf_preprocessing import preprocessing
-from tl_jax.weights.mappings import Mapping, Rule
+from tl_jax.weights.mappings import Mapping, Rule, transposed
 from tl_jax.weights.readers import read_tensors
+from tl_jax.weights.source_record import save_and_hash
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -110,17 +110,17 @@ def _strip(name: str) -> str:
 def _layout(kind: str, x: np.ndarray, heads: int) -> np.ndarray:
     """Source layout -> flax layout (see module doc); ``heads``: attention heads of the tower."""
     if kind == "linear":
-        return x.T if x.ndim == 2 else x
+        return transposed(x) if x.ndim == 2 else x
     if kind == "conv":
         return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
     if kind == "token":  # [D] / [N, D] / [1, N, D] -> [1, N, D]
         return x.reshape(1, -1, x.shape[-1])
     if kind in ("heads_in", "heads_split"):
-        return x.T.reshape(x.shape[1], heads, -1) if x.ndim == 2 else x.reshape(heads, -1)
+        return transposed(x).reshape(x.shape[1], heads, -1) if x.ndim == 2 else x.reshape(heads, -1)
     if kind == "heads_bias":
         return x.reshape(heads, -1)
     if kind == "heads_out":
-        return x.T.reshape(heads, -1, x.shape[0]) if x.ndim == 2 else x
+        return transposed(x).reshape(heads, -1, x.shape[0]) if x.ndim == 2 else x
     return x  # copy
 
 
@@ -220,14 +220,6 @@ def vit_kwargs(cfg: dict, tensors: dict[str, np.ndarray], source: str) -> dict:
     return kwargs
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_hf_vision(folder: str | pathlib.Path, *, out: str | pathlib.Path | None, model_kwargs: dict | None = None,
                       num_classes: int | None = None, ignore: Sequence[str] = (), overwrite: bool = False) -> Converted:
     """Converts a Hugging Face model folder into the ``vit`` model (module doc); ``out=None``: no write.
@@ -273,10 +265,10 @@ def convert_hf_vision(folder: str | pathlib.Path, *, out: str | pathlib.Path | N
     if out is None:
         return result
     out = pathlib.Path(out).absolute()
-    save_variables(out, variables, overwrite=overwrite)
+    hashes = save_and_hash(out, variables, files, overwrite=overwrite)
     meta = {"source": str(folder.absolute()), "format": "huggingface", "model_type": cfg["model_type"],
             "architecture": (cfg.get("architectures") or [None])[0],
-            "files": [{"name": f.name, "sha256": _sha256(f)} for f in files], "mapping": "hf_vision", "model": "vit",
+            "files": hashes, "mapping": "hf_vision", "model": "vit",
             "num_classes": num_classes, "has_head": head is not None, "model_kwargs": kwargs,
             "dropped": list(result.dropped),
             "preprocessing": preprocessing(folder, FAMILIES[cfg["model_type"]], g[0] * p)}

@@ -17,6 +17,7 @@ to ``image_size`` (null: no crop).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -38,6 +39,17 @@ def sha256(path: pathlib.Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def save_and_hash(out: pathlib.Path, variables: dict, files: Sequence[pathlib.Path], *,
+                  overwrite: bool = False) -> list[dict]:
+    """:func:`~tl_jax.weights.convert.save_variables` to ``out`` while a thread hashes ``files``; returns
+    ``[{"name", "sha256"}]``. hashlib releases the GIL on large blocks and the checkpoint is written by
+    tensorstore's own threads, so the record costs little wall time beyond the write."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hashes = [pool.submit(sha256, pathlib.Path(f)) for f in files]
+        save_variables(out, variables, overwrite=overwrite)
+        return [{"name": pathlib.Path(f).name, "sha256": h.result()} for f, h in zip(files, hashes)]
 
 
 def find_weight_file(path: pathlib.Path) -> pathlib.Path:
@@ -70,9 +82,9 @@ def write_converted(result: Converted, out: str | pathlib.Path | None, *, source
     if out is None:
         return result
     out = pathlib.Path(out).absolute()
-    save_variables(out, result.variables, overwrite=overwrite)
+    hashes = save_and_hash(out, result.variables, files, overwrite=overwrite)
     meta = {"source": str(pathlib.Path(source).absolute()), "format": fmt, "architecture": architecture,
-            "files": [{"name": f.name, "sha256": sha256(f)} for f in files], "mapping": mapping,
+            "files": hashes, "mapping": mapping,
             "model": result.model, "num_classes": result.num_classes,
             "has_head": "head" in result.variables.get("params", {}), "model_kwargs": result.model_kwargs,
             "dropped": list(result.dropped), "preprocessing": preprocessing}

@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from tl_jax.weights.convert import Converted, map_tensors, target_shapes
-from tl_jax.weights.mappings import Mapping, Rule
+from tl_jax.weights.mappings import Mapping, Rule, transposed
 from tl_jax.weights.source_record import write_converted
 
 B = "params/backbone"
@@ -38,15 +38,15 @@ def layout(kind: str, x: np.ndarray, heads: int) -> np.ndarray:
     """``x`` in the source's layout -> flax's (module doc); ``heads``: attention heads of the tower."""
     x = np.asarray(x)
     if kind == "linear":
-        return x.T if x.ndim == 2 else x
+        return transposed(x) if x.ndim == 2 else x
     if kind == "conv":
         return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
     if kind == "token":
         return x.reshape(1, -1, x.shape[-1])
     if kind == "heads_in":
-        return x.T.reshape(x.shape[1], heads, -1) if x.ndim == 2 else x.reshape(heads, -1)
+        return transposed(x).reshape(x.shape[1], heads, -1) if x.ndim == 2 else x.reshape(heads, -1)
     if kind == "heads_out":
-        return x.T.reshape(heads, -1, x.shape[0]) if x.ndim == 2 else x
+        return transposed(x).reshape(heads, -1, x.shape[0]) if x.ndim == 2 else x
     if kind == "copy":
         return x
     raise ValueError(f"unknown layout {kind!r}")
