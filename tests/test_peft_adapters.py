@@ -8,6 +8,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from tl_jax import config as config_lib
 from tl_jax import peft as peft_lib
 from tl_jax.evaluation.saved_run import load
 from tl_jax.models import get_model
+from tl_jax.models.bert import BertLayer, BertSelfAttention
 from tl_jax.models.vit import EncoderBlock, MlpBlock
 from tl_jax.params.param_rules import ParamGroups, flatten_paths
 from tl_jax.peft.adapters import ADAPTER, AdapterModel, count_formula
@@ -76,6 +78,24 @@ def test_one_block_against_numpy(act, placement):
     want = x1 + adapter_np(mlp, own["MlpBlock_0"], act)
     np.testing.assert_allclose(np.asarray(model.apply(v, X_TOK)), want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(want, np.asarray(block.apply(base_of(v), X_TOK)), atol=1e-3)  # the adapters matter
+
+
+def test_one_bert_layer_against_numpy():
+    """AdapterModel around one post-LN BertLayer (Houlsby): LN(x + A(Attn(x))), then LN(h + A(FFN(h))) with the
+    FFN's adapter after its output Dense, inside the residual and before the LayerNorm."""
+    layer = BertLayer(2, 16, 1e-12, 0.0, 0.0, jnp.float32)
+    bias = np.zeros((2, 1, 1, 5), np.float32)
+    model = AdapterModel(layer, dim=M, act="gelu")
+    v = randomised(jax.jit(lambda r: model.init(r, X_TOK, bias))(jax.random.PRNGKey(0)))
+    p, own = v["params"], v["params"][ADAPTER]
+    assert set(own) == {"attention", "output"}
+    ln = lambda name, x: nn.LayerNorm(epsilon=1e-12).apply({"params": p[name]}, x)  # noqa: E731
+    dense = lambda name, x: nn.Dense(p[name]["kernel"].shape[1]).apply({"params": p[name]}, x)  # noqa: E731
+    attn = BertSelfAttention(2, 0.0, 0.0, jnp.float32).apply({"params": p["attention"]}, X_TOK, bias)
+    h = np.asarray(ln("attention_norm", (X_TOK + adapter_np(attn, own["attention"], "gelu")).astype(np.float32)))
+    ffn = dense("output", jax.nn.gelu(dense("intermediate", h), approximate=False))
+    want = ln("output_norm", (h + adapter_np(ffn, own["output"], "gelu")).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(model.apply(v, X_TOK, bias)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])

@@ -2,7 +2,8 @@
 run block by block with the prompt tokens inserted after the class token (shallow) or replaced at every block
 (deep), dropped before the final norm, so cls and gap pool the tokens they pool without prompts; param counts T·D
 and L·T·D; non-ViTs refused; the three PEFT links composed under mixed precision; and end to end on a tiny ViT
-(loop.train from a base run: only the prompts and the head move, eval reads the run; slow)."""
+(loop.train from a base run: only the prompts and the head move, no optimizer state for the base, eval
+reads the run; slow)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 
 from tl_jax import config as config_lib
 from tl_jax import peft as peft_lib
+from tl_jax.evaluation.saved_run import load
 from tl_jax.models import contract, get_model
 from tl_jax.models.precision import MixedPrecision, unwrap
 from tl_jax.models.vit import EncoderBlock
@@ -33,16 +35,18 @@ def init(model, x=X):
     return jax.jit(lambda r: model.init(r, x, train=False))(jax.random.PRNGKey(0))
 
 
-def reference_logits(params, tokens, deep, pooling):
-    """The prompted ViT by hand: patchify, [cls], + positions, prompts after the prefix, blocks (deep: fresh
-    prompts before each block after the first), prompts dropped, final norm, pool, head."""
+def reference_tokens(params, tokens, deep, prefix=("cls",), registers=0):
+    """The prompted ViT by hand up to the final norm: patchify, [cls][dist], + positions, [registers], prompts
+    after the prefix (before the registers), blocks (deep: fresh prompts before each block after the first),
+    prompts dropped, final norm: ``[B, N, D]`` with the N tokens of the model without prompts."""
     p = params["backbone"]
     x = nn.Conv(D, (P, P), strides=(P, P), padding="VALID").apply({"params": p["embedding"]}, X)
     x = x.reshape(2, -1, D)
-    n = 1 if pooling == "cls" else 0
-    if n:
-        x = jnp.concatenate([jnp.broadcast_to(p["cls"], (2, 1, D)), x], axis=1)
+    n = len(prefix)
+    x = jnp.concatenate([jnp.broadcast_to(p[name], (2, 1, D)) for name in prefix] + [x], axis=1)
     x = x + p["pos_embedding"]
+    if registers:
+        x = jnp.concatenate([x[:, :n], jnp.broadcast_to(p["reg"], (2, registers, D)), x[:, n:]], axis=1)
     seq = x.shape[1]
     for i in range(L):
         prompt = jnp.broadcast_to(tokens[i if deep else 0], (2, T, D))
@@ -53,8 +57,14 @@ def reference_logits(params, tokens, deep, pooling):
         x = EncoderBlock(num_heads=2, mlp_dim=16).apply({"params": p[f"encoderblock_{i}"]}, x)
     x = jnp.concatenate([x[:, :n], x[:, n + T:]], axis=1)
     assert x.shape[1] == seq  # the pooling sees the tokens it sees without prompts
-    x = nn.LayerNorm(epsilon=1e-6).apply({"params": p["encoder_norm"]}, x)
-    feats = x[:, 0] if pooling == "cls" else jnp.mean(x[:, n:], axis=1)
+    return nn.LayerNorm(epsilon=1e-6).apply({"params": p["encoder_norm"]}, x)
+
+
+def reference_logits(params, tokens, deep, pooling):
+    """:func:`reference_tokens` pooled (cls: the class token; gap: the mean of the patch tokens), then the head."""
+    prefix = ("cls",) if pooling == "cls" else ()
+    x = reference_tokens(params, tokens, deep, prefix)
+    feats = x[:, 0] if pooling == "cls" else jnp.mean(x, axis=1)
     return nn.Dense(3).apply({"params": params["head"]}, feats)
 
 
@@ -76,12 +86,14 @@ def test_prompted_vit_matches_the_block_by_block_reference(deep, pooling):
 
 
 def test_prompts_go_after_the_dist_token_and_before_the_registers():
-    """DeiT-style cls + dist and DINOv2-style registers: the pooled cls_dist features have the base's shape and
-    the model differs from the base only through attention to the prompts."""
+    """DeiT-style cls + dist tokens and a DINOv2-style register, VPT-deep: the cls_dist features are the
+    reference's tokens 0 and 1 (the prefix, not a prompt or a register)."""
     vit = tiny_vit(pooling="cls_dist", dist_token=True, num_registers=1)
-    v = init(PromptModel(vit, num_tokens=T))
-    got = PromptModel(vit, num_tokens=T).apply(v, X, return_features=True)[1]
-    assert got.shape == (2, 2 * D) and np.all(np.isfinite(np.asarray(got)))
+    model = PromptModel(vit, num_tokens=T, deep=True)
+    v = init(model)
+    got = np.asarray(model.apply(v, X, return_features=True)[1])
+    x = reference_tokens(v["params"], v["params"][PROMPT]["backbone"]["tokens"], True, ("cls", "dist"), 1)
+    np.testing.assert_allclose(got, np.concatenate([x[:, 0], x[:, 1]], axis=-1), rtol=1e-5, atol=1e-5)
 
 
 def test_non_vits_are_refused_with_one_line_naming_the_key():
@@ -149,5 +161,8 @@ def test_vpt_deep_run_from_a_base_run_trains_only_prompts_and_head(tfds_data_dir
     assert not np.array_equal(got["head/kernel"], src["head/kernel"])
     at_2 = flatten_paths(load_variables(f"{tmp_path / 'vpt'}:2")["params"])
     assert not np.array_equal(got["prompt/backbone/tokens"], at_2["prompt/backbone/tokens"])  # trained in step 3
+    run = load(tmp_path / "vpt")  # rebuilt from the run's config (config.peft.prompt)
+    n_state = sum(np.size(x) for x in jax.tree.leaves(run.state.opt_state) if np.ndim(x) > 0)
+    assert n_state == 2 * (got["prompt/backbone/tokens"].size + got["head/kernel"].size + got["head/bias"].size)
     from tl_jax.cli import main  # deferred: the CLI's parsers are only needed here
     assert main(["eval", "--workdir", str(tmp_path / "vpt")]) == 0
