@@ -25,7 +25,8 @@ their ``*.sh`` commands, read at commit c4aa59e):
   RandAugment, without timm's magnitude noise);
 * the gradient-reversal weight of DANN, CDAN and MDD: TLlib's ``WarmStartGradientReverseLayer(alpha=1,
   max_iters=1000)``, ``2 / (1 + exp(-i / 1000)) - 1`` at iteration ``i`` (times ``hi = 0.1`` for MDD), which is
-  tl_jax's ``2 / (1 + exp(-gamma * i / steps)) - 1`` with ``gamma = steps / 1000`` (set from the run's steps).
+  tl_jax's ``2 / (1 + exp(-gamma * i / steps)) - 1`` with ``gamma = steps / 1000`` (set from the run's steps:
+  change them with the ``steps=`` argument, not ``--config.train.steps``, so that gamma follows).
 
 Where tl_jax differs (so the tl_jax column is not a bit-for-bit rerun of TLlib): TLlib anneals the lr as
 ``lr * (1 + 0.001 i)^-0.75`` (to ~0.1x at the end) with nesterov momentum; tl_jax has constant/cosine/

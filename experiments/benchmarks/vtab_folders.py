@@ -97,7 +97,7 @@ def to_rgb8(image: np.ndarray, scale: int = 1) -> np.ndarray:
     return np.repeat(image, 3, axis=-1).astype(np.uint8) if image.shape[-1] == 1 else image.astype(np.uint8)
 
 
-def write_split(source, label_fn, num_classes: int, folder: pathlib.Path, where: str, scale: int = 1) -> int:
+def write_split(source, label_fn, num_classes: int, folder: pathlib.Path, where: str, scale: int = 1) -> set[int]:
     """Every example of ``source`` as ``folder/<label>/<i>.png`` (labels zero-padded, so the sorted class folders
     are the label order); returns the labels written. A label outside ``[0, num_classes)`` is an error naming
     ``where`` and the example."""
