@@ -144,7 +144,7 @@ def test_errors_name_what_to_fix():
         LoraModel(Grouped(), rank=2, alpha=1.0, targets=".*").init(jax.random.PRNGKey(0), X)
     with pytest.raises(ValueError, match="needs a linen model"):
         LoraModel(object(), rank=2, alpha=1.0, targets=".*")
-    with pytest.raises(ValueError, match=r"got NNXModel \(NNX models are not supported yet: docs/peft.md\)"):
+    with pytest.raises(ValueError, match=r"got NNXModel \(NNX models: tl_jax.peft.lora_nnx.NnxLoraModel"):
         LoraModel(get_model("cnn_nnx", 3), rank=2, alpha=1.0, targets=".*")
     with pytest.raises(ValueError, match="no 'lora' subtree"):
         merge_lora({"head": {}}, 1.0)

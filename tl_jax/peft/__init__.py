@@ -26,6 +26,7 @@ import ml_collections
 from tl_jax.peft.adapters import ADAPTER, AdapterModel, PLACEMENTS
 from tl_jax.peft.adapters import ACTIVATIONS as ADAPTER_ACTIVATIONS
 from tl_jax.peft.lora import LORA, LoraModel, count, merge_lora, scale  # noqa: F401 (public here)
+from tl_jax.peft.lora_nnx import NnxLoraModel, lora_model  # noqa: F401 (public here)
 from tl_jax.peft.prompts import PROMPT, PromptModel
 from tl_jax.util import config_checks
 from tl_jax.util.tree_paths import flatten_paths
@@ -94,8 +95,8 @@ def lora_link(model: Any, stage: Any) -> Any:
     if not enabled(stage.config):
         return model
     lora = stage.config.peft.lora
-    return LoraModel(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rslora=lora.rslora,
-                     dropout=lora.dropout)
+    return lora_model(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rslora=lora.rslora,
+                      dropout=lora.dropout)  # linen: LoraModel; NNX: NnxLoraModel (weight space)
 
 
 def adapter_link(model: Any, stage: Any) -> Any:

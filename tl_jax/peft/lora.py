@@ -238,8 +238,8 @@ class LoraModel:
     def __init__(self, module: nn.Module, *, rank: int, alpha: float, targets: str, rslora: bool = False,
                  dropout: float = 0.0):
         if not isinstance(module, nn.Module):
-            raise ValueError(f"config.peft.lora needs a linen model, got {type(module).__name__} (NNX models are "
-                             f"not supported yet: docs/peft.md)")
+            raise ValueError(f"LoraModel needs a linen model, got {type(module).__name__} (NNX models: "
+                             f"tl_jax.peft.lora_nnx.NnxLoraModel; tl_jax.peft.lora_model picks the right one)")
         self.module = module
         self.rank, self.alpha, self.targets, self.rslora = int(rank), float(alpha), targets, bool(rslora)
         self.scale = scale(alpha, rank, rslora)
