@@ -1,7 +1,7 @@
 """Bottleneck adapters (tl_jax/peft/adapters.py, config.peft.adapter) against numpy: one ViT block's output with
 Houlsby adapters = x + A(MHA(LN(x))), then + A(MLP(LN(.))) with A(h) = h + act(h·Wd + bd)·Wu + bu; the zero-up
 init bit for bit; param counts 2·d·m + d + m per adapter (Houlsby: 2 per block); the param rules (and the BitFit
-preset of docs/peft.md); merge refused; and end to end on a tiny ViT (loop.train): init_from a base run, only the
+preset of docs/peft.md); WiSE-FT scales each adapter's residual; merge refused; and end to end on a tiny ViT (loop.train): init_from a base run, only the
 adapters and the head move, resume, eval, DANN (slow)."""
 import json
 import math
@@ -18,6 +18,7 @@ from tl_jax.evaluation.saved_run import load
 from tl_jax.models import get_model
 from tl_jax.models.bert import BertLayer, BertSelfAttention
 from tl_jax.models.vit import EncoderBlock, MlpBlock
+from tl_jax.params.interpolate import interpolate
 from tl_jax.params.param_rules import ParamGroups, flatten_paths
 from tl_jax.peft.adapters import ADAPTER, AdapterModel, count_formula
 from tl_jax.peft.merge_run import folded, merge_run
@@ -96,6 +97,32 @@ def test_one_bert_layer_against_numpy():
     ffn = dense("output", jax.nn.gelu(dense("intermediate", h), approximate=False))
     want = ln("output_norm", (h + adapter_np(ffn, own["output"], "gelu")).astype(np.float32))
     np.testing.assert_allclose(np.asarray(model.apply(v, X_TOK, bias)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_wise_ft_of_an_adapter_run_scales_each_adapter_residual_by_alpha(alpha):
+    """tl_jax.params.interpolate: adapter/**/up has the pretrained value 0 and down is kept, so the block computes
+    x1 + MLP + α·(adapter residual); α = 0 is the base block bit for bit."""
+    block = EncoderBlock(num_heads=2, mlp_dim=16)
+    model = AdapterModel(block, dim=M, placement="pfeiffer")
+    v = randomised(init(model, X_TOK))
+    mixed = interpolate(base_of(v)["params"], v["params"], alpha)
+    own, got = v["params"][ADAPTER]["MlpBlock_0"], mixed[ADAPTER]["MlpBlock_0"]
+    np.testing.assert_array_equal(got["down"]["kernel"], own["down"]["kernel"])
+    np.testing.assert_allclose(got["up"]["kernel"], alpha * np.asarray(own["up"]["kernel"]), rtol=1e-6)
+    y = np.asarray(model.apply({"params": mixed}, X_TOK))
+    base = np.asarray(block.apply(base_of(v), X_TOK))
+    if alpha == 0.0:
+        assert np.array_equal(y, base)
+        return
+    p = v["params"]
+    yy = nn.LayerNorm(epsilon=1e-6).apply({"params": p["LayerNorm_0"]}, X_TOK)
+    x1 = X_TOK + nn.MultiHeadDotProductAttention(num_heads=2).apply(
+        {"params": p["MultiHeadDotProductAttention_0"]}, yy, yy)
+    mlp = np.asarray(MlpBlock(16).apply({"params": p["MlpBlock_0"]},
+                                        nn.LayerNorm(epsilon=1e-6).apply({"params": p["LayerNorm_1"]}, x1)))
+    want = np.asarray(x1) + mlp + alpha * (adapter_np(mlp, own, "relu") - mlp)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])

@@ -13,6 +13,9 @@ model before and after fine-tuning over a grid of ``α`` often beats both ends
   exactly (``x·1 + y·0 = x`` in floating point). A LoRA run's ``lora/**/b`` (``config.peft``) has the
   pretrained value 0 (no adaptation), so ``B_α = α·B`` and ``A`` is kept: since the delta ``s·A·B`` is
   linear in ``B``, the merged kernel is ``(1 − α)·W_0 + α·(W_ft + s·A·B)``, WiSE-FT of the merged weights.
+  Likewise a bottleneck adapter's ``adapter/**/up/{kernel,bias}`` have the pretrained value 0 (the identity)
+  and ``down`` is kept, so each adapter adds ``α·(act(h·W_down + b_down)·W_up + b_up)``: its residual scaled by
+  ``α`` (``α = 0``: the base model). Prompt tokens (``prompt/**``) have no pretrained value and stay ``θ_ft``'s.
 - :func:`wise_ft`: each ``α`` of a grid evaluated on the fine-tuned run's test
   split (:func:`tl_jax.evaluation.saved_run.evaluate_run`), written as ``wise_ft.csv`` and a
   curve ``wise_ft.png``; ``tl-jax interpolate`` (:mod:`tl_jax.cli.interpolate`) runs it from the command line.
@@ -33,6 +36,7 @@ import jax
 import numpy as np
 
 from tl_jax.evaluation import saved_run as eval_lib
+from tl_jax.peft.adapters import ADAPTER
 from tl_jax.peft.lora import LORA
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.util.tree_paths import flatten_paths, path_str
@@ -55,7 +59,8 @@ def interpolate(theta0: PyTree, theta_ft: PyTree, alpha: float, keep: Sequence[s
     def mix(path, ft):
         name = path_str(path)
         t0 = base.get(name)
-        if t0 is None and name.startswith(f"{LORA}/") and name.endswith("/b"):  # module doc: B's pretrained value
+        if t0 is None and (name.startswith(f"{LORA}/") and name.endswith("/b") or  # module doc: B's and an
+                           name.startswith(f"{ADAPTER}/") and "/up/" in name):  # adapter's up's pretrained value
             t0 = np.zeros(np.shape(ft), np.asarray(ft).dtype)
         if t0 is None or np.shape(t0) != np.shape(ft) or any(p.fullmatch(name) for p in patterns):
             return ft
