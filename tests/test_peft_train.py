@@ -105,7 +105,12 @@ def test_weights_merge_gives_a_plain_checkpoint_with_the_same_logits(runs, capsy
     ["--config.train.ema_decay=0.5"],
     ["--config.objective.name=multitask", '--config.objective.multitask.tasks=["digit", "parity", "ge5"]',
      "--config.objective.multitask.weighting=uncertainty"],
-], ids=["dann", "l2_sp", "ema", "multitask"])
+    ["--config.objective.name=joint", '--config.objective.joint.domains=[{"name": "optdigits", "train_pp": '
+     '[{"op": "rescale", "in_max": 16.0}, {"op": "resize", "size": 14}], "eval_pp": [{"op": "rescale", '
+     '"in_max": 16.0}, {"op": "resize", "size": 14}]}]', '--config.objective.joint.tasks=["digit", "parity"]',
+     "--config.objective.joint.weights=[[1.0, 0.5], [1.0, 1.0]]", "--config.objective.joint.proportions=[0.5, 0.5]",
+     "--config.objective.joint.weighting=uncertainty"],
+], ids=["dann", "l2_sp", "ema", "multitask", "joint"])
 def test_lora_composes_with_other_objectives(runs, tfds_data_dir, tmp_path, overrides):
     wd = tmp_path / "run"
     _train(wd, tfds_data_dir, "--config.peft.lora.rank=2", f"--config.init_from={runs / 'src'}",
