@@ -25,11 +25,9 @@ The table it printed is in README.md ("Ablations and sweeps").
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 from tl_jax import config as config_lib
 from tl_jax.sweep import product, seeds
+from tl_jax.sweep.study import sibling_module
 
 DEPTHS = {
     "none": [[".*", 1.0]],
@@ -40,11 +38,7 @@ DEPTHS = {
 
 
 def _mnist_to_digits():
-    path = pathlib.Path(__file__).with_name("mnist_to_digits.py")
-    spec = importlib.util.spec_from_file_location("tl_jax_experiment_mnist_to_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_module(__file__, "mnist_to_digits.py")
 
 
 def get_config(arg: str | None = None):

@@ -18,21 +18,15 @@ The table it printed is in README.md ("Ablations and sweeps").
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 from tl_jax import config as config_lib
 from tl_jax.sweep import product, seeds
+from tl_jax.sweep.study import sibling_module
 
 LAMS = (0.0, 0.3, 1.0, 3.0)
 
 
 def _multitask_mnist():
-    path = pathlib.Path(__file__).with_name("multitask_mnist.py")
-    spec = importlib.util.spec_from_file_location("tl_jax_experiment_multitask_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_module(__file__, "multitask_mnist.py")
 
 
 def get_config(arg: str | None = None):

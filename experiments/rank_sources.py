@@ -34,13 +34,13 @@ every candidate: N <= D), Ledoit-Wolf H-score -0.07; ranking all 8 took 2.7 s vs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
 import time
 
 from tl_jax import config as config_lib
+from tl_jax.sweep.study import sibling_module
 
 # name: (dataset, steps, width, learning rate)
 SOURCES = {
@@ -57,11 +57,7 @@ LAYERS = ("features", "backbone/conv2")
 
 
 def _mnist_to_digits():
-    path = pathlib.Path(__file__).with_name("mnist_to_digits.py")
-    spec = importlib.util.spec_from_file_location("tl_jax_experiment_mnist_to_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_module(__file__, "mnist_to_digits.py")
 
 
 def get_config(arg: str | None = None):

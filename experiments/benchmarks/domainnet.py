@@ -35,21 +35,17 @@ so they are a reference for the ResNet-50 runs here, not a like-for-like target;
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 
-HERE = pathlib.Path(__file__).resolve()
+from tl_jax.sweep.study import sibling_module
+
 DOMAINS = {"c": "clipart", "p": "painting", "r": "real", "s": "sketch"}
 
 
 def _protocol():
     """``da_protocol.py`` beside this file (config files are loaded by path, not as a package)."""
-    if "tl_jax_benchmarks_da_protocol" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tl_jax_benchmarks_da_protocol", HERE.with_name("da_protocol.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["tl_jax_benchmarks_da_protocol"]
+    return sibling_module(__file__, "da_protocol.py")
 
 
 TASKS = ("c2p", "c2r", "c2s", "p2c", "p2r", "p2s", "r2c", "r2p", "r2s", "s2c", "s2p", "s2r")

@@ -28,20 +28,12 @@ Published (TLlib's README, ResNet-50, target accuracy %, mean of three runs for 
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
-HERE = pathlib.Path(__file__).resolve()
+from tl_jax.sweep.study import sibling_module
 
 
 def _protocol():
     """``da_protocol.py`` beside this file (config files are loaded by path, not as a package)."""
-    if "tl_jax_benchmarks_da_protocol" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tl_jax_benchmarks_da_protocol", HERE.with_name("da_protocol.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["tl_jax_benchmarks_da_protocol"]
+    return sibling_module(__file__, "da_protocol.py")
 
 
 TASKS = ("A2W", "D2W", "W2D", "A2D", "D2A", "W2A")

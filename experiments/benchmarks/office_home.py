@@ -27,20 +27,12 @@ average 65.2, MDD 69.7, MCC 72.4.
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
-HERE = pathlib.Path(__file__).resolve()
+from tl_jax.sweep.study import sibling_module
 
 
 def _protocol():
     """``da_protocol.py`` beside this file (config files are loaded by path, not as a package)."""
-    if "tl_jax_benchmarks_da_protocol" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tl_jax_benchmarks_da_protocol", HERE.with_name("da_protocol.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["tl_jax_benchmarks_da_protocol"]
+    return sibling_module(__file__, "da_protocol.py")
 
 
 TASKS = ("Ar2Cl", "Ar2Pr", "Ar2Rw", "Cl2Ar", "Cl2Pr", "Cl2Rw", "Pr2Ar", "Pr2Cl", "Pr2Rw", "Rw2Ar", "Rw2Cl", "Rw2Pr")

@@ -27,13 +27,12 @@ The test split is written whole (Clevr 15,000, dSprites 73,728, smallNORB 12,150
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve()
+from tl_jax.sweep.study import sibling_module
 
 
 def clevr_count(ex: dict) -> int:
@@ -82,10 +81,7 @@ LABELS = {  # task -> (tfds dataset, label function)
 
 
 def _vtab1k():
-    spec = importlib.util.spec_from_file_location("tl_jax_benchmarks_vtab1k", HERE.with_name("vtab1k.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_module(__file__, "vtab1k.py")
 
 
 def to_rgb8(image: np.ndarray, scale: int = 1) -> np.ndarray:

@@ -9,10 +9,13 @@ small helpers the experiment scripts use.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import pathlib
+import sys
 import time
+from types import ModuleType
 
 from tl_jax import config as config_lib
 from tl_jax.sweep import spec as spec_lib
@@ -20,6 +23,23 @@ from tl_jax.sweep.report import write_report
 from tl_jax.sweep.runner import run_points
 
 log = logging.getLogger("tl_jax")
+
+
+def sibling_module(file: str, name: str) -> ModuleType:
+    """The experiment file ``name`` beside ``file`` (the caller's ``__file__``) as a module, loaded once per
+    process. Config files are loaded by path, not as a package, so one experiment reuses another this way."""
+    path = pathlib.Path(file).resolve().with_name(name)
+    key = f"tl_jax_experiment_{path.parent.name}_{path.stem}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
 
 
 def point_name(point: dict) -> str:
