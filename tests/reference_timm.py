@@ -87,6 +87,8 @@ def perturb(model, seed: int = 0) -> None:
                 module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
         for name, param in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
+            if name in ("reg_token", "attn_pool.latent"):  # registers start at ~0: a skipped one would not show
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
             if leaf in ("gamma", "gamma_1", "gamma_2", "scale_1", "scale_2") or name.endswith(("ls1.gamma",
                                                                                                  "ls2.gamma")):
                 param.copy_(torch.rand(param.shape, generator=gen) + 0.5)

@@ -43,6 +43,10 @@ SPECS = [
     {"name": "deit3", "timm": "deit3_small_patch16_224", "kwargs": VIT},  # LayerScale, patch-only positions
     # pre-norm, no patch bias, LayerNorm eps 1e-5, QuickGELU: read from the architecture name
     {"name": "vit_clip", "timm": "vit_base_patch16_clip_quickgelu_224", "kwargs": VIT},
+    # 4 registers, no class token, mean of the patches then fc_norm (timm's reg4_gap models)
+    {"name": "vit_reg_avg", "timm": "vit_base_patch16_reg4_gap_256", "kwargs": VIT},
+    {"name": "vit_avg_cls", "timm": "vit_base_patch16_224", "kwargs": {**VIT, "global_pool": "avg", "fc_norm": False}},
+    {"name": "vit_map", "timm": "vit_base_patch16_224", "kwargs": {**VIT, "global_pool": "map", "class_token": False}},
 ]
 
 
@@ -92,11 +96,15 @@ def test_timm_parity(refs, tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit", "deit_distilled", "deit3", "vit_clip"])
+@pytest.mark.parametrize("name", ["vit", "deit_distilled", "deit3", "vit_clip", "vit_reg_avg", "vit_avg_cls",
+                                  "vit_map"])
 def test_timm_vit_parity(refs, tmp_path, name):
     res = convert_weights(refs / name, out=tmp_path / "ck")
     assert res.model == "vit" and res.model_kwargs["num_heads"] == 4 and res.model_kwargs["pos_grid"] == [4, 4]
-    assert res.model_kwargs["pooling"] == ("cls_dist" if name == "deit_distilled" else "cls")
+    pooling = {"deit_distilled": "cls_dist", "vit_reg_avg": "gap", "vit_avg_cls": "gap", "vit_map": "map"}
+    assert res.model_kwargs["pooling"] == pooling.get(name, "cls")
+    assert (res.model_kwargs["num_registers"], res.model_kwargs["pool_norm"]) == \
+        ((4, True) if name == "vit_reg_avg" else (0, False))
     assert (res.model_kwargs["layer_scale"] is not None) == (name == "deit3")
     assert (res.model_kwargs["act"], res.model_kwargs["pre_norm"], res.model_kwargs["norm_eps"]) == \
         (("quick_gelu", True, 1e-5) if name == "vit_clip" else ("gelu", False, 1e-6))
@@ -174,10 +182,13 @@ def test_family_names():
 def test_timm_vit_refusals_are_one_line():
     base = {"patch_embed.proj.weight": np.zeros((8, 3, 4, 4)), "pos_embed": np.zeros((1, 5, 8)),
             "blocks.0.mlp.fc1.weight": np.zeros((16, 8)), "cls_token": np.zeros((1, 1, 8))}
-    with pytest.raises(ValueError, match=r"global_pool='avg' \(fc_norm / attention pooling\)"):
-        timm_vit_tensors({**base, "fc_norm.weight": np.ones(8)}, {"global_pool": "avg"}, "vit_base_patch16_224")
-    with pytest.raises(ValueError, match="register tokens"):
-        timm_vit_tensors({**base, "reg_token": np.zeros((1, 4, 8))}, {}, "vit_base_patch16_reg4_gap_256")
+    with pytest.raises(ValueError, match=r"global_pool='avgmax'; tl_jax's vit converts 'token', 'avg' and 'map'"):
+        timm_vit_tensors({**base, "fc_norm.weight": np.ones(8)}, {"global_pool": "avgmax"}, "vit_base_patch16_224")
+    with pytest.raises(ValueError, match=r"positions on the 4 register tokens \(no_embed_class=False\)"):
+        timm_vit_tensors({**base, "reg_token": np.zeros((1, 4, 8)), "pos_embed": np.zeros((1, 21, 8))}, {},
+                         "vit_base_patch16_reg4_256")
+    with pytest.raises(ValueError, match="without the prefix tokens"):
+        timm_vit_tensors({**base, "attn_pool.latent": np.zeros((1, 1, 8))}, {"global_pool": "map"}, "vit_x")
     t, kw = timm_vit_tensors(dict(base, **{"pos_embed": np.ones((1, 4, 8))}), {}, "deit3_small_patch16_224")
     assert t["pos_embed"].shape == (1, 5, 8) and not t["pos_embed"][0, 0].any() and t["pos_embed"][0, 1:].all()
     assert kw["num_heads"] == 6 and kw["pos_grid"] == [2, 2] and kw["act"] == "gelu" and kw["norm_eps"] == 1e-6

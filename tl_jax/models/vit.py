@@ -10,7 +10,7 @@ Layout of the param tree (``i`` = block index; optional parts in brackets)::
     [backbone/pre_norm]                       LayerNorm after the positions (CLIP's ln_pre)
     backbone/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0, [LayerScale_0/scale],
         LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}, [LayerScale_1/scale]
-    backbone/encoder_norm                     final LayerNorm
+    backbone/encoder_norm                     final LayerNorm (of the pooled features with pool_norm)
     [backbone/map_head/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}]   pooling='map'
     [backbone/projection/kernel]              [F, projection_dim], no bias (CLIP's visual_projection)
     head/{kernel,bias}
@@ -176,6 +176,7 @@ class ViTBackbone(nn.Module):
     pos_interp: str = "bicubic"
     projection_dim: int | None = None
     drop_path_rate: float = 0.0
+    pool_norm: bool = False
 
     def _positions(self, grid: tuple[int, int], n_prefix: int, d: int) -> jax.Array:
         """``[1, n_prefix + gh * gw, D]``: the table, its patch rows resized from ``pos_grid`` to ``grid``."""
@@ -225,8 +226,11 @@ class ViTBackbone(nn.Module):
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.act, self.norm_eps,
                              self.layer_scale, rate, name=f"encoderblock_{i}")(x, train=train)
-        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm")(x)
-        x = self._pool(x, len(prefix))  # [B, F]
+        norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm")
+        if self.pool_norm:  # timm's fc_norm: the tokens pooled as they leave the blocks, the pooled ones normed
+            x = norm(self._pool(x, len(prefix)))
+        else:
+            x = self._pool(norm(x), len(prefix))  # [B, F]
         if self.projection_dim:
             x = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="projection")(x)
         return x
@@ -256,6 +260,8 @@ class ViT(Classifier):
         projection_dim: a bias-free linear map of the pooled features (CLIP); None: none.
         drop_path_rate: stochastic depth of the last block (linear in the block index; train only,
             rng stream 'dropout'); 0: none.
+        pool_norm: the final LayerNorm normalises the pooled features, not the tokens (timm's
+            ``global_pool='avg'`` models with ``fc_norm``).
     """
 
     variant: str = "Ti"
@@ -278,6 +284,7 @@ class ViT(Classifier):
     pos_interp: str = "bicubic"
     projection_dim: int | None = None
     drop_path_rate: float = 0.0
+    pool_norm: bool = False
 
     def dims(self) -> tuple[int, int, int, int]:
         """``(hidden_size, depth, num_heads, mlp_dim)`` after overrides."""
@@ -318,4 +325,4 @@ class ViT(Classifier):
                            norm_eps=float(self.norm_eps), layer_scale=self.layer_scale,
                            pos_grid=tuple(int(g) for g in self.pos_grid) if self.pos_grid else None,
                            pos_interp=self.pos_interp, projection_dim=self.projection_dim,
-                           drop_path_rate=float(self.drop_path_rate))
+                           drop_path_rate=float(self.drop_path_rate), pool_norm=bool(self.pool_norm))

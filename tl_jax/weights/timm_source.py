@@ -24,8 +24,11 @@ Families (the architecture name's prefix):
   ``attn.qkv`` split in q/k/v; a patch-only position table (``no_embed_class``, DeiT-3) gets zero rows for
   the prefix tokens; a distilled DeiT's two heads become one head on ``concat(cls, dist)`` (``pooling=
   'cls_dist'``, weights and bias halved: the mean of the two heads' logits, timm's eval output). Position
-  tables are resized to other input sizes with antialiased bicubic, as timm does. ``global_pool='avg'`` /
-  ``'map'`` models (norm after pooling, attention pooling) and register tokens are refused in one line.
+  tables are resized to other input sizes with antialiased bicubic, as timm does. ``global_pool='avg'``
+  (the mean of the patch tokens, registers and class token left out; with ``fc_norm`` the final norm on the
+  pooled features: ``pool_norm``) and ``'map'`` (timm's ``attn_pool`` as the ``map`` head, its fused ``kv``
+  split; refused when prefix tokens are excluded from it); register tokens (``reg_token``, no positions, as
+  timm's ``no_embed_class`` reg models have them).
 """
 from __future__ import annotations
 
@@ -136,7 +139,21 @@ VIT_RULES = (
     (rf"{_L}\.mlp\.fc1\.bias", f"{_E}/MlpBlock_0/Dense_0/bias", "copy"),
     (rf"{_L}\.mlp\.fc2\.weight", f"{_E}/MlpBlock_0/Dense_1/kernel", "linear"),
     (rf"{_L}\.mlp\.fc2\.bias", f"{_E}/MlpBlock_0/Dense_1/bias", "copy"),
-    (r"norm\.weight", f"{B}/encoder_norm/scale", "copy"), (r"norm\.bias", f"{B}/encoder_norm/bias", "copy"),
+    (r"(?:fc_)?norm\.weight", f"{B}/encoder_norm/scale", "copy"),  # fc_norm: the same norm on the pooled features
+    (r"(?:fc_)?norm\.bias", f"{B}/encoder_norm/bias", "copy"),
+    (r"reg_token", f"{B}/reg", "token"), (r"attn_pool\.latent", f"{B}/map_head/probe", "token"),
+    (r"attn_pool\.q\.weight", f"{B}/map_head/{MHA}/query/kernel", "heads_in"),
+    (r"attn_pool\.q\.bias", f"{B}/map_head/{MHA}/query/bias", "heads_in"),
+    (r"attn_pool\.kv\.weight\[(key|value)\]", rf"{B}/map_head/{MHA}/\1/kernel", "heads_in"),
+    (r"attn_pool\.kv\.bias\[(key|value)\]", rf"{B}/map_head/{MHA}/\1/bias", "heads_in"),
+    (r"attn_pool\.proj\.weight", f"{B}/map_head/{MHA}/out/kernel", "heads_out"),
+    (r"attn_pool\.proj\.bias", f"{B}/map_head/{MHA}/out/bias", "copy"),
+    (r"attn_pool\.norm\.weight", f"{B}/map_head/LayerNorm_0/scale", "copy"),
+    (r"attn_pool\.norm\.bias", f"{B}/map_head/LayerNorm_0/bias", "copy"),
+    (r"attn_pool\.mlp\.fc1\.weight", f"{B}/map_head/MlpBlock_0/Dense_0/kernel", "linear"),
+    (r"attn_pool\.mlp\.fc1\.bias", f"{B}/map_head/MlpBlock_0/Dense_0/bias", "copy"),
+    (r"attn_pool\.mlp\.fc2\.weight", f"{B}/map_head/MlpBlock_0/Dense_1/kernel", "linear"),
+    (r"attn_pool\.mlp\.fc2\.bias", f"{B}/map_head/MlpBlock_0/Dense_1/bias", "copy"),
     (r"head\.weight", "params/head/kernel", "linear"), (r"head\.bias", "params/head/bias", "copy"),
 )
 
@@ -151,14 +168,19 @@ def _vit_heads(cfg: dict, architecture: str, width: int) -> int:
 
 def timm_vit_tensors(raw: dict[str, np.ndarray], cfg: dict, architecture: str) -> tuple[dict, dict]:
     """(tensors ready for :data:`VIT_RULES`, ``vit`` kwargs) of a timm ViT / DeiT (module doc)."""
-    pool = (cfg.get("model_args") or {}).get("global_pool", cfg.get("global_pool", "token"))
-    if pool not in ("token", None) or "fc_norm.weight" in raw or "attn_pool.latent" in raw:
-        raise ValueError(f"timm {architecture}: global_pool={pool!r} (fc_norm / attention pooling); tl_jax's vit "
-                         f"converts class-token ViTs (global_pool='token')")
-    if "reg_token" in raw:
-        raise ValueError(f"timm {architecture}: register tokens (reg_token) are not converted; use a DINOv2 "
-                         f"Hugging Face folder for registers")
+    args = cfg.get("model_args") or {}
+    pool = args.get("global_pool", cfg.get("global_pool")) or ("map" if "attn_pool.latent" in raw else "avg"
+                                                              if "fc_norm.weight" in raw else "token")
+    if pool not in ("token", "avg", "map"):
+        raise ValueError(f"timm {architecture}: global_pool={pool!r}; tl_jax's vit converts 'token', 'avg' and 'map'")
+    registers = int(np.shape(raw["reg_token"])[1]) if "reg_token" in raw else 0
+    if pool == "map" and ("cls_token" in raw or registers) and not args.get("pool_include_prefix"):
+        raise ValueError(f"timm {architecture}: attention pooling over the patches without the prefix tokens "
+                         f"(pool_include_prefix=False); tl_jax's map head reads every token")
     t = split_fused(raw, r"blocks\.\d+\.attn\.qkv\.(?:weight|bias)")
+    for name in ("attn_pool.kv.weight", "attn_pool.kv.bias"):  # [2D, ...] -> key, value
+        if name in t:
+            t[f"{name}[key]"], t[f"{name}[value]"] = np.split(np.asarray(t.pop(name)), 2, axis=0)
     if "head_dist.weight" in t and "head.weight" in t:  # timm eval: (head(cls) + head_dist(dist)) / 2
         t["head.weight"] = np.concatenate([t["head.weight"], t.pop("head_dist.weight")], axis=1) / 2
         t["head.bias"] = (t["head.bias"] + t.pop("head_dist.bias")) / 2
@@ -170,6 +192,9 @@ def timm_vit_tensors(raw: dict[str, np.ndarray], cfg: dict, architecture: str) -
     if n_prefix and int(round(rows ** 0.5)) ** 2 == rows:  # no_embed_class: positions on the patches only
         t["pos_embed"] = prepend_prefix_positions(t["pos_embed"], n_prefix)
         rows += n_prefix
+    elif registers and int(round((rows - n_prefix) ** 0.5)) ** 2 != rows - n_prefix:
+        raise ValueError(f"timm {architecture}: positions on the {registers} register tokens (no_embed_class="
+                         f"False); tl_jax's vit adds none to registers (DINOv2's and timm's reg models')")
     grid = int(round((rows - n_prefix) ** 0.5))
     arch = architecture.split(".")[0]
     kwargs = {"patch_size": int(patch.shape[-1]), "hidden_size": int(patch.shape[0]),
@@ -177,7 +202,9 @@ def timm_vit_tensors(raw: dict[str, np.ndarray], cfg: dict, architecture: str) -
               "num_heads": _vit_heads(cfg, architecture, int(patch.shape[0])), "mlp_dim": int(fc1.shape[0]),
               "act": "quick_gelu" if "quickgelu" in arch else "gelu", "norm_eps": 1e-5 if "clip" in arch else 1e-6,
               "pos_grid": [grid, grid], "pos_interp": "bicubic_aa", "class_token": "cls_token" in t,
-              "pooling": "cls_dist" if "dist_token" in t else "cls" if "cls_token" in t else "gap",
+              "pooling": {"avg": "gap", "map": "map"}.get(pool, "cls_dist" if "dist_token" in t else "cls"
+                                                          if "cls_token" in t else "gap"),
+              "num_registers": registers, "pool_norm": "fc_norm.weight" in t,
               "dist_token": "dist_token" in t, "patch_bias": "patch_embed.proj.bias" in t,
               "pre_norm": "norm_pre.weight" in t, "layer_scale": 1.0 if "blocks.0.ls1.gamma" in t else None}
     return t, kwargs
