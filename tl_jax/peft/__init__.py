@@ -36,7 +36,7 @@ LORA_RULE = [f"{LORA}/.*", 1.0]  # first rule of the freeze_base preset
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-    """Whether ``config.peft`` adapts the model (``config.peft.lora.rank > 0``)."""
+    """Whether LoRA is on (``config.peft.lora.rank > 0``); :func:`active_keys` lists every transform that is on."""
     return int(config.peft.lora.rank) > 0
 
 
