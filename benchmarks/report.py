@@ -7,7 +7,7 @@ from benchmarks.common import fmt, table
 from benchmarks.conv_bench import FLAG_SETS, SHAPES, VARIANTS
 from benchmarks.overhead_bench import LOG_EVERY
 from benchmarks import pipeline_bench
-from benchmarks import vit_bench
+from benchmarks import peft_bench, vit_bench
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -120,7 +120,7 @@ def later_goals(s: dict) -> list[list]:
         rows.append(["33 scores", f"{name}: TLlib's numpy s / tl_jax's s, N=5,000 D=2,048 C=100, values equal to "
                      f"1e-6 (measured: {'n/a' if rel is None else f'{rel:.0e}'})", ">= 1.5", fmt(ratio),
                      "n/a" if ratio is None or rel is None else ("yes" if ratio >= 1.5 and rel <= 1e-6 else "**no**")])
-    return rows + vit_goals(s.get("vit", {}))
+    return rows + vit_goals(s.get("vit", {})) + peft_bench.goal_rows(s.get("peft", {}))
 
 
 def vit_goals(vit: dict) -> list[list]:
@@ -415,6 +415,8 @@ def render(results: dict) -> str:
                                      "(benchmarks/transferability_bench.py)", None),
                  "vit": ("Pretrained backbones: tl_jax's ViT vs timm on this CPU (benchmarks/vit_bench.py)",
                          vit_bench.render),
+                 "peft": ("Parameter-efficient fine-tuning: LoRA vs full fine-tuning of a ViT-S/16 "
+                          "(benchmarks/peft_bench.py)", peft_bench.render),
                  "gpu": ("7. GPU: ResNet-50 224x224 bf16", None)}
     for name, (title, fn) in renderers.items():
         if name not in s:

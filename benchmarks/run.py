@@ -36,7 +36,7 @@ from benchmarks.report import render  # noqa: E402
 
 SECTIONS = ("overhead", "cache", "compile", "memory", "conv", "parallel", "sweep", "shard", "byo", "methods", "recipes",
             "pipeline",
-            "transferability", "vit", "gpu")
+            "transferability", "vit", "peft", "gpu")
 
 
 def _optional(module: str, **kwargs: Any) -> Callable[[], dict]:
@@ -69,6 +69,7 @@ def sections(data_dir: str, quick: bool) -> dict[str, Callable[[], dict]]:
         "pipeline": _optional("benchmarks.pipeline_bench", data_dir=data_dir, quick=quick),
         "transferability": _optional("benchmarks.transferability_bench", quick=quick),
         "vit": _optional("benchmarks.vit_bench", quick=quick),
+        "peft": _optional("benchmarks.peft_bench", quick=quick),
         "gpu": lambda: gpu_bench.run(quick=quick, platforms=_PLATFORMS),
     }
 
