@@ -61,6 +61,9 @@ def test_eval_pp_of_a_converted_dir_and_of_a_run_from_it(ck, tmp_path, caplog):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"init_from": str(ck), "model": {"name": "vit"}}))
     assert candidate_eval_pp(PLAIN, str(run)) == [*PLAIN, OP]  # a run fine-tuned from the converted weights
+    own = {"op": "normalize", "mean": 0.1, "std": [0.3]}  # ... that overrode their normalisation: its own
+    (run / "config.json").write_text(json.dumps({"init_from": str(ck), "data": {"eval_pp": [*PLAIN, own]}}))
+    assert candidate_eval_pp(PLAIN, str(run)) == [*PLAIN, {**own, "mean": [0.1]}]
     (run / "config.json").write_text(json.dumps({"init_from": "", "model": {"name": "cnn"}}))
     assert candidate_eval_pp(PLAIN, str(run)) == PLAIN  # a run from scratch: the target's pipeline as given
     with caplog.at_level("INFO", logger="tl_jax"):

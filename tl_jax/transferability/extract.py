@@ -82,14 +82,20 @@ def target_arrays(config: Any, eval_pp: Any = None) -> dict[str, np.ndarray]:
 
 
 def candidate_preprocessing(path: str) -> tuple[dict | None, str]:
-    """``(preprocessing record, converted folder)`` of the weights candidate ``path`` expects its inputs
-    normalised for: a converted weights dir's own (``tl_jax_weights.json``), or for a run, that of the
-    converted weights its ``init_from`` names (when that folder is still there); ``(None, '')`` otherwise."""
+    """``(preprocessing record, where it is from)`` candidate ``path`` expects its inputs normalised with: a
+    converted weights dir's own (``tl_jax_weights.json``); for a run whose ``init_from`` names converted weights
+    (when that folder is still there), the ``normalize`` op its recorded ``config.data.eval_pp`` ran with (the
+    weights' own unless the run overrode it); ``(None, '')`` otherwise."""
     p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.json").is_file():
-            init_from = str(json.loads((d / "config.json").read_text()).get("init_from") or "")
-            return weights_preprocessing(init_from), init_from
+            cfg = json.loads((d / "config.json").read_text())
+            pre = weights_preprocessing(str(cfg.get("init_from") or ""))
+            own = [o for o in ((cfg.get("data") or {}).get("eval_pp") or [])
+                   if isinstance(o, dict) and o.get("op") == "normalize"]
+            if pre is not None and own:  # what the run trained and evaluated with
+                pre = {**pre, "mean": own[-1]["mean"], "std": own[-1]["std"], "source": f"{d}/config.json"}
+            return pre, str(d if own else cfg.get("init_from"))
         if (d / WEIGHTS_META).is_file():
             return weights_preprocessing(str(d)), str(d)
     return None, ""

@@ -67,7 +67,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def normalize_op(pre: dict) -> dict:
     """The ``normalize`` op of a ``preprocessing`` record (mean/std as float lists, pixels in ``[0, 1]``)."""
-    return {"op": "normalize", "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]]}
+    return {"op": "normalize", "mean": np.atleast_1d(np.asarray(pre["mean"], float)).tolist(),
+            "std": np.atleast_1d(np.asarray(pre["std"], float)).tolist()}
 
 
 def with_weights_normalisation(ops: Any, pre: dict, where: str, weights: str, origin: str) -> tuple[list, bool]:
