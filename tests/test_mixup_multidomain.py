@@ -92,7 +92,7 @@ def test_multidomain_loss_is_the_weighted_soft_cross_entropy():
 def test_other_objectives_are_still_refused():
     c = config_lib.base_config()
     c.data.mixup.alpha = 0.4
-    c.objective.name = "joint"
+    c.objective.name = "dann"
     with pytest.raises(Exception, match="does not read soft labels"):
         config_lib.validate(c)
 

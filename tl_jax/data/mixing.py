@@ -16,7 +16,11 @@ domain and the loss's per-domain weighting still applies:
 
 The batch gains ``label_soft`` float32 ``[B, C]`` ``= λ onehot(y_b) + (1 − λ)
 onehot(y_partner)`` (``λ = 1`` where not mixed); ``label`` stays the example's
-own class (train accuracy). The classification loss uses it as the target
+own class (train accuracy). A batch with task labels ``label/<task>`` (the
+``joint`` objective's) also gains ``mix_lam`` float32 ``[B]`` and each partner's
+task labels ``partner_label/<task>``: the joint loss takes ``λ CE(z, y) + (1 − λ)
+CE(z, y_partner)`` per task, which is the soft cross-entropy of the mixed one-hots
+(CE and label smoothing are linear in the target), without a ``[B, C]`` array per task. The classification loss uses it as the target
 (:func:`tl_jax.objectives.classification.soft_cross_entropy`, label smoothing
 then applied on top: ``q = (1 − ε) t + ε / C``, timm's ``mixup_target``).
 
@@ -37,7 +41,8 @@ from tl_jax.util import config_checks
 
 SALT = 0x6D69787570  # 'mixup': the mixing draws are not the preprocessing's
 KEYS = ("alpha", "cutmix_alpha", "switch_prob", "prob")
-SOFT_LABEL_OBJECTIVES = ("classification", "multidomain")  # objectives whose loss reads label_soft
+SOFT_LABEL_OBJECTIVES = ("classification", "multidomain", "joint")  # objectives whose loss reads the mixed targets
+PARTNER = "partner_"  # batch[PARTNER + 'label/<task>']: each example's partner's task label (joint batches)
 
 
 def is_on(mix: Any) -> bool:
@@ -102,7 +107,10 @@ def mix_batch(batch: dict, lam: np.ndarray, cut: np.ndarray, boxes: np.ndarray, 
     image = np.where(inside[..., None], x[partner], np.where(cut[:, None, None, None], x, blend))
     eye = np.eye(num_classes, dtype=np.float32)
     soft = lam[:, None] * eye[y] + (1.0 - lam[:, None]) * eye[y[partner]]
-    return {**batch, "image": image.astype(np.float32, copy=False), "label_soft": soft}
+    tasks = {f"{PARTNER}{k}": np.asarray(v)[partner] for k, v in batch.items() if k.startswith("label/")}
+    if tasks:  # the joint objective's task labels: λ and each partner's, for λ·CE(y) + (1 − λ)·CE(y_partner)
+        tasks["mix_lam"] = lam
+    return {**batch, "image": image.astype(np.float32, copy=False), "label_soft": soft, **tasks}
 
 
 class Mixing:

@@ -37,7 +37,9 @@ label array, fields read from the examples) and checked against ``[0, C)``; the
 examples then carry ``label/<task>`` int32 (−1 where the task is absent) and
 ``domain``. One domain: config.data's own pipeline (the batches of the
 ``multitask`` objective); several: one grain chain per domain mixed with
-``grain.MapDataset.mix`` (the batches of ``multidomain``); both resume exactly.
+``grain.MapDataset.mix`` (the batches of ``multidomain``); both resume exactly. With
+``config.data.mixup`` the images are mixed within each domain and each task's term is
+``λ CE(z, y) + (1 − λ) CE(z, y_partner)`` (the CE of the mixed one-hots; :mod:`tl_jax.data.mixing`).
 
 **Model.** Several tasks: the backbone plus ``head/<task>`` (as ``multitask``).
 One task: the base model with its single head at ``head/...`` (as ``multidomain``),
@@ -63,6 +65,7 @@ import ml_collections
 import numpy as np
 
 from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots, train_dataset
+from tl_jax.data.mixing import PARTNER
 from tl_jax.data.pipeline import _Subset
 from tl_jax.data.sources import ExampleSource
 from tl_jax.objectives._checks import check_shape, is_concrete
@@ -298,12 +301,20 @@ class JointObjective(Objective):
         out, batch_stats = apply_model(self.model, self.model_params(params), batch_stats, batch, train=train, rng=rng)
         return (out if len(self.tasks) > 1 else {self.tasks[0].name: out}), batch_stats
 
+    def _ce(self, logits: jax.Array, y: jax.Array, batch: Batch, key: str) -> jax.Array:
+        """Per-example CE ``[B]``; mixed batches (``config.data.mixup``, within each domain):
+        ``λ CE(z, y) + (1 − λ) CE(z, y_partner)``, the CE of the mixed one-hots (tl_jax/data/mixing.py)."""
+        ce = cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if "mix_lam" not in batch:
+            return ce
+        lam, y_partner = batch["mix_lam"], jnp.maximum(batch[f"{PARTNER}{key}"], 0)
+        return lam * ce + (1.0 - lam) * cross_entropy(logits, y_partner, label_smoothing=self.label_smoothing)
+
     def terms(self, params: PyTree, batch_stats: PyTree, batch: Batch, rng: jax.Array):
         """One forward pass: ``(L_fixed, weighted [D,T], means [D,T], acc [D,T], new_batch_stats)``."""
         outputs, batch_stats = self._outputs(params, batch_stats, batch, train=True, rng=rng)
         labels = [jnp.maximum(batch[k], 0) for k in self.label_keys]   # −1 (absent) is masked out anyway
-        ce = jnp.stack([cross_entropy(outputs[t.name], y, label_smoothing=self.label_smoothing)
-                        for t, y in zip(self.tasks, labels)])
+        ce = jnp.stack([self._ce(outputs[t.name], y, batch, k) for t, y, k in zip(self.tasks, labels, self.label_keys)])
         total, weighted, means = joint_loss(ce, batch["domain"], self.weights.astype(np.float32),
                                             normalization=self.normalization)
         correct = jnp.stack([accuracy(outputs[t.name], y) for t, y in zip(self.tasks, labels)])   # [T, B]
