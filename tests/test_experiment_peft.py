@@ -130,3 +130,55 @@ def test_one_text_point_through_the_cli(tmp_path):
     q0, q1 = base["backbone"]["layer_0"]["attention"]["query"], tuned["backbone"]["layer_0"]["attention"]["query"]
     np.testing.assert_array_equal(q0["kernel"], q1["kernel"])
     assert np.abs(q0["bias"] - q1["bias"]).max() > 0
+
+
+def test_configs_of_the_vit_rows():
+    """Every digits_vit row builds a valid config of the small ViT from the ViT source; the adapter and prompt
+    params counted on the wrapped model against the papers' formulas (Houlsby: 2 per block of 2dm + d + m;
+    VPT: T·D shallow, L·T·D deep)."""
+    from tl_jax.models.registry import get_model
+    from tl_jax.peft import AdapterModel, PromptModel
+    from tl_jax.util.tree_paths import flatten_paths
+
+    peft = load_experiment()
+    rows = peft.METHODS["digits_vit"]
+    assert set(peft.METHODS["digits"]) < set(rows) and {"adapter8", "vpt_shallow", "vpt_deep"} < set(rows)
+    cfg = {m: peft.get_config(f"task=digits_vit,method={m},source=SRC") for m in rows}
+    for m, c in cfg.items():
+        config_lib.validate(c)
+        assert (c.model.name, c.init_from, c.data.val_fraction) == ("vit", "SRC", 0.2), m
+        assert c.model.kwargs.to_dict() == peft.VIT and c.optimizer.learning_rate == peft.lrs("digits_vit", m)[0]
+    assert peft.lrs("digits_vit", "vpt_deep") == peft.lrs("digits_vit", "adapter8") == (0.003, 0.01)
+    assert cfg["vpt_deep"].peft.prompt.deep and not cfg["vpt_shallow"].peft.prompt.deep
+    assert cfg["vpt_shallow"].peft.prompt.num_tokens == peft.VPT_TOKENS and cfg["adapter8"].peft.adapter.dim == 8
+    assert cfg["lora8"].peft.lora.rank == 8 and cfg["head"].param_rules == peft.RULES["head"]
+    src = peft.get_config("task=digits_vit,stage=source")
+    assert (src.model.name, src.data.name, src.train.steps, src.init_from) == ("vit", "mnist5k", peft.VIT_SOURCE_STEPS, "")
+    with pytest.raises(config_lib.ConfigError, match="stage='source': only task=digits_vit"):
+        peft.get_config("task=digits,stage=source")
+
+    d, depth, t, m = peft.VIT["hidden_size"], peft.VIT["depth"], peft.VPT_TOKENS, 8
+    base = get_model("vit", 10, **peft.VIT)
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    for model, key, expected in ((AdapterModel(base, dim=m), "adapter", 2 * depth * (2 * d * m + d + m)),
+                                 (PromptModel(base, num_tokens=t, deep=False), "prompt", t * d),
+                                 (PromptModel(base, num_tokens=t, deep=True), "prompt", depth * t * d)):
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+        assert sum(int(np.prod(v.shape)) for v in flatten_paths(params[key]).values()) == expected, key
+
+
+@pytest.mark.slow
+def test_one_digits_vit_point_through_the_cli(tmp_path):
+    """A 2-step ViT source, then VPT-deep on optdigits for 2 steps: the base stays the source's, the prompts train."""
+    from tl_jax.train.checkpoint import load_variables
+
+    src, run = tmp_path / "src", tmp_path / "vpt"
+    assert main(["train", "--config", f"{ROOT}/experiments/peft.py:task=digits_vit,stage=source,steps=2",
+                 "--workdir", str(src)]) == 0
+    assert main(["train", "--config", f"{ROOT}/experiments/peft.py:task=digits_vit,method=vpt_deep,steps=2,"
+                 f"source={src}", "--workdir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["test/accuracy"] <= 1
+    base, tuned = load_variables(str(src))["params"], load_variables(str(run))["params"]
+    np.testing.assert_array_equal(base["backbone"]["embedding"]["kernel"], tuned["backbone"]["embedding"]["kernel"])
+    assert tuned["prompt"]["backbone"]["tokens"].shape == (4, 4, 64)
