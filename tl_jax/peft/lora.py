@@ -267,6 +267,7 @@ class LoraModel:
 
     adapts_backbone = True  # the backbone's output changes in training (no cached backbone features)
     wraps_module = True  # tl_jax.models.precision.unwrap sees through it (the backbone/head split, module_class)
+    HOW = ""  # how the log line names the variant (NNX: ', NNX: in weight space')
 
     def __init__(self, module: nn.Module, *, rank: int, alpha: float, targets: str, rslora: bool = False,
                  dropout: float = 0.0):
@@ -284,13 +285,17 @@ class LoraModel:
         if LORA in params:
             raise ValueError(f"the model already has a top-level {LORA!r} params subtree; LoRA cannot add its own")
         rng = rngs["params"] if isinstance(rngs, Mapping) else rngs
-        targets = find_targets(self.module, self.targets, *args, **kwargs)
+        targets = self.find_targets(*args, **kwargs)
         params[LORA] = init_lora(jax.random.fold_in(rng, 0x10A), params, targets, self.rank)
-        log.info("LoRA (config.peft.lora): rank %d, scale %g on %d layers, %s params (the param-groups table "
-                 "counts them in their group): %s", self.rank, self.scale, len(targets), f"{count(params[LORA]):,}",
-                 ", ".join(list(targets)[:4]) + (", ..." if len(targets) > 4 else ""))
+        log.info("LoRA (config.peft.lora%s): rank %d, scale %g on %d layers, %s params (the param-groups table "
+                 "counts them in their group): %s", self.HOW, self.rank, self.scale, len(targets),
+                 f"{count(params[LORA]):,}", ", ".join(list(targets)[:4]) + (", ..." if len(targets) > 4 else ""))
         variables["params"] = params
         return variables
+
+    def find_targets(self, *args: Any, **kwargs: Any) -> dict[str, tuple[type, int]]:
+        """The adapted layers (:func:`find_targets`): ``{module path: (class, input dims of its kernel)}``."""
+        return find_targets(self.module, self.targets, *args, **kwargs)
 
     def apply(self, variables: Mapping[str, PyTree], *args: Any, **kwargs: Any) -> Any:
         params = dict(variables["params"])

@@ -20,19 +20,16 @@ has no weight-space form: ``config.peft.lora.dropout`` must be 0 for NNX models 
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tl_jax.models.nnx.bridge import NNXModel, path_str
 from tl_jax.models.nnx.cnn import Conv3x3NNX
-from tl_jax.peft.lora import LORA, LoraModel, count, init_lora, lora_pairs, scale
+from tl_jax.peft.lora import LORA, LoraModel, lora_pairs, scale
 
-log = logging.getLogger("tl_jax")
 PyTree = Any
 NNX_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, Conv3x3NNX)  # the NNX layer classes LoRA adapts (Conv3x3NNX:
 # the zoo CNN twin's im2col conv, nnx.Conv(in, out, (3, 3), padding='SAME')'s params and maths)
@@ -98,12 +95,11 @@ def folded_kernels(params: PyTree, lora: PyTree, s: float) -> PyTree:
     return out
 
 
-class NnxLoraModel:
-    """An :class:`NNXModel` with LoRA on the layers ``targets`` names (module doc); the linen surface of
-    :class:`~tl_jax.peft.lora.LoraModel` (``init``, ``apply``, ``clone``, the module's other attributes)."""
+class NnxLoraModel(LoraModel):
+    """An :class:`NNXModel` with LoRA on the layers ``targets`` names (module doc); :class:`LoraModel`'s surface
+    (``init`` adds ``params['lora']``, ``clone``, the module's other attributes), its own ``apply``."""
 
-    adapts_backbone = True  # the backbone's output changes in training (no cached backbone features)
-    wraps_module = True  # tl_jax.models.precision.unwrap sees through it
+    HOW = ", NNX: in weight space"
 
     def __init__(self, module: NNXModel, *, rank: int, alpha: float, targets: str, rslora: bool = False,
                  dropout: float = 0.0):
@@ -115,19 +111,8 @@ class NnxLoraModel:
         self.scale = scale(alpha, rank, rslora)
         self.dropout = 0.0
 
-    def init(self, rngs: Any, *args: Any, **kwargs: Any) -> PyTree:
-        variables = dict(self.module.init(rngs, *args, **kwargs))
-        params = dict(variables["params"])
-        if LORA in params:
-            raise ValueError(f"the model already has a top-level {LORA!r} params subtree; LoRA cannot add its own")
-        rng = rngs["params"] if isinstance(rngs, Mapping) else rngs
-        targets = find_nnx_targets(self.module, self.targets, *args)
-        params[LORA] = init_lora(jax.random.fold_in(rng, 0x10A), params, targets, self.rank)
-        log.info("LoRA (config.peft.lora, NNX: in weight space): rank %d, scale %g on %d layers, %s params: %s",
-                 self.rank, self.scale, len(targets), f"{count(params[LORA]):,}",
-                 ", ".join(list(targets)[:4]) + (", ..." if len(targets) > 4 else ""))
-        variables["params"] = params
-        return variables
+    def find_targets(self, *args: Any, **kwargs: Any) -> dict[str, tuple[type, int]]:
+        return find_nnx_targets(self.module, self.targets, *args)
 
     def apply(self, variables: Mapping[str, PyTree], *args: Any, **kwargs: Any) -> Any:
         params = dict(variables["params"])
@@ -140,11 +125,6 @@ class NnxLoraModel:
     def clone(self, **changes: Any) -> "NnxLoraModel":
         return NnxLoraModel(self.module.clone(**changes), rank=self.rank, alpha=self.alpha, targets=self.targets,
                             rslora=self.rslora)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "module":  # copy/pickle probes; `module` unset while unpickling
-            raise AttributeError(name)
-        return getattr(self.module, name)
 
     def __repr__(self) -> str:
         return f"NnxLoraModel({self.module!r}, rank={self.rank}, alpha={self.alpha}, targets={self.targets!r})"
