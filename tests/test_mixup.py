@@ -160,7 +160,8 @@ def test_default_is_off_and_validates():
 
 
 @pytest.mark.slow
-def test_a_tiny_run_trains_on_mixed_batches(tmp_path, tfds_data_dir, monkeypatch):
+@pytest.mark.parametrize("shots", [None, 2], ids=["all", "2_shots"])
+def test_a_tiny_run_trains_on_mixed_batches(tmp_path, tfds_data_dir, monkeypatch, shots):
     from tl_jax.train import loop as loop_lib
 
     seen = []
@@ -171,8 +172,10 @@ def test_a_tiny_run_trains_on_mixed_batches(tmp_path, tfds_data_dir, monkeypatch
     config_lib.set_value(c, "data.mixup.alpha", 0.4)
     config_lib.set_value(c, "data.mixup.cutmix_alpha", 1.0)
     c.train.steps = 3
+    c.data.shots = shots  # 2 per class: 20 examples, mixed like the full split
     loop_lib.train(c, str(tmp_path / "run"))
     assert len(seen) >= 3 and all(b["label_soft"].shape == (16, 10) for b in seen)
+    assert all(np.allclose(b["label_soft"].sum(1), 1.0) for b in seen)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses and np.isfinite(losses).all()
