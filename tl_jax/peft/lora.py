@@ -297,12 +297,17 @@ class LoraModel:
         """The adapted layers (:func:`find_targets`): ``{module path: (class, input dims of its kernel)}``."""
         return find_targets(self.module, self.targets, *args, **kwargs)
 
-    def apply(self, variables: Mapping[str, PyTree], *args: Any, **kwargs: Any) -> Any:
+    @staticmethod
+    def split_lora(variables: Mapping[str, PyTree]) -> tuple[dict, PyTree]:
+        """``(base params, lora subtree)`` of ``variables['params']``; one line when there is no ``lora``."""
         params = dict(variables["params"])
         if LORA not in params:
             raise ValueError(f"LoRA model applied to params without a {LORA!r} subtree (merged params load into "
                              f"the model without config.peft)")
-        lora = params.pop(LORA)
+        return params, params.pop(LORA)
+
+    def apply(self, variables: Mapping[str, PyTree], *args: Any, **kwargs: Any) -> Any:
+        params, lora = self.split_lora(variables)
         rngs = kwargs.get("rngs")
         rng = rngs.get("dropout") if isinstance(rngs, Mapping) and kwargs.get("train") is True else None
         keys = dropout_keys(lora, rng) if self.dropout > 0 else {}

@@ -28,7 +28,7 @@ from flax import nnx
 
 from tl_jax.models.nnx.bridge import NNXModel, path_str
 from tl_jax.models.nnx.cnn import Conv3x3NNX
-from tl_jax.peft.lora import LORA, LoraModel, lora_pairs, scale
+from tl_jax.peft.lora import LoraModel, lora_pairs, scale
 
 PyTree = Any
 NNX_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, Conv3x3NNX)  # the NNX layer classes LoRA adapts (Conv3x3NNX:
@@ -115,11 +115,7 @@ class NnxLoraModel(LoraModel):
         return find_nnx_targets(self.module, self.targets, *args)
 
     def apply(self, variables: Mapping[str, PyTree], *args: Any, **kwargs: Any) -> Any:
-        params = dict(variables["params"])
-        if LORA not in params:
-            raise ValueError(f"LoRA model applied to params without a {LORA!r} subtree (merged params load into "
-                             f"the model without config.peft)")
-        lora = params.pop(LORA)
+        params, lora = self.split_lora(variables)
         return self.module.apply({**variables, "params": folded_kernels(params, lora, self.scale)}, *args, **kwargs)
 
     def clone(self, **changes: Any) -> "NnxLoraModel":
