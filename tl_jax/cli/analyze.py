@@ -26,6 +26,7 @@ import pathlib
 import re
 from collections.abc import Sequence
 
+from tl_jax.cli.args import json_arg
 from tl_jax.cli.eval_predict import check_output
 
 
@@ -36,13 +37,7 @@ def _spec(text: str | None, pp_json: str | None, base: dict, flag: str) -> dict:
         name, _, split = text.partition(":")
         spec.update(name=name, split=split or "test")
     if pp_json:
-        try:
-            ops = json.loads(pp_json)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{flag}-pp must be a JSON list of preprocessing ops: {e}") from None
-        if not isinstance(ops, list):
-            raise ValueError(f"{flag}-pp must be a JSON list of preprocessing ops, got {pp_json!r}")
-        spec["pp"] = ops
+        spec["pp"] = json_arg(pp_json, list, f"{flag}-pp must be a JSON list of preprocessing ops")
     if not spec.get("name"):
         raise ValueError(f"{flag}: the run has no domain-adaptation target in its config.json; name one: "
                          f"{flag} NAME[:SPLIT]")

@@ -6,6 +6,7 @@ light (no JAX): ``tl-jax --help`` goes through it.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import ml_collections
@@ -41,3 +42,16 @@ def resolve_config(spec: str, overrides: Sequence[str]) -> ml_collections.Config
     """``FILE.py[:ARG]`` loaded by its ``get_config(ARG)``, then ``overrides`` (``['a.b=v', ...]``) applied."""
     config = config_lib.load_config(spec)
     return config_lib.apply_overrides(config, overrides)
+
+
+def json_arg(text: str, kind: type, what: str) -> object:
+    """``text`` (a flag's value) parsed as JSON of type ``kind`` (``list``, ``dict``); otherwise one line
+    ``WHAT must be ...`` naming the flag (``what``: e.g. ``'--model-kwargs must be a JSON dict'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{what}, got {text!r}")
+    return value
+

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
+
+from tl_jax.cli.args import json_arg
 
 ACTIONS = {"convert": "a weights file as a checkpoint for config.init_from",
            "inspect": "list a weights file's tensors: name, shape, dtype",
@@ -68,13 +69,7 @@ def convert_parser(formats: Sequence[str], mappings: Sequence[str]) -> argparse.
 
 def model_kwargs(text: str) -> dict:
     """``--model-kwargs``: a JSON dict (one-line error otherwise)."""
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs must be a JSON dict: {e}") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON dict, got {text!r}")
-    return kwargs
+    return json_arg(text, dict, "--model-kwargs must be a JSON dict")
 
 
 def cmd_weights(argv: Sequence[str]) -> int:
