@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tl_jax import config as config_lib
+from peft_checks import lora_and_merged_logits
 from tl_jax.cli import main
-from tl_jax.evaluation.saved_run import load
 from tl_jax.models import get_model
 from tl_jax.models.nnx.bridge import NNXModel
-from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.params.param_rules import flatten_paths
 from tl_jax.peft.lora import LORA, LoraModel
 from tl_jax.peft.lora_nnx import NnxLoraModel, find_nnx_targets, lora_model
-from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import load_variables
 
 
@@ -89,14 +86,5 @@ def test_nnx_lora_run_trains_lora_keeps_the_base_and_merges(tmp_path, tfds_data_
     assert any(p.startswith(f"{LORA}/") and p.endswith("/b") and np.any(v != 0) for p, v in got.items())
     out = tmp_path / "merged"
     assert main(["weights", "merge", "--workdir", str(tmp_path / "lora"), "--out", str(out)]) == 0
-    run = load(tmp_path / "lora")
-    x = np.random.default_rng(0).uniform(size=(4, *run.input_shapes["image"])).astype(np.float32)
-    variables = {"params": run.objective.model_params(run.state.params), "batch_stats": run.state.batch_stats}
-    y_lora = np.asarray(run.objective.model.apply(variables, x, train=False))
-    plain = config_lib.from_dict(config_lib.to_dict(run.config))
-    plain.peft.lora.rank, plain.init_from, plain.dont_load = 0, str(out), []
-    mesh = mesh_lib.build_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
-    objective, _, state = build_model_and_state(plain, run.num_classes, {"image": x[:1], "label": np.zeros(1)}, mesh)
-    y_plain = np.asarray(objective.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                                               train=False))
+    y_lora, y_plain, _ = lora_and_merged_logits(tmp_path / "lora", out, 4)
     assert np.max(np.abs(y_plain - y_lora)) <= 1e-5 * np.max(np.abs(y_lora))

@@ -13,16 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from tl_jax import config as config_lib
+from peft_checks import lora_and_merged_logits
 from tl_jax.cli import main
 from tl_jax.evaluation.saved_run import load
-from tl_jax.parallel import mesh as mesh_lib
 from tl_jax.params.param_rules import flatten_paths
 from tl_jax.peft.lora import LORA
 from tl_jax.peft import merge
 from tl_jax.peft.merge_run import merge_run, run_config
 from tl_jax.sweep.runner import run_sweep
-from tl_jax.train.build import build_model_and_state
 from tl_jax.train.checkpoint import load_variables
 from tl_jax.transferability.extract import load_candidate
 
@@ -81,17 +79,8 @@ def test_weights_merge_gives_a_plain_checkpoint_with_the_same_logits(runs, capsy
     assert "LoRA layers" in capsys.readouterr().out
     with pytest.raises(ValueError, match="already exists"):
         merge_run(runs / "lora", out)
-    run = load(runs / "lora")
-    x = np.random.default_rng(0).uniform(size=(5, *run.input_shapes["image"])).astype(np.float32)
-    variables = {"params": run.objective.model_params(run.state.params), "batch_stats": run.state.batch_stats}
-    y_lora = np.asarray(run.objective.model.apply(variables, x, train=False))
-    plain = config_lib.from_dict(config_lib.to_dict(run.config))
-    plain.peft.lora.rank, plain.init_from, plain.dont_load = 0, str(out), []
-    mesh = mesh_lib.build_mesh({"data": 1, "model": 1}, devices=jax.devices()[:1])
-    objective, _, state = build_model_and_state(plain, run.num_classes, {"image": x[:1], "label": np.zeros(1)}, mesh)
-    assert LORA not in state.params
-    y_plain = np.asarray(objective.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                                               train=False))
+    y_lora, y_plain, plain_params = lora_and_merged_logits(runs / "lora", out, 5)
+    assert LORA not in plain_params
     assert np.max(np.abs(y_plain - y_lora)) <= 1e-5 * np.max(np.abs(y_lora))
     with pytest.raises(ValueError, match="the run has no LoRA"):
         merge_run(runs / "src", runs / "merged2")
