@@ -7,7 +7,8 @@
   weight decay 0.05), tl_jax (``jax.value_and_grad`` + optax, jitted) vs timm eager.
 * conversion: a Hugging Face ``ViTModel`` (ViT-B/16 224, random init) written by ``save_pretrained``;
   ``convert_hf_vision(out=None)`` (read + rename + relayout + checks), then with ``out`` (+ the orbax
-  checkpoint and the source record's sha256), vs ``read_tensors`` alone.
+  checkpoint and the source record's sha256), vs reading the file with safetensors' own
+  ``safetensors.numpy.load_file`` (tl_jax memory-maps it instead: :mod:`tl_jax.weights.readers`).
 
 Ratios are *torch time / tl_jax time* (> 1: tl_jax is faster). Standalone::
 
@@ -140,15 +141,16 @@ def conversion() -> dict:
     writes it) vs to read its safetensors file."""
     import transformers
 
+    from safetensors.numpy import load_file
+
     from tl_jax.weights.hf_vision import convert_hf_vision
-    from tl_jax.weights.readers import read_tensors
 
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "hf"
         transformers.ViTModel(transformers.ViTConfig()).save_pretrained(src)
-        read_tensors(src / "model.safetensors")  # page cache warm for both
+        load_file(src / "model.safetensors")  # page cache warm for both
         t0 = time.perf_counter()
-        read_tensors(src / "model.safetensors")
+        load_file(src / "model.safetensors")  # reading the file = safetensors' own reader (a copy in memory)
         read_s = time.perf_counter() - t0
         times = []
         for _ in range(2):  # the first in a process pays JAX's first trace (what one CLI call pays)

@@ -172,6 +172,75 @@ def test_readers_errors(tmp_path):
         read_tensors(tmp_path / "junk.safetensors")
 
 
+def test_safetensors_memory_mapped_equal_to_safetensors_own_reader(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from tl_jax.weights.readers import detached
+
+    rng = np.random.default_rng(0)
+    tensors = {"f32": rng.normal(size=(3, 5)).astype(np.float32), "f16": rng.normal(size=(4,)).astype(np.float16),
+               "f64": rng.normal(size=(2, 2, 2)), "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+               "u8": np.arange(7, dtype=np.uint8), "mask": np.array([True, False]),
+               "scalar": np.array(2.5, np.float32), "empty": np.zeros((0, 3), np.float32)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "np"})
+    got, ref = read_tensors(tmp_path / "t.safetensors"), load_file(str(tmp_path / "t.safetensors"))
+    assert set(got) == set(ref) == set(tensors)
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        np.testing.assert_array_equal(got[k], v)
+    assert isinstance(got["f32"], np.memmap) and not got["f32"].flags.writeable  # a view of the file, read-only
+    kept = detached(got["f32"].T)  # a transposed view of the file -> an owned C-order copy
+    assert not isinstance(kept, np.memmap) and kept.base is None and kept.flags.c_contiguous
+    np.testing.assert_array_equal(kept, tensors["f32"].T)
+    own = np.ones(3)
+    assert detached(own) is own and detached(own[1:]).base is own  # not of a file: unchanged
+
+
+def test_safetensors_bad_headers_are_one_line(tmp_path):
+    import json
+    import struct
+
+    from safetensors.numpy import save_file
+
+    def write(name, header, data=b"\0" * 16):
+        raw = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        return tmp_path / name
+
+    cases = {
+        "short.safetensors": (b"abc", "shorter than its 8-byte header"),
+        "len.safetensors": (struct.pack("<Q", 10 ** 9) + b"{}", "header length 1000000000 does not fit"),
+        "off.safetensors": (write("off.safetensors", {"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}),
+                            r"tensor w: bytes 0..32 do not hold \(8,\) float32"),
+        "dtype.safetensors": (write("dtype.safetensors", {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}),
+                              "tensor w has dtype C64"),
+    }
+    for name, (content, message) in cases.items():
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a readable .safetensors file .*{message}"):
+            read_tensors(tmp_path / name)
+    import ml_dtypes
+
+    save_file({"w": np.array([1.5, -2.0], ml_dtypes.bfloat16)}, str(tmp_path / "bf16.safetensors"))
+    bf = read_tensors(tmp_path / "bf16.safetensors")["w"]  # no numpy dtype: through safetensors, as float32
+    assert bf.dtype == np.float32 and bf.tolist() == [1.5, -2.0]
+
+
+def test_converted_weights_do_not_view_the_source_file(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = TorchResNet(Basic, (2, 2, 2, 2)).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "r.safetensors"))
+    res = convert_weights(tmp_path / "r.safetensors", mapping="torchvision_resnet", model="resnet18", out=None)
+    leaves = jax.tree_util.tree_leaves(res.variables)
+    assert leaves and not any(isinstance(x, np.memmap) or isinstance(x.base, np.memmap) for x in leaves)
+    before = [np.array(x) for x in leaves]
+    (tmp_path / "r.safetensors").write_bytes(b"\0" * (tmp_path / "r.safetensors").stat().st_size)  # file changed
+    for a, b in zip(before, jax.tree_util.tree_leaves(res.variables)):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- Hugging Face BERT ---------------------------------------------------------------------------------------
 def tiny_bert_config(**kw):
     from transformers import BertConfig

@@ -43,8 +43,8 @@ import numpy as np
 
 from tl_jax.models import get_model
 from tl_jax.params.param_rules import flatten_paths
-from tl_jax.weights.mappings import MAPPINGS, TRANSFORMS, Mapping
-from tl_jax.weights.readers import detect_format, read_tensors
+from tl_jax.weights.mappings import MAPPINGS, TRANSFORMS, Mapping, relayout
+from tl_jax.weights.readers import detached, detect_format, read_tensors
 
 META_FILE = "tl_jax_weights.json"
 # name -> (detect(path) -> bool, convert(path, *, out, model_kwargs, num_classes, ignore, overwrite) -> Converted)
@@ -144,6 +144,7 @@ def map_tensors(tensors: dict[str, np.ndarray], mapping: Mapping, targets: dict[
     for rx in patterns:
         if not any(rx.fullmatch(k) for k in tensors):
             problems.append(f"ignore rule {rx.pattern!r} matches no source tensor")
+    hits: dict[str, tuple[str, str]] = {}
     for name, value in tensors.items():
         shape = tuple(np.shape(value))
         if mapping.is_buffer(name) or any(rx.fullmatch(name) for rx in patterns):
@@ -152,12 +153,14 @@ def map_tensors(tensors: dict[str, np.ndarray], mapping: Mapping, targets: dict[
         hit = mapping.target(name)
         if hit is None:
             problems.append(f"unused source tensor {name} {shape}: no rule of mapping {mapping.name!r}")
-            continue
-        path, transform = hit
-        if path not in targets:
-            problems.append(f"unused source tensor {name} {shape}: maps to {path}, which the model lacks")
-            continue
-        array = TRANSFORMS[transform](np.asarray(value))
+        elif hit[0] not in targets:
+            problems.append(f"unused source tensor {name} {shape}: maps to {hit[0]}, which the model lacks")
+        else:
+            hits[name] = hit
+    arrays = relayout({name: tensors[name] for name in hits},
+                      lambda name, value: TRANSFORMS[hits[name][1]](np.asarray(value)))
+    for name, array in arrays.items():
+        path, shape = hits[name][0], tuple(np.shape(tensors[name]))
         want = tuple(targets[path].shape)
         claimed.add(path)
         if array.shape != want:
@@ -165,7 +168,7 @@ def map_tensors(tensors: dict[str, np.ndarray], mapping: Mapping, targets: dict[
         elif path in out:
             problems.append(f"duplicate: {origin[path]} and {name} both map to {path}")
         else:
-            out[path] = array.astype(targets[path].dtype, copy=False)  # no copy when the dtype is right
+            out[path] = detached(array.astype(targets[path].dtype, copy=False))  # copied once at most
             origin[path] = name
     for path, spec in targets.items():
         if path not in claimed and (has_head or not path.startswith("params/head/")):

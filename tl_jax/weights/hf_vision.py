@@ -42,7 +42,7 @@ import numpy as np
 from tl_jax.weights.convert import (META_FILE, Converted, WeightMappingError, map_tensors, register_source,
                                     target_shapes)
 from tl_jax.weights.hf_preprocessing import preprocessing
-from tl_jax.weights.mappings import Mapping, Rule, transposed
+from tl_jax.weights.mappings import Mapping, Rule, relayout, transposed
 from tl_jax.weights.readers import read_tensors
 from tl_jax.weights.source_record import save_and_hash
 
@@ -246,14 +246,18 @@ def convert_hf_vision(folder: str | pathlib.Path, *, out: str | pathlib.Path | N
                              r"leave num_classes out, or ignore the classifier ('classifier\..*')")
         num_classes = int(head.shape[0])
     num_classes = num_classes or 1
-    rules = Mapping("hf_vision", ("vit",), RULES)
-    layouts = {k: _layout(hit[1], v, kwargs["num_heads"]) if (hit := rules.target(k)) else v for k, v in kept.items()}
-    copy = Mapping("hf_vision", ("vit",), tuple(dataclasses.replace(r, transform="copy") for r in RULES))
     g, p = kwargs["pos_grid"], kwargs["patch_size"]
     channels = next(v.shape[1] for k, v in kept.items() if re.fullmatch(PATCH, k))
     sample = ((np.zeros((1, g[0] * p, g[1] * p, channels), np.float32),), {})
+    rules = Mapping("hf_vision", ("vit",), RULES)
+    copy = Mapping("hf_vision", ("vit",), tuple(dataclasses.replace(r, transform="copy") for r in RULES))
     targets = target_shapes("vit", num_classes, kwargs, sample)
-    flat, ignored = map_tensors(layouts, copy, targets, ignore, source=str(folder))
+
+    def layout(name: str, x: np.ndarray) -> np.ndarray:
+        hit = rules.target(name)
+        return _layout(hit[1], x, kwargs["num_heads"]) if hit else x
+
+    flat, ignored = map_tensors(relayout(kept, layout), copy, targets, ignore, source=str(folder))
     variables: dict = {}
     for path, value in flat.items():
         node = variables

@@ -21,8 +21,10 @@ fine-tuning updates it with flax's convention.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import os
 import logging
 import pathlib
 import re
@@ -43,6 +45,15 @@ def transposed(x: np.ndarray, band: int = 64) -> np.ndarray:
     for i in range(0, x.shape[0], band):
         out[:, i:i + band] = x[i:i + band].T
     return out
+
+
+def relayout(tensors: dict[str, np.ndarray], layout: Callable[[str, np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """``{name: layout(name, x)}`` computed on every core (at most 8 threads).
+
+    Why threads: numpy's copies release the GIL, and a converter's time is its transposes (a ViT-B/16's
+    72 matrices: half the time on 2 cores, BENCHMARKS.md's ``vit`` section)."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(tensors, pool.map(layout, tensors, tensors.values())))
 
 
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {

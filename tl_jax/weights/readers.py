@@ -5,9 +5,18 @@ saved with ``torch.save``: ``.pt``, ``.pth``, ``.bin``, ``.ckpt``; needs
 ``torch``, read with ``weights_only=True``) and ``npz`` (``numpy.savez``).
 Names are kept as stored (``layer1.0.conv1.weight``); bfloat16 tensors are
 read as float32.
+
+A ``.safetensors`` file is memory-mapped, not copied: its arrays are read-only
+views of the file (the format is a JSON header of names, dtypes, shapes and
+byte offsets, then the raw little-endian data). A converter relayouts them
+straight into its outputs, so a ViT-B/16's 344 MB are written once instead of
+read into fresh memory and copied again (the copy into freshly faulted pages
+was most of a first conversion's time). :func:`detached` copies what a result
+keeps of them.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import pickle
 from typing import Any
@@ -41,19 +50,56 @@ def read_tensors(path: str | pathlib.Path, fmt: str | None = None) -> dict[str, 
     return tensors
 
 
+# safetensors dtype -> numpy (little-endian); BF16 (no numpy dtype) goes through safetensors' flax reader
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                       "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
-    except (TypeError, ValueError):  # a dtype numpy lacks (bfloat16): read through jax
-        from safetensors import safe_open
+        return _map_safetensors(path)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        if "BF16" not in str(e):
+            raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
+    from safetensors import safe_open  # bfloat16: read through jax, as float32
 
-        with safe_open(str(path), framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+    with safe_open(str(path), framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+
+
+def _map_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Read-only views of each tensor of the memory-mapped file (module doc), header checked."""
+    raw = np.memmap(path, np.uint8, mode="r")
+    if raw.size < 8:
+        raise ValueError("shorter than its 8-byte header length")
+    n = int(raw[:8].view("<u8")[0])
+    if not 2 <= n <= raw.size - 8:
+        raise ValueError(f"header length {n} does not fit the file's {raw.size} bytes")
+    header, start = json.loads(bytes(raw[8:8 + n])), 8 + n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]) if entry["dtype"] in _SAFETENSORS_DTYPES else None
+        if dtype is None:
+            raise ValueError(f"tensor {name} has dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(d) for d in entry["shape"])
+        if not 0 <= begin <= end <= raw.size - start or end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"tensor {name}: bytes {begin}..{end} do not hold {shape} {dtype}")
+        out[name] = raw[start + begin:start + end].view(dtype).reshape(shape)
+    return out
+
+
+def detached(x: np.ndarray) -> np.ndarray:
+    """``x``, or a copy of it where it is (a view of) a memory-mapped file: what a converter keeps must
+    not change with, or hold open, its source file."""
+    base = x
+    while base is not None:
+        if isinstance(base, np.memmap):
+            return np.array(x, order="C")
+        base = getattr(base, "base", None)
+    return x
 
 
 def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
