@@ -40,6 +40,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from tl_jax.models import get_model
 from tl_jax.params.param_rules import flatten_paths
@@ -84,17 +85,6 @@ class Converted:
                 f"--config.model.name={self.model} --config.model.kwargs='{json.dumps(self.model_kwargs)}'"
                 f"{' --config.init_from=' + str(self.out) if self.out else ''}"
                 + (f"; dropped on purpose: {list(self.dropped)}" if self.dropped else ""))
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 REPEATED_BLOCK = {"vit": "/backbone/encoderblock_"}  # model -> the path part of its identical, numbered blocks
@@ -229,7 +219,7 @@ def convert_weights(
     num_classes = num_classes or 1  # no head in the source: the head is not converted
     targets = target_shapes(model, num_classes, kwargs, m.sample_input(tensors, kwargs))
     flat, dropped = map_tensors(tensors, m, targets, ignore, source=str(source))
-    variables = _unflatten(flat)
+    variables = traverse_util.unflatten_dict(flat, sep="/")
     result = Converted(None, model, num_classes, kwargs, variables, tuple(dropped))
     if out is None:
         return result

@@ -38,6 +38,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+from flax import traverse_util
 
 from tl_jax.weights.convert import (META_FILE, Converted, WeightMappingError, map_tensors, register_source,
                                     target_shapes)
@@ -258,13 +259,7 @@ def convert_hf_vision(folder: str | pathlib.Path, *, out: str | pathlib.Path | N
         return _layout(hit[1], x, kwargs["num_heads"]) if hit else x
 
     flat, ignored = map_tensors(relayout(kept, layout), copy, targets, ignore, source=str(folder))
-    variables: dict = {}
-    for path, value in flat.items():
-        node = variables
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    variables = traverse_util.unflatten_dict(flat, sep="/")
     result = Converted(None, "vit", num_classes, kwargs, variables, tuple(dropped + ignored))
     if out is None:
         return result
