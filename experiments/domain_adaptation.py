@@ -39,7 +39,8 @@ The whole study, {8 methods} x {3 seeds} after the tuning, writes
 
     python experiments/domain_adaptation.py --tune --workdir runs/da
 
-Printed (2026-12-06, 1,971 s for the 63 tuning and 24 table runs on 2 cores shared with other jobs)::
+Printed (2026-12-06, 1,971 s for the 63 tuning and 24 table runs on 2 cores shared with other jobs; an AMD EPYC
+VM: on an Intel Xeon VM the DANN and CDAN+E rows differ, docs/objectives.md Experiment 5 gives both)::
 
     tuning on optdigits train[80%:] (trained on train[:80%]), seeds [100, 101, 102]:
       source_only (reference): 0.7398
