@@ -214,6 +214,9 @@ def test_safetensors_bad_headers_are_one_line(tmp_path):
                             r"tensor w: bytes 0..32 do not hold \(8,\) float32"),
         "dtype.safetensors": (write("dtype.safetensors", {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}),
                               "tensor w has dtype C64"),
+        "list.safetensors": (write("list.safetensors", [1, 2]), "has no attribute 'items'"),
+        "json.safetensors": (struct.pack("<Q", 4) + b"{{{{", "Expecting property name"),
+        "empty.safetensors": (b"", "cannot mmap an empty file"),
     }
     for name, (content, message) in cases.items():
         if isinstance(content, bytes):

@@ -24,8 +24,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import os
 import logging
+import os
 import pathlib
 import re
 from collections.abc import Callable

@@ -58,7 +58,7 @@ _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         return _map_safetensors(path)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # ValueError: JSON's too
         if "BF16" not in str(e):
             raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
     from safetensors import safe_open  # bfloat16: read through jax, as float32
