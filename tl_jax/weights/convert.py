@@ -117,8 +117,13 @@ def _traced_shapes(model_name: str, num_classes: int, kwargs: dict, sample: tupl
 
 
 def map_tensors(tensors: dict[str, np.ndarray], mapping: Mapping, targets: dict[str, Any],
-                ignore: Sequence[str] = (), source: str = "source") -> tuple[dict[str, np.ndarray], list[str]]:
+                ignore: Sequence[str] = (), source: str = "source",
+                layout: Callable[[str, np.ndarray], np.ndarray] | None = None
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Maps ``tensors`` onto ``targets``; returns ``(flat variables, dropped names)``.
+
+    Each mapped tensor is brought to flax's layout by ``layout(rule.transform, x)`` (default:
+    :data:`~tl_jax.weights.mappings.TRANSFORMS`), on every core (:func:`~tl_jax.weights.mappings.relayout`).
 
     Raises:
       WeightMappingError: listing unused source tensors, shape mismatches,
@@ -147,8 +152,8 @@ def map_tensors(tensors: dict[str, np.ndarray], mapping: Mapping, targets: dict[
             problems.append(f"unused source tensor {name} {shape}: maps to {hit[0]}, which the model lacks")
         else:
             hits[name] = hit
-    arrays = relayout({name: tensors[name] for name in hits},
-                      lambda name, value: TRANSFORMS[hits[name][1]](np.asarray(value)))
+    to_flax = layout or (lambda kind, x: TRANSFORMS[kind](x))
+    arrays = relayout({name: tensors[name] for name in hits}, lambda name, x: to_flax(hits[name][1], np.asarray(x)))
     for name, array in arrays.items():
         path, shape = hits[name][0], tuple(np.shape(tensors[name]))
         want = tuple(targets[path].shape)

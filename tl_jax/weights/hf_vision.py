@@ -43,9 +43,10 @@ from flax import traverse_util
 from tl_jax.weights.convert import (META_FILE, Converted, WeightMappingError, map_tensors, register_source,
                                     target_shapes)
 from tl_jax.weights.hf_preprocessing import preprocessing
-from tl_jax.weights.mappings import Mapping, Rule, relayout, transposed
+from tl_jax.weights.mappings import Mapping, Rule
 from tl_jax.weights.readers import read_tensors
 from tl_jax.weights.source_record import save_and_hash
+from tl_jax.weights.vit_common import layout as vit_layout
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -75,7 +76,7 @@ RULES: tuple[Rule, ...] = (
     *(Rule(rf"{_L}\.(?:attention\.attention\.{n}|(?:attention|self_attn)\.{n[0]}_proj)\.{w}",
            rf"{_B}/encoderblock_\1/{_A}/{n}/{t}", kind)
       for n in ("query", "key", "value")
-      for w, t, kind in (("weight", "kernel", "heads_in"), ("bias", "bias", "heads_bias"))),
+      for w, t, kind in (("weight", "kernel", "heads_in"), ("bias", "bias", "heads_in"))),
     *_pair(rf"{_L}\.(?:attention\.output\.dense|attention\.o_proj|self_attn\.out_proj)",
            rf"{_B}/encoderblock_\1/{_A}/out", "heads_out"),
     *_norm(rf"{_L}\.(?:layernorm_before|norm1|layer_norm1)", rf"{_B}/encoderblock_\1/LayerNorm_0"),
@@ -87,8 +88,8 @@ RULES: tuple[Rule, ...] = (
     *_norm(r"(?:layernorm|post_layernorm)", f"{_B}/encoder_norm"),
     Rule(r"visual_projection\.weight", f"{_B}/projection/kernel", "linear"),
     Rule(r"head\.probe", f"{_B}/map_head/probe"),
-    Rule(r"head\.attention\.in_proj_weight\[(query|key|value)\]", rf"{_B}/map_head/{_A}/\1/kernel", "heads_split"),
-    Rule(r"head\.attention\.in_proj_bias\[(query|key|value)\]", rf"{_B}/map_head/{_A}/\1/bias", "heads_split"),
+    Rule(r"head\.attention\.in_proj_weight\[(query|key|value)\]", rf"{_B}/map_head/{_A}/\1/kernel", "heads_in"),
+    Rule(r"head\.attention\.in_proj_bias\[(query|key|value)\]", rf"{_B}/map_head/{_A}/\1/bias", "heads_in"),
     *_pair(r"head\.attention\.out_proj", f"{_B}/map_head/{_A}/out", "heads_out"),
     *_norm(r"head\.layernorm", f"{_B}/map_head/LayerNorm_0"),
     *_pair(r"head\.mlp\.fc1", f"{_B}/map_head/MlpBlock_0/Dense_0"),
@@ -106,23 +107,6 @@ def _strip(name: str) -> str:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
-
-
-def _layout(kind: str, x: np.ndarray, heads: int) -> np.ndarray:
-    """Source layout -> flax layout (see module doc); ``heads``: attention heads of the tower."""
-    if kind == "linear":
-        return transposed(x) if x.ndim == 2 else x
-    if kind == "conv":
-        return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
-    if kind == "token":  # [D] / [N, D] / [1, N, D] -> [1, N, D]
-        return x.reshape(1, -1, x.shape[-1])
-    if kind in ("heads_in", "heads_split"):
-        return transposed(x).reshape(x.shape[1], heads, -1) if x.ndim == 2 else x.reshape(heads, -1)
-    if kind == "heads_bias":
-        return x.reshape(heads, -1)
-    if kind == "heads_out":
-        return transposed(x).reshape(heads, -1, x.shape[0]) if x.ndim == 2 else x
-    return x  # copy
 
 
 def _fuse(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,15 +234,10 @@ def convert_hf_vision(folder: str | pathlib.Path, *, out: str | pathlib.Path | N
     g, p = kwargs["pos_grid"], kwargs["patch_size"]
     channels = next(v.shape[1] for k, v in kept.items() if re.fullmatch(PATCH, k))
     sample = ((np.zeros((1, g[0] * p, g[1] * p, channels), np.float32),), {})
-    rules = Mapping("hf_vision", ("vit",), RULES)
-    copy = Mapping("hf_vision", ("vit",), tuple(dataclasses.replace(r, transform="copy") for r in RULES))
     targets = target_shapes("vit", num_classes, kwargs, sample)
-
-    def layout(name: str, x: np.ndarray) -> np.ndarray:
-        hit = rules.target(name)
-        return _layout(hit[1], x, kwargs["num_heads"]) if hit else x
-
-    flat, ignored = map_tensors(relayout(kept, layout), copy, targets, ignore, source=str(folder))
+    heads = int(kwargs["num_heads"])
+    flat, ignored = map_tensors(kept, Mapping("hf_vision", ("vit",), RULES), targets, ignore, source=str(folder),
+                                layout=lambda kind, x: vit_layout(kind, x, heads))
     variables = traverse_util.unflatten_dict(flat, sep="/")
     result = Converted(None, "vit", num_classes, kwargs, variables, tuple(dropped + ignored))
     if out is None:

@@ -84,28 +84,26 @@ def convert_vit(tensors: dict[str, np.ndarray], rules: Sequence[tuple[str, str, 
     ``num_classes`` comes from the source's classifier when it has one (a different value is refused).
     """
     heads = int(kwargs["num_heads"])
-    compiled = [(re.compile(p), t, kind) for p, t, kind in rules]
-    laid = {}
-    for name, value in tensors.items():
-        kind = next((k for rx, _, k in compiled if rx.fullmatch(name)), "copy")
-        laid[name] = layout(kind, value, heads)
-    rule_map = Mapping(mapping, ("vit",), tuple(Rule(p, t) for p, t, _ in rules))
-    visible = [k for k in laid if not any(re.fullmatch(rx, k) for rx in ignore)]
+    rule_map = Mapping(mapping, ("vit",), tuple(Rule(p, t, kind) for p, t, kind in rules))
+    visible = [k for k in tensors if not any(re.fullmatch(rx, k) for rx in ignore)]
     head = next((k for k in visible if (t := rule_map.target(k)) and t[0] == "params/head/bias"), None)
     if head is not None:
-        n_src = int(laid[head].shape[0])
+        n_src = int(np.shape(tensors[head])[0])
         if num_classes is not None and num_classes != n_src:
             raise ValueError(f"{source}: its classifier {head} has {n_src} outputs but num_classes={num_classes}; "
                              f"leave num_classes out, or ignore the classifier tensors")
         num_classes = n_src
     num_classes = num_classes or 1
-    embed = next((v for k, v in laid.items() if (t := rule_map.target(k)) and t[0] == f"{B}/embedding/kernel"), None)
+    embed = next((k for k in tensors if (t := rule_map.target(k)) and t[0] == f"{B}/embedding/kernel"), None)
     if embed is None:
-        raise ValueError(f"{source}: no patch-embedding tensor among {sorted(laid)[:5]}...; is it a ViT?")
+        raise ValueError(f"{source}: no patch-embedding tensor among {sorted(tensors)[:5]}...; is it a ViT?")
     (gh, gw), p = kwargs["pos_grid"], kwargs["patch_size"]
-    sample = ((np.zeros((1, gh * p, gw * p, embed.shape[2]), np.float32),), {})
+    shape_only = np.broadcast_to(np.float32(0), np.shape(tensors[embed]))  # its layout's shape, no copy
+    channels = layout(rule_map.target(embed)[1], shape_only, heads).shape[2]
+    sample = ((np.zeros((1, gh * p, gw * p, channels), np.float32),), {})
     targets = target_shapes("vit", num_classes, kwargs, sample)
-    flat, ignored = map_tensors(laid, rule_map, targets, ignore, source=str(source))
+    flat, ignored = map_tensors(tensors, rule_map, targets, ignore, source=str(source),
+                                layout=lambda kind, x: layout(kind, x, heads))
     variables = traverse_util.unflatten_dict(flat, sep="/")
     result = Converted(None, "vit", num_classes, kwargs, variables, tuple(list(dropped) + ignored))
     return write_converted(result, out, source=source, fmt=fmt, architecture=architecture, mapping=mapping,
