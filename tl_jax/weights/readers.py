@@ -55,12 +55,22 @@ _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "
                        "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
+class _NoNumpyDtype(ValueError):
+    """A tensor's safetensors dtype (``self.dtype``) is not in :data:`_SAFETENSORS_DTYPES`."""
+
+    def __init__(self, name: str, dtype: str):
+        super().__init__(f"tensor {name} has dtype {dtype}")
+        self.dtype = dtype
+
+
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         return _map_safetensors(path)
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # ValueError: JSON's too
-        if "BF16" not in str(e):
+    except _NoNumpyDtype as e:
+        if e.dtype != "BF16":
             raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # ValueError: JSON's too
+        raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
     from safetensors import safe_open  # bfloat16: read through jax, as float32
 
     with safe_open(str(path), framework="flax") as f:
@@ -80,9 +90,9 @@ def _map_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]) if entry["dtype"] in _SAFETENSORS_DTYPES else None
-        if dtype is None:
-            raise ValueError(f"tensor {name} has dtype {entry['dtype']}")
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise _NoNumpyDtype(name, entry["dtype"])
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         shape = tuple(int(d) for d in entry["shape"])
         if not 0 <= begin <= end <= raw.size - start or end - begin != int(np.prod(shape)) * dtype.itemsize:
