@@ -89,6 +89,13 @@ def keep_stats(new_stats: PyTree, old_stats: PyTree, frozen_stats: tuple[str, ..
         lambda path, new, old: old if path_str(path).startswith(prefixes) else new, new_stats, old_stats)
 
 
+def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Masked sums ``loss`` (cross-entropy), ``accuracy`` and ``count`` of logits ``[B, C]`` (``batch['mask']``)."""
+    mask = batch["mask"].astype(jnp.float32)
+    return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+            "accuracy": jnp.sum(accuracy(logits, batch["label"]) * mask), "count": jnp.sum(mask)}
+
+
 class Sealed(type):
     """Metaclass of :class:`Objective`: the run's settings as keyword arguments, then no more assignments.
 
@@ -244,10 +251,7 @@ class Objective(metaclass=Sealed):
     def eval_sums(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """Masked sums over the batch; the loop reports ``test/<k> = Σ sums[k] / Σ count``."""
         logits, _ = apply_model(self.model, self.model_params(params), batch_stats, batch, train=False)
-        mask = batch["mask"].astype(jnp.float32)
-        return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-                "accuracy": jnp.sum(accuracy(logits, batch["label"]) * mask),
-                "count": jnp.sum(mask)}
+        return classification_sums(logits, batch)
 
 
 _REGISTRY: dict[str, type[Objective]] = {"classification": Objective}

@@ -34,7 +34,8 @@ import numpy as np
 from tl_jax.models import model_from_config
 from tl_jax.models.heads import LOGITS, logits_layer
 from tl_jax.objectives._checks import check_scalar, check_shape
-from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, model_inputs, register
+from tl_jax.objectives.base import (Batch, Objective, PyTree, apply_model, classification_sums, hparam, model_inputs,
+                                   register)
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.peft.merge_run import folded
 from tl_jax.train.checkpoint import load_variables, parse_step_spec
@@ -64,12 +65,6 @@ def _classification(logits: jax.Array, batch: Batch, smoothing: float) -> tuple[
     return loss, {"train/loss": loss, "train/accuracy": accuracy(logits, batch["label"]).mean()}
 
 
-def _eval_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    mask = batch["mask"].astype(jnp.float32)
-    return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-            "accuracy": jnp.sum(accuracy(logits, batch["label"]) * mask), "count": jnp.sum(mask)}
-
-
 def source_model_for(path: str, config: ml_collections.ConfigDict, num_classes: int):
     """The source classifier: the architecture in ``path``'s ``config.json`` (searched in the
     path and up to two parents, i.e. a workdir, its checkpoints/ or a step dir), else ``config.model``."""
@@ -82,8 +77,22 @@ def source_model_for(path: str, config: ml_collections.ConfigDict, num_classes: 
     return model_from_config(config.model, num_classes, dropout_rate=0.0)
 
 
+class ResidualAlpha:
+    """The α of both residual objectives: config ``alpha``, or the trainable ``params['alpha']`` (``learn_alpha``)."""
+
+    @classmethod
+    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return () if config.objective[cls.name].learn_alpha else (f"objective.{cls.name}.alpha",)
+
+    def alpha_of(self, params: PyTree, aux: PyTree | None = None) -> jax.Array | float:
+        """The learned ``params['alpha']``, else the config's α (traced in a vectorised sweep)."""
+        if self.learn_alpha:
+            return params["alpha"]
+        return hparam(aux, f"objective.{self.name}.alpha", self.alpha) if aux is not None else self.alpha
+
+
 @register
-class ResidualOutput(Objective):
+class ResidualOutput(ResidualAlpha, Objective):
     """``z = sg(z_source) + α·z_diff`` with a frozen source model in ``state.aux`` (module docstring)."""
 
     name: ClassVar[str] = "residual_output"
@@ -124,16 +133,6 @@ class ResidualOutput(Objective):
         extra = {"alpha": jnp.asarray(self.alpha, jnp.float32)} if self.learn_alpha else {}
         return extra, {"source": source}
 
-    @classmethod
-    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-        return () if config.objective[cls.name].learn_alpha else (f"objective.{cls.name}.alpha",)
-
-    def alpha_of(self, params: PyTree, aux: PyTree | None = None) -> jax.Array | float:
-        """The learned ``params['alpha']``, else the config's α (traced in a vectorised sweep)."""
-        if self.learn_alpha:
-            return params["alpha"]
-        return hparam(aux, f"objective.{self.name}.alpha", self.alpha) if aux is not None else self.alpha
-
     def logits(self, params: PyTree, batch_stats: PyTree, aux: PyTree, batch: Batch, *, train: bool,
                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, PyTree]:
         """``(z, z_source, z_diff, new_batch_stats)``, each logits ``[B, C]``."""
@@ -153,4 +152,4 @@ class ResidualOutput(Objective):
 
     def eval_sums(self, params, batch_stats, aux, batch):
         z, *_ = self.logits(params, batch_stats, aux, batch, train=False)
-        return _eval_sums(z, batch)
+        return classification_sums(z, batch)

@@ -49,8 +49,8 @@ import ml_collections
 import numpy as np
 
 from tl_jax.objectives._checks import check_scalar, check_shape, path_str
-from tl_jax.objectives.base import Objective, PyTree, apply_model, hparam, register
-from tl_jax.objectives.residual_output import _alpha_value, _classification, _eval_sums
+from tl_jax.objectives.base import Objective, PyTree, apply_model, classification_sums, register
+from tl_jax.objectives.residual_output import ResidualAlpha, _alpha_value, _classification
 from tl_jax.train.checkpoint import load_variables
 
 SOURCE_RULE = r"(?!(?:delta|alpha)(?:/|$)).*"
@@ -213,7 +213,7 @@ def _set(tree: dict, keys: tuple, value: Any) -> None:
 
 
 @register
-class ResidualParams(Objective):
+class ResidualParams(ResidualAlpha, Objective):
     """``θ = sg(θ_source) + α·Δ`` with Δ dense or LoRA under ``params['delta']`` (module docstring)."""
 
     name: ClassVar[str] = "residual_params"
@@ -272,16 +272,6 @@ class ResidualParams(Objective):
             extra["alpha"] = jnp.asarray(self.alpha, jnp.float32)
         return extra, {}
 
-    @classmethod
-    def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-        return () if config.objective[cls.name].learn_alpha else (f"objective.{cls.name}.alpha",)
-
-    def alpha_of(self, params: PyTree, aux: PyTree | None = None) -> jax.Array | float:
-        """The learned ``params['alpha']``, else the config's α (traced in a vectorised sweep)."""
-        if self.learn_alpha:
-            return params["alpha"]
-        return hparam(aux, f"objective.{self.name}.alpha", self.alpha) if aux is not None else self.alpha
-
     def adapted_params(self, params: PyTree, aux: PyTree | None = None) -> PyTree:
         """θ_source + α·Δ (differentiable in Δ and α only): what the model runs with."""
         return apply_delta(self.model_params(params), params["delta"], self.alpha_of(params, aux))
@@ -297,7 +287,7 @@ class ResidualParams(Objective):
 
     def eval_sums(self, params, batch_stats, aux, batch):
         logits, _ = apply_model(self.model, self.adapted_params(params, aux), batch_stats, batch, train=False)
-        return _eval_sums(logits, batch)
+        return classification_sums(logits, batch)
 
 
 def merged_params(params: PyTree, alpha: float | None = None) -> PyTree:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tl_jax.data import build_preprocess, train_dataset
+from tl_jax.data import build_preprocess
 from tl_jax.objectives._checks import check_2d, check_scalar
 from tl_jax.objectives.base import register
 from tl_jax.objectives.classification import cross_entropy
