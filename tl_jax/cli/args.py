@@ -6,8 +6,9 @@ light (no JAX): ``tl-jax --help`` goes through it.
 """
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -55,3 +56,14 @@ def json_arg(text: str, kind: type, what: str) -> object:
         raise ValueError(f"{what}, got {text!r}")
     return value
 
+
+def action_parser(prog: str, description: str, actions: Mapping[str, str]) -> argparse.ArgumentParser:
+    """``PROG ACTION ...``: the first argument one of ``actions`` (name -> what it does, listed by ``--help``),
+    the rest left for that action's own parser."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog="actions:\n" + "\n".join(f"  {k:9s} {v}" for k, v in actions.items())
+                                + f"\n({prog} ACTION --help)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=sorted(actions), help="what to do (see below)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's arguments")
+    return p

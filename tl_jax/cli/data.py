@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from tl_jax.cli.args import action_parser
+
 ACTIONS = {"prepare": "an image folder or a CSV of texts as a tfds array_record dataset"}
 
 
 def data_parser() -> argparse.ArgumentParser:
     """``tl-jax data ACTION ...`` (ACTION: ``prepare``); ``--help`` lists the actions."""
-    p = argparse.ArgumentParser(prog="tl-jax data", description="Bring your own data.",
-                                epilog="actions:\n" + "\n".join(f"  {k:9s} {v}" for k, v in ACTIONS.items())
-                                + "\n(tl-jax data ACTION --help)",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=sorted(ACTIONS), help="what to do (see below)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's arguments")
-    return p
+    return action_parser("tl-jax data", "Bring your own data.", ACTIONS)
 
 
 def prepare_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tl_jax.cli.args import json_arg
+from tl_jax.cli.args import action_parser, json_arg
 
 ACTIONS = {"convert": "a weights file as a checkpoint for config.init_from",
            "inspect": "list a weights file's tensors: name, shape, dtype",
@@ -22,13 +22,7 @@ ACTIONS = {"convert": "a weights file as a checkpoint for config.init_from",
 
 def weights_parser() -> argparse.ArgumentParser:
     """``tl-jax weights ACTION ...`` (ACTION: ``convert`` | ``inspect`` | ``merge``); ``--help`` lists the actions."""
-    p = argparse.ArgumentParser(prog="tl-jax weights", description="Bring your own weights.",
-                                epilog="actions:\n" + "\n".join(f"  {k:9s} {v}" for k, v in ACTIONS.items())
-                                + "\n(tl-jax weights ACTION --help)",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=sorted(ACTIONS), help="what to do (see below)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's arguments")
-    return p
+    return action_parser("tl-jax weights", "Bring your own weights.", ACTIONS)
 
 
 def inspect_parser() -> argparse.ArgumentParser:

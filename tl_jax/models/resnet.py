@@ -50,56 +50,57 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> n
     )
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both blocks share: their fields, and the residual branch's end (drop path, shortcut, ReLU)."""
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    zero_init_residual: bool = False
+    frozen: tuple[str, ...] = ()
+    dtype: Dtype = jnp.float32
+    norm_axis_name: str | None = None
+    drop_path_rate: float = 0.0
+
+    def _norm(self, train: bool):
+        return functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype,
+                                 axis_name=self.norm_axis_name)
+
+    def _join(self, x: jax.Array, y: jax.Array, features: int, train: bool) -> jax.Array:
+        """``relu(shortcut(x) + drop_path(y))``; the shortcut is a strided 1x1 conv + BN when ``downsample``."""
+        if self.drop_path_rate:
+            y = DropPath(self.drop_path_rate, name="drop_path")(y, train=train)
+        if self.downsample:
+            x = _conv(features, 1, self.stride, "downsample_conv", self.dtype)(x)
+            x = self._norm(train)("downsample_bn")(x)
+        return nn.relu(x + y)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs; ``[B, H, W, Cin]`` -> ``[B, H/stride, W/stride, planes]``."""
 
     expansion: ClassVar[int] = 1
     norm_names: ClassVar[tuple[str, ...]] = ("bn1", "bn2")
 
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    zero_init_residual: bool = False
-    frozen: tuple[str, ...] = ()
-    dtype: Dtype = jnp.float32
-    norm_axis_name: str | None = None
-    drop_path_rate: float = 0.0
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        bn = functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype,
-                               axis_name=self.norm_axis_name)
+        bn = self._norm(train)
         y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
         y = nn.relu(bn("bn1")(y))
         y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
         y = bn("bn2", zero_scale=self.zero_init_residual)(y)
-        if self.drop_path_rate:
-            y = DropPath(self.drop_path_rate, name="drop_path")(y, train=train)
-        if self.downsample:
-            x = _conv(self.planes, 1, self.stride, "downsample_conv", self.dtype)(x)
-            x = bn("downsample_bn")(x)
-        return nn.relu(x + y)
+        return self._join(x, y, self.planes, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs; output channels ``4 * planes``."""
 
     expansion: ClassVar[int] = 4
     norm_names: ClassVar[tuple[str, ...]] = ("bn1", "bn2", "bn3")
 
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    zero_init_residual: bool = False
-    frozen: tuple[str, ...] = ()
-    dtype: Dtype = jnp.float32
-    norm_axis_name: str | None = None
-    drop_path_rate: float = 0.0
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        bn = functools.partial(batch_norm, train=train, frozen=self.frozen, dtype=self.dtype,
-                               axis_name=self.norm_axis_name)
+        bn = self._norm(train)
         out = self.planes * self.expansion
         y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
         y = nn.relu(bn("bn1")(y))
@@ -107,12 +108,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(bn("bn2")(y))
         y = _conv(out, 1, 1, "conv3", self.dtype)(y)
         y = bn("bn3", zero_scale=self.zero_init_residual)(y)
-        if self.drop_path_rate:
-            y = DropPath(self.drop_path_rate, name="drop_path")(y, train=train)
-        if self.downsample:
-            x = _conv(out, 1, self.stride, "downsample_conv", self.dtype)(x)
-            x = bn("downsample_bn")(x)
-        return nn.relu(x + y)
+        return self._join(x, y, out, train)
 
 
 def block_specs(
