@@ -107,15 +107,13 @@ def reportable(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r["fields"].get("_report", True) is not False]
 
 
+def _varies(rows: list[dict], field: str) -> bool:
+    return len({json.dumps(r.get(field), sort_keys=True) for r in rows}) > 1
+
+
 def detect_group_fields(rows: list[dict], field_names: list[str]) -> list[str]:
     """The fields among ``field_names`` present in every row with more than one value, seeds excluded."""
-    out = []
-    for f in field_names:
-        if is_seed_field(f) or not all(f in r for r in rows):
-            continue
-        if len({json.dumps(r[f], sort_keys=True) for r in rows}) > 1:
-            out.append(f)
-    return out
+    return [f for f in field_names if not is_seed_field(f) and all(f in r for r in rows) and _varies(rows, f)]
 
 
 def _key(v: Any) -> Any:
@@ -325,8 +323,7 @@ def write_report(root: str, group_by: list[str] | None = None, metric: str = "te
     if not stats:
         known = sorted({k for r in flat for k in r})
         raise KeyError(f"no run has {metric!r} and every group field {group_by}; fields and metrics: {known}")
-    repeats = [f for f in point_fields if f not in group_by and len({json.dumps(r.get(f), sort_keys=True)
-                                                                     for r in flat}) > 1] or ["runs"]
+    repeats = [f for f in point_fields if f not in group_by and _varies(flat, f)] or ["runs"]
     table = (f"{metric}, mean ± std over {', '.join(repeats)} (n runs per cell):\n\n"
              + markdown_table(stats, group_by, metric))
     if note:

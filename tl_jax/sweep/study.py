@@ -21,6 +21,7 @@ from tl_jax import config as config_lib
 from tl_jax.sweep import spec as spec_lib
 from tl_jax.sweep.report import write_report
 from tl_jax.sweep.runner import run_points
+from tl_jax.sweep.spec import config_arg, point_name  # the experiments import them from here
 
 log = logging.getLogger("tl_jax")
 
@@ -40,15 +41,6 @@ def sibling_module(file: str, name: str) -> ModuleType:
             del sys.modules[key]
             raise
     return sys.modules[key]
-
-
-def point_name(point: dict) -> str:
-    """``method=finetune,shots=10,seed=0`` -> ``finetune_shots10_seed0`` (stable, filesystem-safe)."""
-    return spec_lib.point_name(point)
-
-
-def config_arg(point: dict) -> str:
-    return spec_lib.config_arg(point)
 
 
 def run_point(config_file: str, point: dict, workdir: pathlib.Path, overrides: list[str] = ()) -> dict:

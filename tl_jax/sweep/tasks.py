@@ -32,6 +32,7 @@ import os
 import pathlib
 import time
 
+from tl_jax.sweep import spec as spec_lib
 from tl_jax.sweep import status as status_lib
 from tl_jax.sweep.runner import SweepError, SweepPoint, load_points, resolve, write_point_json
 from tl_jax.train import lock as workdir_lock
@@ -111,8 +112,7 @@ def write_plan(root: pathlib.Path, points: list[SweepPoint], config_file: str) -
     except (OSError, json.JSONDecodeError, AttributeError):
         pass
     record = {"config": config_file, "mode": "tasks",
-              "points": {p.name: {"point": {k: v for k, v in p.point.items() if not k.startswith("_")},
-                                  "phase": p.phase} for p in points}}
+              "points": {p.name: {"point": spec_lib.run_fields(p.point), "phase": p.phase} for p in points}}
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".sweep.json.{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")

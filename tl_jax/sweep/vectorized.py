@@ -168,13 +168,7 @@ class VectorizedGroup:
         self.data.set_state(saved)
         compile_s = self.compile(batch)
         state = jax.tree.map(jnp.copy, self.state)
-        state, m = self.compiled(state, batch, self.hparams)
-        jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, m = self.compiled(state, batch, self.hparams)
-        jax.block_until_ready((state, m))
-        return compile_s, (time.perf_counter() - t0) / steps
+        return compile_s, _seconds_per_step(lambda s: self.compiled(s, batch, self.hparams), state, steps)
 
     def evaluate(self, state: Any) -> list[dict]:
         """Per point ``{metric: Σ sums / Σ count}`` over the whole test split (like the loop's)."""
@@ -293,10 +287,15 @@ def probe_sequential(run: Run, steps: int = 3) -> tuple[float, float]:
                                                      strategy.axis_name, grad_norm=flag))
             fns[flag] = strategy.compile(fn, state, batch)
     fn = next(iter(fns.values()))  # the program of most steps
-    state, m = fn(state, batch)
+    return ct.seconds, _seconds_per_step(lambda s: fn(s, batch), state, steps)
+
+
+def _seconds_per_step(step: Any, state: Any, steps: int) -> float:
+    """Mean wall seconds of ``steps`` calls ``state, m = step(state)``, after one untimed call."""
+    state, m = step(state)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, m = fn(state, batch)
+        state, m = step(state)
     jax.block_until_ready((state, m))
-    return ct.seconds, (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps
