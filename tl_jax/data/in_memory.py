@@ -32,7 +32,7 @@ import numpy as np
 from tl_jax.util import references
 from tl_jax.data.builders import EMBEDDED  # names that must keep meaning the embedded data
 from tl_jax.data.cache import ArraySource
-from tl_jax.data.split import DataSplit, wrap_index
+from tl_jax.data.split import DataSplit, labels_of, wrap_index
 
 INPUT_KEYS = ("image", "input_ids")
 _REGISTRY: dict[str, dict[str, DataSplit]] = {}
@@ -93,10 +93,6 @@ def _array_source(arrays: Mapping[str, Any], where: str) -> tuple[ArraySource, n
     return ArraySource(views), labels
 
 
-def _labels_of(source: Any) -> np.ndarray:
-    return np.fromiter((source[i]["label"] for i in range(len(source))), dtype=np.int64, count=len(source))
-
-
 def as_split(name: str, split: str, data: Any, num_classes: int | None = None) -> DataSplit:
     """One :class:`DataSplit` from arrays or a sequence of examples (see the module doc)."""
     where = f"dataset {name!r} split {split!r}"
@@ -110,7 +106,7 @@ def as_split(name: str, split: str, data: Any, num_classes: int | None = None) -
             raise ValueError(f"{where} is empty")
         first = source[0]
         shape = tuple(first[_input_key(first, where)].shape)
-        labels = _labels_of(source)
+        labels = labels_of(source)
     else:
         raise ValueError(f"{where} must be a dict of arrays, a grain MapDataset or a sequence of example dicts, "
                          f"got {type(data).__name__}")
@@ -121,14 +117,11 @@ def as_split(name: str, split: str, data: Any, num_classes: int | None = None) -
     n = int(labels.max()) + 1 if num_classes is None else int(num_classes)
     if labels.max() >= n:
         raise ValueError(f"{where}: label {int(labels.max())} >= num_classes={n}")
+    labels = labels.astype(np.int64)
+    labels.flags.writeable = False
     out = DataSplit(name, split, source, n, shape)
-    object.__setattr__(out, "_labels", _readonly(labels.astype(np.int64)))  # known already: no second read
+    object.__setattr__(out, "_labels", labels)  # known already: no second read
     return out
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
 
 
 def make_splits(name: str, splits: Mapping[str, Any], num_classes: int | None = None) -> dict[str, DataSplit]:

@@ -139,10 +139,6 @@ class _OpDef:
     parse: dict[str, Callable[[Any], Any]]
     draw: Callable[..., tuple[np.ndarray, ...]] | None = None  # random ops only
 
-    @property
-    def random(self) -> bool:
-        return self.draw is not None
-
 
 _OPS: dict[str, _OpDef] = {
     "rescale": _OpDef(
@@ -200,7 +196,7 @@ _OPS: dict[str, _OpDef] = {
     "to_rgb": _OpDef(image_ops.to_rgb, (), {}, {}),
     "to_gray": _OpDef(image_ops.to_gray, (), {}, {}),
 }
-RANDOM_OPS = tuple(name for name, d in _OPS.items() if d.random)
+RANDOM_OPS = tuple(name for name, d in _OPS.items() if d.draw is not None)
 
 
 @dataclasses.dataclass(frozen=True)

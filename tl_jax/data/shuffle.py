@@ -81,11 +81,6 @@ class EpochShuffle(grain.MapDataset):
         return self._parent._getitems([self._parent_index(i) for i in indices])  # noqa: SLF001
 
 
-def shuffle(ds: grain.MapDataset, seed: int) -> EpochShuffle:
-    """``ds`` reshuffled every epoch with :class:`EpochShuffle` (drop-in for ``ds.shuffle()``)."""
-    return EpochShuffle(ds, seed=seed)
-
-
 class _Root(grain.MapDataset):
     """A random-access source as the root of a chain, without grain's per-read source monitoring."""
 
@@ -221,7 +216,7 @@ def train_chain(source: Any, preprocess: Preprocess | None, *, batch_size: int, 
     if arrays is not None and (prefix is None or not prefix.ops):
         return GatherBatches(arrays, batch_size=batch_size, seed=seed, suffix=suffix)
     else:
-        ds = shuffle(_Root(source), int(seed)).repeat()
+        ds = EpochShuffle(_Root(source), seed=int(seed)).repeat()
         if prefix is not None:
             ds = ds.map(prefix)
         ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_examples)

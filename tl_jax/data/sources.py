@@ -239,9 +239,8 @@ def _make_split(name: str, split: str, builder: Any, data_source: Any) -> DataSp
         image_key, label_key = keys
     else:
         image_key, label_key = "image", "label"
-    if "input_ids" in features and image_key not in features and label_key in features:
-        return _make_text_split(name, split, features, data_source, label_key)
-    if image_key not in features or label_key not in features:
+    text = "input_ids" in features and image_key not in features and label_key in features
+    if not text and (image_key not in features or label_key not in features):
         raise ValueError(
             f"dataset {name!r} has no ({image_key!r}, {label_key!r}) features; it has "
             f"{sorted(features.keys())}: only image (or token id) classification datasets are supported"
@@ -249,24 +248,18 @@ def _make_split(name: str, split: str, builder: Any, data_source: Any) -> DataSp
     num_classes = getattr(features[label_key], "num_classes", None)
     if not num_classes:
         raise ValueError(f"dataset {name!r}: feature {label_key!r} is not a ClassLabel")
-    source = ExampleSource(data_source, image_key, label_key)
+    if text:  # a token-id split: examples {"input_ids", "attention_mask", "label"}; shape (L,)
+        text_keys = tuple(k for k in ("input_ids", "attention_mask") if k in features)
+        source = ExampleSource(data_source, label_key=label_key, text_keys=text_keys)
+    else:
+        source = ExampleSource(data_source, image_key, label_key)
     if len(source) == 0:
         raise ValueError(f"dataset {name!r} split {split!r} is empty")
+    if text:
+        return DataSplit(name, split, source, int(num_classes), tuple(int(s) for s in features["input_ids"].shape))
     shape = tuple(features[image_key].shape)
     if len(shape) == 2:
         shape = (*shape, 1)
     if len(shape) != 3 or any(s is None for s in shape):  # variable size: first example
         shape = tuple(source[0]["image"].shape)
     return DataSplit(name, split, source, int(num_classes), tuple(int(s) for s in shape))
-
-
-def _make_text_split(name: str, split: str, features: Any, data_source: Any, label_key: str) -> DataSplit:
-    """A token-id split: examples ``{"input_ids", "attention_mask", "label"}``; shape ``(L,)``."""
-    num_classes = getattr(features[label_key], "num_classes", None)
-    if not num_classes:
-        raise ValueError(f"dataset {name!r}: feature {label_key!r} is not a ClassLabel")
-    keys = tuple(k for k in ("input_ids", "attention_mask") if k in features)
-    source = ExampleSource(data_source, label_key=label_key, text_keys=keys)
-    if len(source) == 0:
-        raise ValueError(f"dataset {name!r} split {split!r} is empty")
-    return DataSplit(name, split, source, int(num_classes), tuple(int(s) for s in features["input_ids"].shape))

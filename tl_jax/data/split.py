@@ -38,13 +38,7 @@ class DataSplit:
     def _labels(self) -> np.ndarray:
         if hasattr(self.source, "read_labels"):  # tfds splits: kept across the points of a sweep task
             return self.source.read_labels()
-        labels = np.fromiter(
-            (self.source[i]["label"] for i in range(len(self.source))),
-            dtype=np.int64,
-            count=len(self.source),
-        )
-        labels.flags.writeable = False
-        return labels
+        return labels_of(self.source)
 
     def labels(self) -> np.ndarray:
         """All labels, int64 ``[len(self)]`` (read once, then cached; read-only)."""
@@ -64,3 +58,9 @@ def wrap_index(index: int, n: int) -> int:
         raise IndexError(f"index {index} out of range for {n} examples")
     return index % n
 
+
+def labels_of(source: Any) -> np.ndarray:
+    """Every example's ``label`` of ``source`` (``len`` and ``[i]``), int64 ``[len(source)]``, read-only."""
+    labels = np.fromiter((source[i]["label"] for i in range(len(source))), dtype=np.int64, count=len(source))
+    labels.flags.writeable = False
+    return labels
