@@ -187,12 +187,3 @@ def build_optimizer(params: PyTree, rules: Sequence[Sequence[Any]],
 def summary_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
     """Markdown table: one row per rule group with its #tensors and #params."""
     return ParamGroups.resolve(params, rules).table()
-
-
-def param_table(params: PyTree, rules: Sequence[Sequence[Any]]) -> str:
-    """One line per param: path, shape, group (for logs)."""
-    mults = match_rules(params, rules)
-    leaves = flatten_paths(params)
-    width = max(len(p) for p in leaves)
-    return "\n".join(f"{p:<{width}}  {str(tuple(np.shape(leaves[p]))):<20} {group_label(m)}"
-                     for p, m in mults.items())

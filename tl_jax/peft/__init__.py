@@ -32,7 +32,6 @@ from tl_jax.util import config_checks
 from tl_jax.util.tree_paths import flatten_paths
 
 DEFAULT_RULES = [[".*", 1.0]]  # config.param_rules' default (tl_jax/config.py)
-LORA_RULE = [f"{LORA}/.*", 1.0]  # first rule of the freeze_base preset
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:

@@ -9,7 +9,6 @@ compiled on the first batch; :meth:`StepPrograms.to_host` turns the kept vectors
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from tl_jax.data import device_batches
 from tl_jax.train.build import param_groups

@@ -40,11 +40,6 @@ SKIPPED = "train/skipped_steps"
 LossFn = Callable[[PyTree, PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
 
 
-def tree_all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def is_grad_norm_step(step: Any, every: int, last_step: int | None = None) -> Any:
     """Whether the step that ends at ``step`` (1-based) computes ``train/grad_norm``.
 
