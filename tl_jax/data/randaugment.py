@@ -69,23 +69,17 @@ def plan(op_index: np.ndarray, negate: np.ndarray, magnitude: float, height: int
             for i, n in zip(op_index, negate, strict=True)]
 
 
-def _affine(img: Image.Image, matrix: tuple, fill: int) -> Image.Image:
-    """PIL's inverse affine map (output pixel centre -> input), nearest sampling."""
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.NEAREST,
-                         fillcolor=(fill,) * len(img.getbands()) if len(img.getbands()) > 1 else fill)
-
-
 def apply_op(img: Image.Image, name: str, value: float, fill: int) -> Image.Image:
-    """One RandAugment op on an 8-bit PIL image ('L' or 'RGB')."""
+    """One RandAugment op on an 8-bit PIL image ('L' or 'RGB'); geometric ones sample nearest, ``fill`` outside."""
     if name == "identity":
         return img
     if name == "autocontrast":
         return ImageOps.autocontrast(img)
     if name == "equalize":
         return ImageOps.equalize(img)
+    fillcolor = (fill,) * len(img.getbands()) if len(img.getbands()) > 1 else fill
     if name == "rotate":
-        return img.rotate(value, Image.Resampling.NEAREST,
-                          fillcolor=(fill,) * len(img.getbands()) if len(img.getbands()) > 1 else fill)
+        return img.rotate(value, Image.Resampling.NEAREST, fillcolor=fillcolor)
     if name == "solarize":
         return ImageOps.solarize(img, int(value))
     if name == "posterize":
@@ -96,7 +90,8 @@ def apply_op(img: Image.Image, name: str, value: float, fill: int) -> Image.Imag
         return enhancer(img).enhance(value)
     matrix = {"shear_x": (1, value, 0, 0, 1, 0), "shear_y": (1, 0, 0, value, 1, 0),
               "translate_x": (1, 0, value, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, value)}[name]
-    return _affine(img, matrix, fill)
+    # PIL's inverse affine map (output pixel centre -> input)
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.NEAREST, fillcolor=fillcolor)
 
 
 def to_uint8(image: np.ndarray, in_max: float) -> np.ndarray:
