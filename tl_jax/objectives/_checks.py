@@ -1,9 +1,10 @@
-"""Argument checks shared by the loss functions (trace-time only, never on tracers).
+"""Argument checks shared by the loss functions (trace-time only, never on tracers) and the objectives' configs.
 
 Every check raises ``ValueError`` with a one-line message that names the
 argument. Values that are JAX tracers (inside ``jit``/``vmap``/``grad``) cannot
 be inspected and are passed through unchecked; Python numbers, NumPy values and
-concrete (non-traced) arrays are checked.
+concrete (non-traced) arrays are checked. :func:`config_number`, :func:`config_int`
+and :func:`check_spec` check config values (plain Python).
 """
 from __future__ import annotations
 
@@ -72,8 +73,23 @@ def check_same_keys(name: str, got: Any, ref_name: str, ref: Any) -> None:
         raise ValueError(f"{name} keys must match {ref_name} keys: " + ", ".join(parts))
 
 
-
 def check_2d(name: str, x: Any) -> None:
     """Check ``x`` is a 2-D array (``[B, C]``: logits, probabilities)."""
     if np.ndim(x) != 2:
         raise ValueError(f"{name} must have shape [B, C], got {np.shape(x)}")
+
+
+def config_number(name: str, value: Any, *, low: float | None = 0, low_open: bool = False) -> float:
+    """``value`` as a float: a finite int/float (not a bool), ``>= low`` (``> low`` if ``low_open``; None: any)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            low is not None and (value < low or (low_open and value == low))):
+        bound = "" if low is None else f" {'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def config_int(name: str, value: Any, *, low: int) -> int:
+    """``value``: an int (not a bool) ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value

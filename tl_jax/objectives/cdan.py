@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tl_jax.objectives._checks import check_2d
+from tl_jax.objectives._checks import check_2d, config_int, config_number
 from tl_jax.objectives.base import register
 from tl_jax.objectives.classification import entropy
-from tl_jax.objectives.domain_adaptation import (DomainDiscriminator, UnsupervisedDA, _int, _number, dann_lambda,
-                                                 gradient_reversal, target_defaults)
+from tl_jax.objectives.domain_adaptation import (DomainDiscriminator, UnsupervisedDA, dann_lambda, gradient_reversal,
+                                                 target_defaults)
 
 
 def multilinear_map(features: jax.Array, probs: jax.Array) -> jax.Array:
@@ -98,9 +98,10 @@ class CDAN(UnsupervisedDA):
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.gamma = _number(self.cfg, "gamma", self.where)
-        hidden, depth = _int(self.cfg, "hidden", self.where, 1), _int(self.cfg, "depth", self.where, 1)
-        self.randomized_dim = _int(self.cfg, "randomized_dim", self.where, 0)
+        self.gamma = config_number(f"{self.where}.gamma", self.cfg.gamma)
+        hidden = config_int(f"{self.where}.hidden", self.cfg.hidden, low=1)
+        depth = config_int(f"{self.where}.depth", self.cfg.depth, low=1)
+        self.randomized_dim = config_int(f"{self.where}.randomized_dim", self.cfg.randomized_dim, low=0)
         if not isinstance(self.cfg.entropy, bool):
             raise ValueError(f"{self.where}.entropy must be true or false, got {self.cfg.entropy!r}")
         self.discriminator = DomainDiscriminator(hidden, depth, bool(self.cfg.layer_norm))

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.objectives._checks import check_scalar, is_concrete
+from tl_jax.objectives._checks import check_scalar, config_int, config_number, is_concrete
 from tl_jax.objectives.base import register
-from tl_jax.objectives.domain_adaptation import UnsupervisedDA, _int, _number, target_defaults
+from tl_jax.objectives.domain_adaptation import UnsupervisedDA, target_defaults
 
 
 def _check_features(fs: jax.Array, ft: jax.Array, min_rows: int) -> None:
@@ -129,10 +129,10 @@ class MMD(UnsupervisedDA):
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.kernel_mul = _number(self.cfg, "kernel_mul", self.where)
+        self.kernel_mul = config_number(f"{self.where}.kernel_mul", self.cfg.kernel_mul)
         if self.kernel_mul <= 0:
             raise ValueError(f"{self.where}.kernel_mul must be > 0, got {self.kernel_mul!r}")
-        self.num_kernels = _int(self.cfg, "num_kernels", self.where, 1)
+        self.num_kernels = config_int(f"{self.where}.num_kernels", self.cfg.num_kernels, low=1)
 
     def term(self, params, aux, zs, fs, zt, ft, extra_logits, step):
         return mmd_loss(*self.layer(zs, fs, zt, ft), kernel_mul=self.kernel_mul, num_kernels=self.num_kernels), {}

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from tl_jax.objectives._checks import config_int, config_number
 from tl_jax.objectives.base import PyTree, register
-from tl_jax.objectives.domain_adaptation import (DomainDiscriminator, UnsupervisedDA, _int, _number, dann_lambda,
-                                                 gradient_reversal, target_defaults)
+from tl_jax.objectives.domain_adaptation import (DomainDiscriminator, UnsupervisedDA, dann_lambda, gradient_reversal,
+                                                 target_defaults)
 
 
 def _flat_logits(name: str, z: jax.Array) -> jax.Array:
@@ -69,8 +70,9 @@ class DANN(UnsupervisedDA):
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.gamma = _number(self.cfg, "gamma", self.where)
-        hidden, depth = _int(self.cfg, "hidden", self.where, 1), _int(self.cfg, "depth", self.where, 1)
+        self.gamma = config_number(f"{self.where}.gamma", self.cfg.gamma)
+        hidden = config_int(f"{self.where}.hidden", self.cfg.hidden, low=1)
+        depth = config_int(f"{self.where}.depth", self.cfg.depth, low=1)
         self.discriminator = DomainDiscriminator(hidden, depth, bool(self.cfg.layer_norm))
 
     def init_extra(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> tuple[dict, dict]:

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tl_jax.objectives._checks import check_scalar
+from tl_jax.objectives._checks import check_scalar, config_number
 from tl_jax.objectives.base import PyTree, apply_model, register
 from tl_jax.objectives.classification import at_least_f32, cross_entropy
 from tl_jax.objectives.feature_regularized import FeatureRegularized, training_outputs
@@ -178,9 +178,7 @@ class DELTA(FeatureRegularized):
         a, t = self.cfg.attention, self.cfg.temperature
         if not isinstance(a, bool):
             raise ValueError(f"{self.where}.attention must be true or false, got {a!r}")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t) or t <= 0:
-            raise ValueError(f"{self.where}.temperature must be a finite number > 0, got {t!r}")
-        self.attention, self.temperature = a, float(t)
+        self.attention, self.temperature = a, config_number(f"{self.where}.temperature", t, low_open=True)
 
     def channel_attention(self, params: PyTree, batch_stats: PyTree) -> tuple[np.ndarray, np.ndarray]:
         """``(w [D], ΔL [D])`` of the starting model on the run's training examples (module docstring)."""

@@ -25,7 +25,6 @@ The T² factor keeps the soft-target gradient magnitude independent of T
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 from typing import Any, ClassVar
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from tl_jax.models import get_model, model_from_config
 from tl_jax.models.heads import head_dims
-from tl_jax.objectives._checks import check_scalar, check_shape
+from tl_jax.objectives._checks import check_scalar, check_shape, config_number
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.peft.merge_run import folded
@@ -123,13 +122,12 @@ class DistillObjective(Objective):
         alpha, temp = c.alpha, c.temperature
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{KEY}.alpha must be a number in [0, 1], got {alpha!r}")
-        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp > 0):
-            raise ValueError(f"{KEY}.temperature must be a finite number > 0, got {temp!r}")
+        temp = config_number(f"{KEY}.temperature", temp, low_open=True)
         if self.label_smoothing:
             raise ValueError(f"config.loss.label_smoothing={self.label_smoothing} is not used by objective "
                              f"'distill' (the teacher gives the soft targets); set it to 0")
         self.teacher_path = str(c.teacher)
-        self.alpha, self.temperature = float(alpha), float(temp)
+        self.alpha, self.temperature = float(alpha), temp
         if c.teacher_model:
             name, kwargs, classes = c.teacher_model, dict(c.teacher_kwargs), model.num_classes
         else:

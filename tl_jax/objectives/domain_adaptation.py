@@ -44,11 +44,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from tl_jax.data import build_preprocess, load_split, train_dataset
 from tl_jax.models.heads import head_dims
-from tl_jax.objectives._checks import check_scalar
+from tl_jax.objectives._checks import check_scalar, config_int, config_number
 from tl_jax.objectives.base import Objective, PyTree, apply_model, hparam
 from tl_jax.objectives.classification import accuracy, cross_entropy
 
@@ -113,20 +112,6 @@ def merge_domains(pair: tuple[dict, dict]) -> dict:
     return {**source, "target_image": target["image"]}
 
 
-def _number(cfg: ml_collections.ConfigDict, key: str, where: str, *, low: float = 0.0) -> float:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < low:
-        raise ValueError(f"{where}.{key} must be a finite number >= {low}, got {value!r}")
-    return float(value)
-
-
-def _int(cfg: ml_collections.ConfigDict, key: str, where: str, low: int) -> int:
-    v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{where}.{key} must be an int >= {low}, got {v!r}")
-    return v
-
-
 class UnsupervisedDA(Objective):
     """Shared machinery: the target stream, the one pass over all domains, ``CE + w·term``.
 
@@ -139,10 +124,8 @@ class UnsupervisedDA(Objective):
         self.cfg = cfg = config.objective[self.name]
         if not cfg.target:
             raise ValueError(f"{self.where}.target must name the unlabelled target dataset (e.g. 'optdigits')")
-        self.weight = _number(cfg, "weight", self.where)
-        if isinstance(cfg.target_batch_size, bool) or not isinstance(cfg.target_batch_size, int) \
-                or cfg.target_batch_size < 0:
-            raise ValueError(f"{self.where}.target_batch_size must be an int >= 0, got {cfg.target_batch_size!r}")
+        self.weight = config_number(f"{self.where}.weight", cfg.weight)
+        config_int(f"{self.where}.target_batch_size", cfg.target_batch_size, low=0)
         if cfg.layer not in LAYERS:
             raise ValueError(f"{self.where}.layer must be one of {LAYERS}, got {cfg.layer!r}")
         self.total_steps = max(1, int(config.train.steps))

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from tl_jax.models.heads import head_dims
+from tl_jax.objectives._checks import config_number
 from tl_jax.objectives.base import Batch, PyTree, model_inputs, register
 from tl_jax.objectives.classification import accuracy, at_least_f32, cross_entropy
 from tl_jax.objectives.distill import DistillObjective, distillation_loss
@@ -126,13 +127,10 @@ class FeatureDistill(DistillObjective):
             proxy.objective.distill = {k: c[k] for k in DistillObjective.defaults}
         super().__init__(proxy, model)
         self.config = config
-        for key in ("hint_weight", "at_weight", "at_p"):
-            v = c[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
-                raise ValueError(f"{KEY}.{key} must be a finite number >= 0, got {v!r}")
+        self.hint_weight, self.at_weight, self.at_p = (config_number(f"{KEY}.{k}", c[k])
+                                                       for k in ("hint_weight", "at_weight", "at_p"))
         if not isinstance(c.logit_kd, bool):
             raise ValueError(f"{KEY}.logit_kd must be true or false, got {c.logit_kd!r}")
-        self.hint_weight, self.at_weight, self.at_p = float(c.hint_weight), float(c.at_weight), float(c.at_p)
         self.logit_kd = c.logit_kd
         self.student_layer, self.teacher_layer = str(c.student_layer), str(c.teacher_layer)
 

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from tl_jax.objectives._checks import config_number
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.transferability.extract import target_arrays
@@ -31,10 +32,7 @@ class FeatureRegularized(Objective):
         super().__init__(config, model)
         self.where = f"config.objective.{self.name}"
         self.cfg = config.objective[self.name]
-        w = self.cfg.weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
-            raise ValueError(f"{self.where}.weight must be a finite number >= 0, got {w!r}")
-        self.weight = float(w)
+        self.weight = config_number(f"{self.where}.weight", self.cfg.weight)
 
     @classmethod
     def traced_keys(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:

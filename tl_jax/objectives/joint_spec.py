@@ -20,6 +20,7 @@ import numpy as np
 from tl_jax.util import references
 from tl_jax.data import DataSplit
 from tl_jax.data.sources import ExampleSource
+from tl_jax.objectives._checks import config_int
 from tl_jax.objectives.multitask import TASKS
 
 KEY = "config.objective.joint"
@@ -111,8 +112,8 @@ def parse_tasks(tasks: Any) -> list[Task]:
         if (spec.get("field") is None) == (spec.get("fn") is None):
             raise ValueError(f"{where}: give exactly one of 'field' and 'fn'")
         n = spec.get("num_classes")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"{where}.num_classes must be an int >= 1, got {n!r}")
+        if n is not None:
+            config_int(f"{where}.num_classes", n, low=1)
         name = spec.get("name") or spec.get("field") or str(spec["fn"]).rpartition(":")[2]
         fn = spec.get("fn")
         if fn is not None and fn not in TASKS and not references.is_reference(fn):

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tl_jax.objectives._checks import check_2d, check_scalar
+from tl_jax.objectives._checks import check_2d, check_scalar, config_number
 from tl_jax.objectives.base import register
 from tl_jax.objectives.classification import entropy
-from tl_jax.objectives.domain_adaptation import UnsupervisedDA, _number, target_defaults
+from tl_jax.objectives.domain_adaptation import UnsupervisedDA, target_defaults
 
 
 def mcc_loss(target_logits: jax.Array, temperature: float = 2.5) -> jax.Array:
@@ -52,7 +52,7 @@ class MCC(UnsupervisedDA):
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.temperature = _number(self.cfg, "temperature", self.where)
+        self.temperature = config_number(f"{self.where}.temperature", self.cfg.temperature)
         if self.temperature <= 0:
             raise ValueError(f"{self.where}.temperature must be > 0, got {self.temperature!r}")
 

@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tl_jax.objectives._checks import check_2d, check_scalar
+from tl_jax.objectives._checks import check_2d, check_scalar, config_int, config_number
 from tl_jax.objectives.base import register
 from tl_jax.objectives.classification import cross_entropy
-from tl_jax.objectives.domain_adaptation import UnsupervisedDA, _int, _number, dann_lambda, gradient_reversal, \
-    target_defaults
+from tl_jax.objectives.domain_adaptation import UnsupervisedDA, dann_lambda, gradient_reversal, target_defaults
 
 
 def mdd_loss(logits_source: jax.Array, adv_logits_source: jax.Array, logits_target: jax.Array,
@@ -81,14 +80,13 @@ class MDD(UnsupervisedDA):
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.margin = _number(self.cfg, "margin", self.where)
-        self.gamma = _number(self.cfg, "gamma", self.where)
-        self.grl_max = _number(self.cfg, "grl_max", self.where)
+        self.margin, self.gamma, self.grl_max = (config_number(f"{self.where}.{k}", self.cfg[k])
+                                                 for k in ("margin", "gamma", "grl_max"))
         if self.margin <= 0:
             raise ValueError(f"{self.where}.margin must be > 0, got {self.margin!r}")
         if self.cfg.layer != "features":
             raise ValueError(f"{self.where}.layer must be 'features' (the adversarial head reads the features)")
-        self.adversary = AdversarialHead(model.num_classes, _int(self.cfg, "hidden", self.where, 0))
+        self.adversary = AdversarialHead(model.num_classes, config_int(f"{self.where}.hidden", self.cfg.hidden, low=0))
 
     def init_extra(self, rng, params, batch_stats):
         d, _ = self.dims(params)

@@ -37,7 +37,6 @@ another structure raises ``ValueError``. The sums are accumulated in at least fl
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.objectives._checks import path_str
+from tl_jax.objectives._checks import config_number, path_str
 from tl_jax.objectives.base import hparam
 from tl_jax.params import param_rules as rules_lib
 
@@ -148,11 +147,9 @@ def regularizer_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
     """``{term: λ}`` for the terms with λ > 0; ValueError naming ``config.loss.<term>`` otherwise."""
     out = {}
     for term in TERMS:
-        value = config.loss.get(term, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"config.loss.{term} must be a finite number >= 0, got {value!r}")
+        value = config_number(f"config.loss.{term}", config.loss.get(term, 0.0))
         if value > 0:
-            out[term] = float(value)
+            out[term] = value
     return out
 
 

@@ -29,11 +29,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from tl_jax.models import model_from_config
 from tl_jax.models.heads import LOGITS, logits_layer
-from tl_jax.objectives._checks import check_scalar, check_shape
+from tl_jax.objectives._checks import check_scalar, check_shape, config_number
 from tl_jax.objectives.base import (Batch, Objective, PyTree, apply_model, classification_sums, hparam, model_inputs,
                                    register)
 from tl_jax.objectives.classification import accuracy, cross_entropy
@@ -51,13 +50,6 @@ def residual_logits(source_logits: jax.Array, diff_logits: jax.Array, alpha: flo
     check_shape("diff_logits", diff_logits, jnp.shape(source_logits))
     check_scalar("alpha", alpha, low=None)
     return source_logits + alpha * diff_logits
-
-
-def _alpha_value(cfg: ml_collections.ConfigDict, where: str) -> float:
-    alpha = cfg.alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
-        raise ValueError(f"{where}.alpha must be a finite number, got {alpha!r}")
-    return float(alpha)
 
 
 def _classification(logits: jax.Array, batch: Batch, smoothing: float) -> tuple[jax.Array, dict]:
@@ -103,7 +95,7 @@ class ResidualOutput(ResidualAlpha, Objective):
         super().__init__(config, model)
         where = "config.objective.residual_output"
         cfg = config.objective.residual_output
-        self.alpha = _alpha_value(cfg, where)
+        self.alpha = config_number(f"{where}.alpha", cfg.alpha, low=None)
         self.learn_alpha = bool(cfg.learn_alpha)
         self.source = cfg.source or config.init_from
         if not self.source:

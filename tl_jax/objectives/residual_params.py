@@ -48,9 +48,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.objectives._checks import check_scalar, check_shape, path_str
+from tl_jax.objectives._checks import check_scalar, check_shape, config_int, config_number, path_str
 from tl_jax.objectives.base import Objective, PyTree, apply_model, classification_sums, register
-from tl_jax.objectives.residual_output import ResidualAlpha, _alpha_value, _classification
+from tl_jax.objectives.residual_output import ResidualAlpha, _classification
 from tl_jax.train.checkpoint import load_variables
 
 SOURCE_RULE = r"(?!(?:delta|alpha)(?:/|$)).*"
@@ -225,13 +225,11 @@ class ResidualParams(ResidualAlpha, Objective):
         super().__init__(config, model)
         self.where = "config.objective.residual_params"
         cfg = config.objective.residual_params
-        self.alpha = _alpha_value(cfg, self.where)
+        self.alpha = config_number(f"{self.where}.alpha", cfg.alpha, low=None)
         self.learn_alpha = bool(cfg.learn_alpha)
         self.dense_rules = list(cfg.dense_rules)
         self.lora_rules = list(cfg.lora_rules)
-        self.rank = cfg.lora_rank
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"{self.where}.lora_rank must be an int >= 1, got {self.rank!r}")
+        self.rank = config_int(f"{self.where}.lora_rank", cfg.lora_rank, low=1)
         if not self.dense_rules and not self.lora_rules:
             raise ValueError(f"{self.where}.dense_rules and .lora_rules are both empty: nothing to adapt")
 

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from tl_jax.data import build_preprocess
-from tl_jax.objectives._checks import check_2d, check_scalar
+from tl_jax.objectives._checks import check_2d, check_scalar, config_number
 from tl_jax.objectives.base import register
 from tl_jax.objectives.classification import cross_entropy
-from tl_jax.objectives.domain_adaptation import UnsupervisedDA, _number, target_defaults
+from tl_jax.objectives.domain_adaptation import UnsupervisedDA, target_defaults
 
 
 def fixmatch_loss(weak_logits: jax.Array, strong_logits: jax.Array, *, threshold: float = 0.95
@@ -87,7 +87,7 @@ class SelfTraining(UnsupervisedDA):
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.threshold = _number(self.cfg, "threshold", self.where)
+        self.threshold = config_number(f"{self.where}.threshold", self.cfg.threshold)
         if self.threshold > 1:
             raise ValueError(f"{self.where}.threshold must be in [0, 1], got {self.threshold!r}")
         self.weak_pp = build_preprocess(list(self.cfg.weak_pp), where=f"{self.where}.weak_pp")
