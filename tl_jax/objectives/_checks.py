@@ -88,6 +88,15 @@ def config_number(name: str, value: Any, *, low: float | None = 0, low_open: boo
     return float(value)
 
 
+def check_spec(where: str, spec: Any, keys: Sequence[str], what: str = "") -> None:
+    """Check a config entry is a dict whose keys are among ``keys`` (``what``: the message's wanted form)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be {what or f'a dict with keys {list(keys)}'}, got {spec!r}")
+    unknown = sorted(set(spec) - set(keys))
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; known: {list(keys)}")
+
+
 def config_int(name: str, value: Any, *, low: int) -> int:
     """``value``: an int (not a bool) ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -64,16 +64,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots, train_dataset
+from tl_jax.data import DataSplit, build_preprocess, load_split, train_dataset
 from tl_jax.data.mixing import PARTNER
-from tl_jax.data.pipeline import _Subset
 from tl_jax.data.sources import ExampleSource
 from tl_jax.objectives._checks import check_shape, is_concrete
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.objectives.joint_spec import (KEY, TaskExample, TaskSource, check_range, parse_domains, parse_tasks,
                                           parse_weights, task_values)
-from tl_jax.objectives.multidomain import NORMALIZATIONS, ConcatSource, DomainPreprocess, domain_scales, eval_scale
+from tl_jax.objectives.multidomain import (NORMALIZATIONS, ConcatSource, DomainPreprocess, check_shapes, domain_scales,
+                                           eval_scale, mixed_batches, shot_indices)
 from tl_jax.objectives.multitask import TASKS, WEIGHTINGS, multi_head_model, number_list, uncertainty_weighted
 from tl_jax.objectives.pcgrad import pcgrad
 
@@ -232,45 +232,20 @@ class JointObjective(Objective):
         return tuple(f"label/{t.name}" for t in self.tasks)
 
     # -- data -------------------------------------------------------------------------------
-    def _check_shapes(self, splits: list[DataSplit], pps: list, which: str) -> None:
-        shapes = [pp(s.source[0])["image"].shape if not pp.is_random else
-                  pp(s.source[0], np.random.default_rng(0))["image"].shape for s, pp in zip(splits, pps)]
-        for dom, shape in zip(self.domains, shapes):
-            if shape != shapes[0]:
-                raise ValueError(f"{dom.where}.{which}_pp gives {dom.name} images of shape {shape} but "
-                                 f"{self.domains[0].name} gives {shapes[0]}: map every domain to one shape")
-
-    def _indices(self, d: int) -> np.ndarray:
-        dom, split = self.domains[d], self.train_splits[d]
-        if dom.shots is None:
-            return np.arange(len(split), dtype=np.int64)
-        return sample_shots(split.labels(), dom.shots, dom.shots_seed, name=f"{dom.dataset}:{dom.train_split}")
-
     def train_dataset(self, standard: Any, *, batch_size: int, seed: int, process_index: int,
                       process_count: int) -> grain.MapDataset:
         """Batches ``{"image", "label", "domain", "label/<task>"}`` (``standard`` is not used)."""
-        self._check_shapes(self.train_splits, self.train_pps, "train")
+        check_shapes(self.domains, self.train_splits, self.train_pps, "train")
         sources = [TaskSource(s.source, labels) for s, labels in zip(self.train_splits, self.train_labels)]
         if len(self.domains) == 1:  # config.data's own chain: the batches of 'multitask' / 'classification'
             s = self.train_splits[0]
             split = DataSplit(s.name, s.split, sources[0], s.num_classes, s.image_shape)
-            idx = None if self.domains[0].shots is None else self._indices(0)
+            idx = None if self.domains[0].shots is None else shot_indices(self.domains[0], s)
             return train_dataset(split, TaskExample(self.train_pps[0], 0, self.label_keys), batch_size=batch_size,
                                  seed=seed, indices=idx, process_index=process_index, process_count=process_count)
-        parts, props = [], []
-        for d, dom in enumerate(self.domains):  # the chains of 'multidomain'
-            if self.proportions[d] == 0:
-                continue
-            idx = self._indices(d)[process_index::process_count]
-            if idx.size == 0:
-                raise ValueError(f"{dom.where}: process {process_index}/{process_count} has no {dom.name} examples")
-            domain_seed = int(np.random.SeedSequence([int(seed), d]).generate_state(1)[0])
-            ds = grain.MapDataset.source(_Subset(sources[d], idx)).seed(domain_seed).shuffle().repeat()
-            fn = TaskExample(self.train_pps[d], d, self.label_keys)
-            parts.append(ds.random_map(fn) if fn.is_random else ds.map(fn))
-            props.append(self.proportions[d])
-        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=props)
-        return mixed.batch(batch_size, drop_remainder=True)
+        fns = [TaskExample(pp, d, self.label_keys) for d, pp in enumerate(self.train_pps)]
+        return mixed_batches(self.domains, self.train_splits, sources, fns, self.proportions,  # 'multidomain' chains
+                             batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count)
 
     def eval_data(self, split: Any, preprocess: Any) -> tuple[DataSplit, DomainPreprocess]:
         """Every domain's test split concatenated, examples tagged with ``domain`` and ``label/<task>``."""
@@ -278,7 +253,7 @@ class JointObjective(Objective):
         raw = {(d, i): task_values(self.tasks[i], splits[d], self._where(d, i, "test")) for d, i in self.active}
         labels = self._labels(splits, raw, "test")
         pps = [preprocess] + self.eval_pps[1:]
-        self._check_shapes(splits, pps, "eval")
+        check_shapes(self.domains, splits, pps, "eval")
         source = ConcatSource([TaskSource(s.source, lab) for s, lab in zip(splits, labels)])
         image_shape = tuple(pps[0](splits[0].source[0])["image"].shape)
         names = "+".join(d.name for d in self.domains)

@@ -20,7 +20,7 @@ import numpy as np
 from tl_jax.util import references
 from tl_jax.data import DataSplit
 from tl_jax.data.sources import ExampleSource
-from tl_jax.objectives._checks import config_int
+from tl_jax.objectives._checks import check_spec, config_int
 from tl_jax.objectives.multitask import TASKS
 
 KEY = "config.objective.joint"
@@ -72,11 +72,7 @@ def parse_domains(config: ml_collections.ConfigDict) -> list[Domain]:
     domains = [first]
     for i, spec in enumerate(raw, start=offset):
         where = f"{KEY}.domains[{i}]"
-        if not isinstance(spec, dict):
-            raise ValueError(f"{where} must be a dict with keys {list(DOMAIN_KEYS)}, got {spec!r}")
-        unknown = sorted(set(spec) - set(DOMAIN_KEYS))
-        if unknown:
-            raise ValueError(f"{where} has unknown key(s) {unknown}; known: {list(DOMAIN_KEYS)}")
+        check_spec(where, spec, DOMAIN_KEYS)
         if not isinstance(spec.get("name"), str) or not spec["name"]:
             raise ValueError(f"{where}.name must be a non-empty string (the domain's name in logs)")
         domains.append(Domain(spec["name"], spec.get("dataset") or spec["name"], spec.get("train_split", "train"),
@@ -103,12 +99,8 @@ def parse_tasks(tasks: Any) -> list[Task]:
             else:
                 out.append(Task(spec, spec, None, None, where))
             continue
-        if not isinstance(spec, dict):
-            raise ValueError(f"{where} must be a task name, a field, 'module:function' or a dict with keys "
-                             f"{list(TASK_KEYS)}, got {spec!r}")
-        unknown = sorted(set(spec) - set(TASK_KEYS))
-        if unknown:
-            raise ValueError(f"{where} has unknown key(s) {unknown}; known: {list(TASK_KEYS)}")
+        check_spec(where, spec, TASK_KEYS, f"a task name, a field, 'module:function' or a dict with keys "
+                                           f"{list(TASK_KEYS)}")
         if (spec.get("field") is None) == (spec.get("fn") is None):
             raise ValueError(f"{where}: give exactly one of 'field' and 'fn'")
         n = spec.get("num_classes")

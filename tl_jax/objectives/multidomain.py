@@ -44,7 +44,7 @@ import numpy as np
 
 from tl_jax.data import DataSplit, build_preprocess, load_split, sample_shots
 from tl_jax.data.pipeline import _Subset
-from tl_jax.objectives._checks import check_shape, check_weights, is_concrete
+from tl_jax.objectives._checks import check_shape, check_spec, check_weights, is_concrete
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy, soft_cross_entropy
 from tl_jax.objectives.multitask import number_list
@@ -138,6 +138,10 @@ class Domain:
     shots_seed: int
     where: str  # config key for error messages
 
+    @property
+    def dataset(self) -> str:
+        return self.name
+
 
 class WithDomain:
     """Preprocess one domain's example and tag it: ``{"image", "label", "domain": i32 d}`` (picklable)."""
@@ -152,6 +156,43 @@ class WithDomain:
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         return {**self.preprocess(example, rng), "domain": np.int32(self.domain)}
+
+
+def shot_indices(dom: Any, split: DataSplit) -> np.ndarray:
+    """A domain's train indices into ``split``: all, or ``dom.shots`` per class (``dom.shots_seed``)."""
+    if dom.shots is None:
+        return np.arange(len(split), dtype=np.int64)
+    return sample_shots(split.labels(), dom.shots, dom.shots_seed, name=f"{dom.dataset}:{dom.train_split}")
+
+
+def check_shapes(domains: list, splits: list[DataSplit], pps: list, which: str) -> None:
+    """Every domain's preprocessing ``pps[d]`` (``which``: 'train'/'eval') must give domain 0's image shape."""
+    shapes = [pp(s.source[0])["image"].shape if not pp.is_random else
+              pp(s.source[0], np.random.default_rng(0))["image"].shape for s, pp in zip(splits, pps)]
+    for dom, shape in zip(domains, shapes):
+        if shape != shapes[0]:
+            raise ValueError(f"{dom.where}.{which}_pp gives {dom.name} images of shape {shape} but "
+                             f"{domains[0].name} gives {shapes[0]}: map every domain to one shape")
+
+
+def mixed_batches(domains: list, splits: list[DataSplit], sources: list, fns: list, proportions: list[float], *,
+                  batch_size: int, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
+    """Batches of one grain chain per domain d with ``proportions[d] > 0`` (``sources[d]`` at
+    :func:`shot_indices`, sharded by process, shuffled with a seed drawn from ``(seed, d)``, repeated,
+    mapped by ``fns[d]``) mixed with ``grain.MapDataset.mix`` in those proportions."""
+    parts, props = [], []
+    for d, dom in enumerate(domains):
+        if proportions[d] == 0:
+            continue
+        idx = shot_indices(dom, splits[d])[process_index::process_count]
+        if idx.size == 0:
+            raise ValueError(f"{dom.where}: process {process_index}/{process_count} has no {dom.name} examples")
+        domain_seed = int(np.random.SeedSequence([int(seed), d]).generate_state(1)[0])
+        ds = grain.MapDataset.source(_Subset(sources[d], idx)).seed(domain_seed).shuffle().repeat()
+        parts.append(ds.random_map(fns[d]) if fns[d].is_random else ds.map(fns[d]))
+        props.append(proportions[d])
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=props)
+    return mixed.batch(batch_size, drop_remainder=True)
 
 
 def domain_scales(counts: Any) -> np.ndarray:
@@ -205,11 +246,7 @@ class ConcatSource:
 def _spec_dict(spec: Any, where: str) -> dict:
     if hasattr(spec, "to_dict"):
         spec = spec.to_dict()
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a dict with keys {DOMAIN_KEYS}, got {spec!r}")
-    unknown = sorted(set(spec) - set(DOMAIN_KEYS))
-    if unknown:
-        raise ValueError(f"{where} has unknown key(s) {unknown}; known: {list(DOMAIN_KEYS)}")
+    check_spec(where, spec, DOMAIN_KEYS)
     if not isinstance(spec.get("name"), str) or not spec["name"]:
         raise ValueError(f"{where}.name must name a dataset (e.g. 'optdigits'), got {spec.get('name')!r}")
     return spec
@@ -257,41 +294,20 @@ class MultiDomainObjective(Objective):
                              f"{self.model.num_classes} (config.model.num_classes)")
         return split
 
-    def _check_shapes(self, splits: list[DataSplit], pps: list, which: str) -> None:
-        shapes = [pp(s.source[0], np.random.default_rng(0))["image"].shape for s, pp in zip(splits, pps)]
-        for dom, shape in zip(self.domains, shapes):
-            if shape != shapes[0]:
-                raise ValueError(f"{dom.where}.{which}_pp gives {dom.name} images of shape {shape} but "
-                                 f"{self.domains[0].name} gives {shapes[0]}: map every domain to one shape")
-
     def train_dataset(self, standard: Any, *, batch_size: int, seed: int, process_index: int,
                       process_count: int) -> grain.MapDataset:
         """Mixed batches ``{"image", "label", "domain": i32 [B]}`` (``standard`` is not used)."""
         splits = [self._split(d, "train") for d in range(len(self.domains))]
-        self._check_shapes(splits, self.train_pps, "train")
-        parts, props = [], []
-        for d, (dom, split, pp) in enumerate(zip(self.domains, splits, self.train_pps)):
-            if self.proportions[d] == 0:
-                continue
-            idx = np.arange(len(split), dtype=np.int64)
-            if dom.shots is not None:
-                idx = sample_shots(split.labels(), dom.shots, dom.shots_seed, name=f"{dom.name}:{dom.train_split}")
-            idx = idx[process_index::process_count]
-            if idx.size == 0:
-                raise ValueError(f"{dom.where}: process {process_index}/{process_count} has no {dom.name} examples")
-            domain_seed = int(np.random.SeedSequence([int(seed), d]).generate_state(1)[0])
-            ds = grain.MapDataset.source(_Subset(split.source, idx)).seed(domain_seed).shuffle().repeat()
-            fn = WithDomain(pp, d)
-            parts.append(ds.random_map(fn) if fn.is_random else ds.map(fn))
-            props.append(self.proportions[d])
-        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=props)
-        return mixed.batch(batch_size, drop_remainder=True)
+        check_shapes(self.domains, splits, self.train_pps, "train")
+        return mixed_batches(self.domains, splits, [s.source for s in splits],
+                             [WithDomain(pp, d) for d, pp in enumerate(self.train_pps)], self.proportions,
+                             batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count)
 
     def eval_data(self, split: Any, preprocess: Any) -> tuple[DataSplit, DomainPreprocess]:
         """Every domain's test split, concatenated (domain 0 = ``split``), with per-domain preprocessing."""
         splits = [split] + [self._split(d, "test") for d in range(1, len(self.domains))]
         pps = [preprocess] + self.eval_pps[1:]
-        self._check_shapes(splits, pps, "eval")
+        check_shapes(self.domains, splits, pps, "eval")
         source = ConcatSource([s.source for s in splits])
         image_shape = tuple(pps[0](split.source[0])["image"].shape)
         return (DataSplit("+".join(self.names), "+".join(d.test_split for d in self.domains), source,

@@ -50,7 +50,7 @@ import ml_collections
 
 from tl_jax.models.heads import call_head, make_head
 from tl_jax.models.layers import BACKBONE, Classifier, sub_paths
-from tl_jax.objectives._checks import check_same_keys, check_scalar
+from tl_jax.objectives._checks import check_same_keys, check_scalar, config_number
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, hparam, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.objectives.pcgrad import pcgrad
@@ -220,11 +220,7 @@ def number_list(values: Any, key: str, n: int, *, default: float) -> list[float]
         return [default] * n
     if len(values) != n:
         raise ValueError(f"{key} has {len(values)} values for {n} tasks/domains; give one per entry or []")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{key}[{i}] must be a finite number >= 0, got {v!r}")
-        out.append(float(v))
+    out = [config_number(f"{key}[{i}]", v) for i, v in enumerate(values)]
     if not any(out):
         raise ValueError(f"{key} are all 0: at least one must be > 0")
     return out
