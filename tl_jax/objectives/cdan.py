@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tl_jax.objectives._checks import check_2d, config_int, config_number
+from tl_jax.objectives._checks import check_2d, config_int
 from tl_jax.objectives.base import register
 from tl_jax.objectives.classification import entropy
-from tl_jax.objectives.domain_adaptation import (DomainDiscriminator, UnsupervisedDA, dann_lambda, gradient_reversal,
-                                                 target_defaults)
+from tl_jax.objectives.dann import DANN
+from tl_jax.objectives.domain_adaptation import gradient_reversal, target_defaults
 
 
 def multilinear_map(features: jax.Array, probs: jax.Array) -> jax.Array:
@@ -88,23 +88,19 @@ def cdan_loss(domain_logits_source: jax.Array, domain_logits_target: jax.Array, 
 
 
 @register
-class CDAN(UnsupervisedDA):
-    """Conditional domain-adversarial network (Long et al. 2018), +E with ``entropy=True``."""
+class CDAN(DANN):
+    """Conditional domain-adversarial network (Long et al. 2018), +E with ``entropy=True``: DANN's
+    discriminator and λ on the map h of features and predictions."""
 
     name: ClassVar[str] = "cdan"
     defaults: ClassVar[dict] = target_defaults(entropy=True, gamma=10.0, hidden=256, depth=2, layer_norm=True,
                                                randomized_dim=0)
-    extra_keys: ClassVar[tuple[str, ...]] = ("discriminator",)
 
     def __init__(self, config: ml_collections.ConfigDict, model):
         super().__init__(config, model)
-        self.gamma = config_number(f"{self.where}.gamma", self.cfg.gamma)
-        hidden = config_int(f"{self.where}.hidden", self.cfg.hidden, low=1)
-        depth = config_int(f"{self.where}.depth", self.cfg.depth, low=1)
         self.randomized_dim = config_int(f"{self.where}.randomized_dim", self.cfg.randomized_dim, low=0)
         if not isinstance(self.cfg.entropy, bool):
             raise ValueError(f"{self.where}.entropy must be true or false, got {self.cfg.entropy!r}")
-        self.discriminator = DomainDiscriminator(hidden, depth, bool(self.cfg.layer_norm))
 
     def init_extra(self, rng, params, batch_stats):
         d, c = self.dims(params)
@@ -121,7 +117,7 @@ class CDAN(UnsupervisedDA):
     def term(self, params, aux, zs, fs, zt, ft, extra_logits, step):
         if self.cfg.layer == "logits":
             fs, ft = zs, zt
-        lam = dann_lambda(jnp.asarray(step, jnp.float32) / self.total_steps, self.gamma)
+        lam = self.lam(step)
         f = jnp.concatenate([fs, ft], axis=0)
         g = jax.lax.stop_gradient(jax.nn.softmax(jnp.concatenate([zs, zt], axis=0).astype(jnp.float32)))
         f = gradient_reversal(f, lam)
