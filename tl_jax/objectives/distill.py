@@ -94,16 +94,14 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labe
     return alpha * ce + (1.0 - alpha) * kd, {"ce": ce, "kd": kd}
 
 
-def teacher_model_config(path: str) -> dict:
+def saved_model_config(path: str) -> dict | None:
     """``model`` group of the ``config.json`` next to checkpoint ``path`` (workdir, checkpoints/ or step dir;
-    a ``:best``/``:STEP`` suffix is allowed)."""
-
+    a ``:best``/``:STEP`` suffix is allowed), None when there is none up to two levels above it."""
     p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.json").is_file():
             return json.loads((d / "config.json").read_text())["model"]
-    raise ValueError(f"{KEY}.teacher={path!r}: no config.json found there or above it; set "
-                     f"{KEY}.teacher_model (and {KEY}.teacher_kwargs) to the teacher's architecture")
+    return None
 
 
 @register
@@ -134,7 +132,10 @@ class DistillObjective(Objective):
             if dict(c.teacher_kwargs):
                 raise ValueError(f"{KEY}.teacher_kwargs is set but {KEY}.teacher_model is empty; set both, or "
                                  f"neither to read them from the teacher's config.json")
-            mc = teacher_model_config(self.teacher_path)
+            mc = saved_model_config(self.teacher_path)
+            if mc is None:
+                raise ValueError(f"{KEY}.teacher={self.teacher_path!r}: no config.json found there or above it; set "
+                                 f"{KEY}.teacher_model (and {KEY}.teacher_kwargs) to the teacher's architecture")
             name, kwargs, classes = mc["name"], None, mc.get("num_classes") or model.num_classes
         if classes != model.num_classes:
             raise ValueError(f"{KEY}.teacher has {classes} classes but the student has {model.num_classes} "

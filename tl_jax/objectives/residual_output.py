@@ -22,8 +22,6 @@ The parameter form is :mod:`tl_jax.objectives.residual_params`.
 """
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import ClassVar
 
 import jax
@@ -36,8 +34,9 @@ from tl_jax.objectives._checks import check_scalar, check_shape, config_number
 from tl_jax.objectives.base import (Batch, Objective, PyTree, apply_model, classification_sums, hparam, model_inputs,
                                    register)
 from tl_jax.objectives.classification import accuracy, cross_entropy
+from tl_jax.objectives.distill import saved_model_config
 from tl_jax.peft.merge_run import folded
-from tl_jax.train.checkpoint import load_variables, parse_step_spec
+from tl_jax.train.checkpoint import load_variables
 
 
 def residual_logits(source_logits: jax.Array, diff_logits: jax.Array, alpha: float | jax.Array = 1.0
@@ -60,13 +59,8 @@ def _classification(logits: jax.Array, batch: Batch, smoothing: float) -> tuple[
 def source_model_for(path: str, config: ml_collections.ConfigDict, num_classes: int):
     """The source classifier: the architecture in ``path``'s ``config.json`` (searched in the
     path and up to two parents, i.e. a workdir, its checkpoints/ or a step dir), else ``config.model``."""
-
-    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.json").is_file():
-            return model_from_config(json.loads((d / "config.json").read_text())["model"], num_classes,
-                                     dropout_rate=0.0)
-    return model_from_config(config.model, num_classes, dropout_rate=0.0)
+    saved = saved_model_config(path)
+    return model_from_config(config.model if saved is None else saved, num_classes, dropout_rate=0.0)
 
 
 class ResidualAlpha:
