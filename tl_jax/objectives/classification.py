@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tl_jax.objectives._checks import check_scalar, check_shape
+from tl_jax.objectives._checks import check_2d, check_scalar, check_shape
 
 
 def at_least_f32(x: jax.Array) -> jax.Array:
@@ -19,8 +19,7 @@ def at_least_f32(x: jax.Array) -> jax.Array:
 
 
 def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
-    if jnp.ndim(logits) != 2:
-        raise ValueError(f"logits must have shape [B, C], got {jnp.shape(logits)}")
+    check_2d("logits", logits)
     check_shape("labels", labels, (jnp.shape(logits)[0],))
 
 
@@ -64,8 +63,7 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, *, label_smoothing
     Returns:
       [B] per-example loss.
     """
-    if jnp.ndim(logits) != 2:
-        raise ValueError(f"logits must have shape [B, C], got {jnp.shape(logits)}")
+    check_2d("logits", logits)
     check_shape("targets", targets, jnp.shape(logits))
     check_scalar("label_smoothing", label_smoothing, low=0.0, high=1.0)
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -35,7 +35,7 @@ import numpy as np
 
 from tl_jax.models import get_model, model_from_config
 from tl_jax.models.heads import head_dims
-from tl_jax.objectives._checks import check_scalar, check_shape, config_number
+from tl_jax.objectives._checks import check_2d, check_scalar, check_shape, config_number
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.peft.merge_run import folded
@@ -78,8 +78,7 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labe
       (per-example L [B], {'ce': CE_i [B], 'kd': T²·KL_i [B]}), so
       L = α·ce + (1 − α)·kd.
     """
-    if jnp.ndim(student_logits) != 2:
-        raise ValueError(f"student_logits must have shape [B, C], got {jnp.shape(student_logits)}")
+    check_2d("student_logits", student_logits)
     check_shape("teacher_logits", teacher_logits, jnp.shape(student_logits))
     check_scalar("alpha", alpha, low=0.0, high=1.0)
     check_scalar("temperature", temperature, low=0.0, low_open=True)
