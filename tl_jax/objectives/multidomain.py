@@ -243,15 +243,6 @@ class ConcatSource:
         return {**self.sources[d][index - int(self.offsets[d])], "domain": d}
 
 
-def _spec_dict(spec: Any, where: str) -> dict:
-    if hasattr(spec, "to_dict"):
-        spec = spec.to_dict()
-    check_spec(where, spec, DOMAIN_KEYS)
-    if not isinstance(spec.get("name"), str) or not spec["name"]:
-        raise ValueError(f"{where}.name must name a dataset (e.g. 'optdigits'), got {spec.get('name')!r}")
-    return spec
-
-
 @register
 class MultiDomainObjective(Objective):
     """Cross-entropy over mixed-domain batches, weighted per domain (see module doc)."""
@@ -266,8 +257,10 @@ class MultiDomainObjective(Objective):
         domains = [Domain(dc.name, dc.train_split, dc.test_split, list(dc.train_pp), list(dc.eval_pp), dc.shots,
                           dc.shots_seed, "config.data")]
         for i, raw in enumerate(c.domains):
-            where = f"{KEY}.domains[{i}]"
-            spec = _spec_dict(raw, where)
+            where, spec = f"{KEY}.domains[{i}]", raw.to_dict() if hasattr(raw, "to_dict") else raw
+            check_spec(where, spec, DOMAIN_KEYS)
+            if not isinstance(spec.get("name"), str) or not spec["name"]:
+                raise ValueError(f"{where}.name must name a dataset (e.g. 'optdigits'), got {spec.get('name')!r}")
             domains.append(Domain(spec["name"], spec.get("train_split", "train"), spec.get("test_split", "test"),
                                   list(spec.get("train_pp", dc.train_pp)), list(spec.get("eval_pp", dc.eval_pp)),
                                   spec.get("shots") or None, int(spec.get("shots_seed", 0)), where))  # 0 = all
