@@ -30,6 +30,8 @@ TASK_KEYS = ("name", "field", "fn", "num_classes")
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
+    """One domain of ``joint`` / ``multidomain`` (domain 0 comes from ``config.data``)."""
+
     name: str
     dataset: str
     train_split: str
@@ -38,7 +40,7 @@ class Domain:
     eval_pp: list
     shots: int | None
     shots_seed: int
-    where: str
+    where: str  # config key for error messages
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,6 @@ unweighted mean over domains (macro average).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import grain
@@ -47,6 +46,7 @@ from tl_jax.data.pipeline import _Subset
 from tl_jax.objectives._checks import check_shape, check_spec, check_weights, is_concrete
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy, soft_cross_entropy
+from tl_jax.objectives.joint_spec import Domain
 from tl_jax.objectives.multitask import number_list
 
 NORMALIZATIONS = ("domain_mean", "global_mean")
@@ -123,24 +123,6 @@ def multi_domain_loss(per_example_loss: jax.Array, domain_ids: jax.Array, domain
     else:
         per_domain = lam * num / jnp.maximum(jnp.sum(m), 1.0)
     return jnp.sum(per_domain), per_domain
-
-
-@dataclasses.dataclass(frozen=True)
-class Domain:
-    """One domain of the mixture (domain 0 comes from ``config.data``)."""
-
-    name: str
-    train_split: str
-    test_split: str
-    train_pp: list
-    eval_pp: list
-    shots: int | None
-    shots_seed: int
-    where: str  # config key for error messages
-
-    @property
-    def dataset(self) -> str:
-        return self.name
 
 
 class WithDomain:
@@ -254,16 +236,17 @@ class MultiDomainObjective(Objective):
         super().__init__(config, model)
         c, dc = config.objective.multidomain, config.data
         self.data_dir = dc.data_dir
-        domains = [Domain(dc.name, dc.train_split, dc.test_split, list(dc.train_pp), list(dc.eval_pp), dc.shots,
-                          dc.shots_seed, "config.data")]
+        domains = [Domain(dc.name, dc.name, dc.train_split, dc.test_split, list(dc.train_pp), list(dc.eval_pp),
+                          dc.shots, dc.shots_seed, "config.data")]
         for i, raw in enumerate(c.domains):
             where, spec = f"{KEY}.domains[{i}]", raw.to_dict() if hasattr(raw, "to_dict") else raw
             check_spec(where, spec, DOMAIN_KEYS)
             if not isinstance(spec.get("name"), str) or not spec["name"]:
                 raise ValueError(f"{where}.name must name a dataset (e.g. 'optdigits'), got {spec.get('name')!r}")
-            domains.append(Domain(spec["name"], spec.get("train_split", "train"), spec.get("test_split", "test"),
-                                  list(spec.get("train_pp", dc.train_pp)), list(spec.get("eval_pp", dc.eval_pp)),
-                                  spec.get("shots") or None, int(spec.get("shots_seed", 0)), where))  # 0 = all
+            domains.append(Domain(spec["name"], spec["name"], spec.get("train_split", "train"),
+                                  spec.get("test_split", "test"), list(spec.get("train_pp", dc.train_pp)),
+                                  list(spec.get("eval_pp", dc.eval_pp)), spec.get("shots") or None,  # 0 = all
+                                  int(spec.get("shots_seed", 0)), where))
         names = [d.name for d in domains]
         if len(set(names)) != len(names):
             raise ValueError(f"{KEY}.domains: domain names must differ from each other and from "
