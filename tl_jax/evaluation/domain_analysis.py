@@ -31,7 +31,7 @@ import numpy as np
 
 from tl_jax.data import build_preprocess, load_split
 from tl_jax.evaluation.linear_probe import fit_logreg, standardise
-from tl_jax.train.checkpoint import parse_step_spec
+from tl_jax.train.checkpoint import run_dir
 from tl_jax.train.trackers import TensorBoardWriter
 from tl_jax.transferability.extract import extract, load_candidate, split_arrays
 
@@ -142,12 +142,10 @@ def write_tensorboard(logdir: str, results: list[dict]) -> None:
 def run_domains(run: str) -> tuple[dict, dict]:
     """``(source, target)`` dataset specs ``{name, split, pp, data_dir}`` from run ``run``'s ``config.json``
     (target ``None`` fields when the run has no domain-adaptation ``target``)."""
-    path = pathlib.Path(parse_step_spec(run)[0]).expanduser()
-    cfg_file = next((d / "config.json" for d in (path, path.parent, path.parent.parent)
-                     if (d / "config.json").is_file()), None)
-    if cfg_file is None:
+    d = run_dir(run)
+    if d is None:
         raise ValueError(f"--runs {run}: no config.json there or up to two levels above (is it a run's workdir?)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = json.loads((d / "config.json").read_text())
     data = cfg["data"]
     source = dict(name=data["name"], split=data["test_split"], pp=list(data["eval_pp"]),
                   data_dir=data.get("data_dir") or None)

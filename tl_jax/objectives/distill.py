@@ -24,8 +24,6 @@ The T² factor keeps the soft-target gradient magnitude independent of T
 """
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any, ClassVar
 
 import jax
@@ -39,7 +37,7 @@ from tl_jax.objectives._checks import check_2d, check_scalar, check_shape, confi
 from tl_jax.objectives.base import Batch, Objective, PyTree, apply_model, register
 from tl_jax.objectives.classification import accuracy, cross_entropy
 from tl_jax.peft.merge_run import folded
-from tl_jax.train.checkpoint import load_variables, parse_step_spec
+from tl_jax.train.checkpoint import load_variables, saved_model_config
 
 KEY = "config.objective.distill"
 
@@ -91,16 +89,6 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labe
         ce = cross_entropy(student_logits, labels)
     kd = temperature ** 2 * kl_softmax(teacher_logits, student_logits, temperature)
     return alpha * ce + (1.0 - alpha) * kd, {"ce": ce, "kd": kd}
-
-
-def saved_model_config(path: str) -> dict | None:
-    """``model`` group of the ``config.json`` next to checkpoint ``path`` (workdir, checkpoints/ or step dir;
-    a ``:best``/``:STEP`` suffix is allowed), None when there is none up to two levels above it."""
-    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.json").is_file():
-            return json.loads((d / "config.json").read_text())["model"]
-    return None
 
 
 @register

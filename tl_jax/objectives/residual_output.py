@@ -34,9 +34,8 @@ from tl_jax.objectives._checks import check_scalar, check_shape, config_number
 from tl_jax.objectives.base import (Batch, Objective, PyTree, apply_model, classification_sums, hparam, model_inputs,
                                    register)
 from tl_jax.objectives.classification import accuracy, cross_entropy
-from tl_jax.objectives.distill import saved_model_config
 from tl_jax.peft.merge_run import folded
-from tl_jax.train.checkpoint import load_variables
+from tl_jax.train.checkpoint import load_variables, saved_model_config
 
 
 def residual_logits(source_logits: jax.Array, diff_logits: jax.Array, alpha: float | jax.Array = 1.0

@@ -19,7 +19,7 @@ import pathlib
 from tl_jax import config as config_lib
 from tl_jax import peft as peft_lib
 from tl_jax.peft.lora import lora_pairs
-from tl_jax.train.checkpoint import load_variables, parse_step_spec
+from tl_jax.train.checkpoint import load_variables, run_dir
 from tl_jax.weights.convert import save_variables
 
 
@@ -62,9 +62,8 @@ def folded(variables: dict, path: str, where: str) -> dict:
                          f"cannot be folded into the plain model this reads (docs/peft.md)")
     if peft_lib.LORA not in variables["params"]:
         return variables
-    p = pathlib.Path(parse_step_spec(path)[0]).expanduser().absolute()
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.json").is_file():
-            return {**variables, "params": peft_lib.merge(variables["params"], run_config(d))}
+    d = run_dir(path)
+    if d is not None:
+        return {**variables, "params": peft_lib.merge(variables["params"], run_config(d))}
     raise ValueError(f"{where}: its params have a {peft_lib.LORA!r} subtree but no run config.json is there or up "
                      f"to two levels above it (the LoRA scale is config.peft.lora's)")

@@ -225,6 +225,19 @@ def parse_step_spec(spec: str) -> tuple[str, str | int]:
     return str(spec), "latest"
 
 
+def run_dir(path: str | pathlib.Path) -> pathlib.Path | None:
+    """The run folder of checkpoint ``path`` (a workdir, its checkpoints/ or a step dir; a ``:best``/``:STEP``
+    suffix is allowed): the first of the path and its two parents that holds ``config.json``; None if none."""
+    p = pathlib.Path(parse_step_spec(str(path))[0]).expanduser().absolute()
+    return next((d for d in (p, p.parent, p.parent.parent) if (d / "config.json").is_file()), None)
+
+
+def saved_model_config(path: str) -> dict | None:
+    """The ``model`` group of the ``config.json`` of checkpoint ``path``'s run (:func:`run_dir`), or None."""
+    d = run_dir(path)
+    return None if d is None else json.loads((d / "config.json").read_text())["model"]
+
+
 def parse_which(which: str | int, where: str = "--checkpoint") -> str | int:
     """``'latest'`` | ``'best'`` | a step number (int or digits) -> ``'latest'``/``'best'``/int."""
     if isinstance(which, int) and not isinstance(which, bool) and which >= 0:
